@@ -1,0 +1,30 @@
+"""ef_lightning: communication-efficient non-Euclidean optimizers (EF21-Muon, Gluon, Scion) for PyTorch,
+Lightning, Accelerate and Hugging Face.
+
+Public surface (ARCHITECTURE.md)::
+
+    import ef_lightning as efl
+    efl.compressors.build("top_k:0.05")                       # compressors with exact bit accounting
+    efl.build_lmo_optimizer(model, preset="gluon", lr=0.02)    # layer-wise LMO optimizer (efl.LMO)
+    efl.Simulator(model, opt, n_workers=4, uplink="top_k:0.05") # n workers in one process
+    efl.EF21Engine(model, opt, uplink=..., topology="sharded")  # one worker of a torch.distributed group
+"""
+
+from ef_lightning import compressors, lmo
+from ef_lightning.comm import Ledger, assign_owners
+from ef_lightning.ef21 import EF21Engine, Simulator
+from ef_lightning.optim import LMO, build_lmo_optimizer, param_groups
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compressors",
+    "lmo",
+    "LMO",
+    "build_lmo_optimizer",
+    "param_groups",
+    "EF21Engine",
+    "Simulator",
+    "Ledger",
+    "assign_owners",
+]

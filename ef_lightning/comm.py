@@ -1,0 +1,297 @@
+"""Transports and the ledger of communicated bits.
+
+A transport moves the EF21-Muon messages between processes with torch.distributed collectives. Every layer's
+message travels in ONE flat ``uint8`` buffer per direction per step (ARCHITECTURE.md: on gloo one large collective
+is far cheaper than one per parameter). The three real topologies:
+
+========== ========================================= ================================= ==========================
+topology   uplink (workers -> server)                 downlink (server -> workers)       server state (X, G) lives
+========== ========================================= ================================= ==========================
+allgather  one ``all_gather_into_tensor``             none: every rank computes X        on every rank (replicated)
+server     one ``gather`` to ``server_rank``          one ``broadcast`` of S             on ``server_rank`` only
+sharded    one ``all_to_all_single`` (per-owner parts) one ``all_gather_into_tensor``    each layer on its owner
+========== ========================================= ================================= ==========================
+
+``sharded`` mirrors ring all-reduce (reduce-scatter + all-gather) with both halves compressed: a rank's traffic and
+its Newton–Schulz work do not grow with the number of workers. Layers are whole (never split), balanced by size.
+
+The in-process simulation of n workers lives in :class:`ef_lightning.ef21.Simulator`; it uses the same ledger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TOPOLOGIES = ("sharded", "allgather", "server")
+
+__all__ = ["TOPOLOGIES", "Ledger", "StepRecord", "Transport", "build_transport", "assign_owners"]
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """What one optimizer step communicated. Bits are theoretical (ALGORITHM.md §3), bytes are wire bytes.
+
+    Attributes:
+        step: engine step index (0-based, counts skipped steps too).
+        uplink_bits: bits one worker sends to the server(s) this step.
+        uplink_wire_bytes: bytes of the tensors one worker hands to the uplink collective.
+        downlink_bits: bits the server side sends this step (sum over owners in ``sharded``; 0 in ``allgather``).
+        downlink_wire_bytes: bytes of the tensors the server side hands to the downlink collective.
+        dense_bytes: bytes one worker would send uncompressed, in the training dtype.
+        skipped: the step was skipped (non-finite gradient somewhere); nothing was sent.
+    """
+
+    step: int
+    uplink_bits: int = 0
+    uplink_wire_bytes: int = 0
+    downlink_bits: int = 0
+    downlink_wire_bytes: int = 0
+    dense_bytes: int = 0
+    skipped: bool = False
+
+
+class Ledger:
+    """Per-step and cumulative communication counts of one process.
+
+    Uplink counts are *per worker* (what this worker sent); downlink counts are what the server side sent
+    in total for the step. ``dense_bytes_per_worker`` is the uncompressed baseline (each parameter's numel times
+    its training dtype's size), so ``compression_ratio = dense / uplink wire``.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[StepRecord] = []
+
+    def record(self, rec: StepRecord) -> None:
+        """Append one step's record."""
+        self.records.append(rec)
+
+    @property
+    def last(self) -> StepRecord | None:
+        """The most recent step's record, or None before the first step."""
+        return self.records[-1] if self.records else None
+
+    def summary(self) -> dict[str, float]:
+        """Cumulative totals over all recorded steps.
+
+        Returns:
+            dict with ``steps``, ``skipped_steps``, ``uplink_bits_per_worker``, ``uplink_wire_bytes_per_worker``,
+            ``downlink_bits``, ``downlink_wire_bytes``, ``dense_bytes_per_worker`` (all cumulative; bits or bytes
+            as named) and ``compression_ratio`` (dense bytes / uplink wire bytes; ``inf`` when nothing was sent).
+        """
+        r = self.records
+        up_wire = sum(x.uplink_wire_bytes for x in r)
+        dense = sum(x.dense_bytes for x in r if not x.skipped)
+        return {
+            "steps": len(r),
+            "skipped_steps": sum(x.skipped for x in r),
+            "uplink_bits_per_worker": sum(x.uplink_bits for x in r),
+            "uplink_wire_bytes_per_worker": up_wire,
+            "downlink_bits": sum(x.downlink_bits for x in r),
+            "downlink_wire_bytes": sum(x.downlink_wire_bytes for x in r),
+            "dense_bytes_per_worker": dense,
+            "compression_ratio": (dense / up_wire) if up_wire else float("inf"),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Records as plain dicts (checkpointable)."""
+        return {"records": [dataclasses.asdict(x) for x in self.records]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore records saved by :meth:`state_dict`."""
+        self.records = [StepRecord(**x) for x in state["records"]]
+
+
+def assign_owners(sizes: Sequence[int], world_size: int) -> list[int]:
+    """Balance whole layers over ranks, largest first to the least-loaded rank (LPT). Deterministic.
+
+    Args:
+        sizes: cost of each layer (numel).
+        world_size: number of ranks.
+
+    Returns:
+        the owner rank of each layer.
+    """
+    load = [0] * world_size
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        o = min(range(world_size), key=lambda r: (load[r], r))
+        owners[i] = o
+        load[o] += sizes[i]
+    return owners
+
+
+class Transport:
+    """Moves packed EF21 buffers between the ranks of a process group.
+
+    Subclasses fix who owns (serves) each layer and which collectives carry the two directions. Every method is a
+    collective: all ranks call it in the same order. Buffer lengths are known to every rank in advance (compressor
+    layouts depend only on shapes), so receivers allocate exactly.
+    """
+
+    topology: str = ""
+    #: every rank runs the server step for every layer (no downlink)
+    replicated: bool = False
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                f"topology {self.topology!r} needs an initialised torch.distributed process group; "
+                "call torch.distributed.init_process_group first, or use ef_lightning.Simulator for one process"
+            )
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def owners(self, sizes: Sequence[int]) -> list[int]:
+        """Owner rank of each layer (``-1`` = every rank)."""
+        raise NotImplementedError  # abstract; each topology overrides
+
+    def uplink(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> list[torch.Tensor]:
+        """Send this worker's per-owner buffers; return the buffers addressed to this rank, one per worker.
+
+        Args:
+            parts: for each owner rank ``o``, this worker's packed messages for ``o``'s layers (uint8, 1-D,
+                ``lengths[o]`` bytes). ``allgather`` and ``server`` use ``parts[0]`` only (one owner group).
+            lengths: the byte length of each part, identical on every rank.
+
+        Returns:
+            for each worker ``j`` in rank order, the buffer it sent to this rank (empty list when this rank owns
+            no layer). ``wire`` bytes handed to the collective are returned by :meth:`uplink_wire_bytes`.
+        """
+        raise NotImplementedError
+
+    def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:
+        """Send this rank's packed S (if it serves layers); return every owner's S buffer, in owner order."""
+        raise NotImplementedError
+
+    def uplink_wire_bytes(self, lengths: Sequence[int]) -> int:
+        """Bytes one worker hands to the uplink collective."""
+        return sum(lengths)
+
+    def downlink_wire_bytes(self, lengths: Sequence[int]) -> int:
+        """Bytes the server side hands to the downlink collective per step."""
+        return sum(lengths)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any rank (one 4-byte all-reduce, not in the ledger)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item() > 0)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (used once at start-up for the configuration check)."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """Broadcast ``tensor`` in place from ``src`` (start-up only: align W on every rank)."""
+        dist.broadcast(tensor, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group)
+
+    @property
+    def device(self) -> torch.device:
+        """Device that collectives of this backend take (CUDA for NCCL, else CPU)."""
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+class AllGatherTransport(Transport):
+    """Replicated server: every rank gathers every worker's message and runs the same server step."""
+
+    topology = "allgather"
+    replicated = True
+
+    def owners(self, sizes: Sequence[int]) -> list[int]:
+        return [-1] * len(sizes)
+
+    def uplink(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> list[torch.Tensor]:
+        (buf,) = parts
+        out = torch.empty(buf.numel() * self.world_size, dtype=torch.uint8, device=buf.device)
+        dist.all_gather_into_tensor(out, buf, group=self.group)
+        return list(out.chunk(self.world_size))
+
+    def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:
+        return []
+
+    def downlink_wire_bytes(self, lengths: Sequence[int]) -> int:
+        return 0
+
+
+class ServerTransport(Transport):
+    """Parameter server: ``server_rank`` is a worker and the server; workers never hold X or G."""
+
+    topology = "server"
+
+    def __init__(self, group: dist.ProcessGroup | None = None, server_rank: int = 0) -> None:
+        super().__init__(group)
+        if not 0 <= server_rank < self.world_size:
+            raise ValueError(f"server_rank={server_rank} is not a rank of this group (0..{self.world_size - 1})")
+        self.server_rank = server_rank
+
+    def _global(self, r: int) -> int:
+        return dist.get_global_rank(self.group, r) if self.group is not None else r
+
+    def owners(self, sizes: Sequence[int]) -> list[int]:
+        return [self.server_rank] * len(sizes)
+
+    def uplink(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> list[torch.Tensor]:
+        buf = parts[self.server_rank]
+        is_server = self.rank == self.server_rank
+        bufs = [torch.empty_like(buf) for _ in range(self.world_size)] if is_server else None
+        dist.gather(buf, bufs, dst=self._global(self.server_rank), group=self.group)
+        return bufs if is_server else []
+
+    def uplink_wire_bytes(self, lengths: Sequence[int]) -> int:
+        return lengths[self.server_rank]
+
+    def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:
+        n = lengths[self.server_rank]
+        buf = mine if self.rank == self.server_rank else torch.empty(n, dtype=torch.uint8, device=self.device)
+        dist.broadcast(buf, src=self._global(self.server_rank), group=self.group)
+        return [buf if o == self.server_rank else buf[:0] for o in range(self.world_size)]
+
+
+class ShardedTransport(Transport):
+    """Each rank serves a disjoint, size-balanced set of whole layers (reduce-scatter / all-gather shape)."""
+
+    topology = "sharded"
+
+    def owners(self, sizes: Sequence[int]) -> list[int]:
+        return assign_owners(sizes, self.world_size)
+
+    def uplink(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> list[torch.Tensor]:
+        send = torch.cat(parts) if len(parts) > 1 else parts[0]
+        mine = lengths[self.rank]
+        recv = torch.empty(mine * self.world_size, dtype=torch.uint8, device=send.device)
+        dist.all_to_all_single(recv, send, output_split_sizes=[mine] * self.world_size,
+                               input_split_sizes=list(lengths), group=self.group)
+        return list(recv.split(mine)) if mine else []
+
+    def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:
+        # all_gather needs equal sizes: pad every owner's buffer to the longest (balanced owners keep this small)
+        width = max(lengths)
+        buf = torch.zeros(width, dtype=torch.uint8, device=self.device)
+        if mine is not None and mine.numel():
+            buf[: mine.numel()] = mine
+        out = torch.empty(width * self.world_size, dtype=torch.uint8, device=self.device)
+        dist.all_gather_into_tensor(out, buf, group=self.group)
+        return [chunk[: lengths[o]] for o, chunk in enumerate(out.chunk(self.world_size))]
+
+    def downlink_wire_bytes(self, lengths: Sequence[int]) -> int:
+        return max(lengths) * self.world_size
+
+
+_TRANSPORTS = {"allgather": AllGatherTransport, "server": ServerTransport, "sharded": ShardedTransport}
+
+
+def build_transport(topology: str, group: dist.ProcessGroup | None = None, **kwargs: Any) -> Transport:
+    """Create the transport for ``topology`` (one of :data:`TOPOLOGIES`) on ``group`` (default: WORLD)."""
+    if topology not in _TRANSPORTS:
+        raise ValueError(f"unknown topology {topology!r}; valid choices: {', '.join(TOPOLOGIES)}")
+    return _TRANSPORTS[topology](group, **kwargs)

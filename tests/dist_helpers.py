@@ -1,0 +1,245 @@
+"""Helpers for tests that start real torch.distributed processes (gloo, CPU) with torch.multiprocessing.
+
+Scenario functions run in every child; results come back through files written with torch.save, so the parent
+can compare them with an independent reference (the Simulator, plain data-parallel training).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], out_dir: str, kwargs: dict) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        result = fn(rank, world, **kwargs)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    except BaseException as e:  # the parent reads the error and re-raises it with the traceback
+        torch.save({"__error__": repr(e), "type": type(e).__name__, "tb": traceback.format_exc()},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def run_distributed(fn: Callable[..., Any], world: int, tmp_path: Path, **kwargs: Any) -> list[Any]:
+    """Run ``fn(rank, world, **kwargs)`` in ``world`` gloo processes; return each rank's result (or error dict)."""
+    out = Path(tmp_path) / f"dist_{fn.__name__}_{world}"
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / f"rank{r}.pt" for r in range(world)]
+    try:
+        mp.start_processes(_entry, args=(world, free_port(), fn, str(out), kwargs), nprocs=world, join=True,
+                           start_method="spawn")
+    except mp.ProcessExitedException:
+        # gloo's teardown occasionally aborts a process at exit ("terminate called without an active exception")
+        # after every rank has written its result; only a crash before that is a failure of the code under test.
+        if not all(f.exists() for f in files):
+            raise
+    return [torch.load(f, weights_only=False) for f in files]
+
+
+def check_ok(results: list[Any]) -> list[Any]:
+    for r, res in enumerate(results):
+        if isinstance(res, dict) and "__error__" in res:
+            raise AssertionError(f"rank {r} failed: {res['tb']}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------- shared test problem
+def make_model(seed: int = 0) -> nn.Module:
+    """A small MLP regression model (hidden matrices + biases + an output layer)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+
+
+def make_data(n_workers: int, steps: int, batch: int = 16, seed: int = 1) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """data[step][worker] = (x, y): a fixed random teacher, each worker with its own shard."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(8, 4, generator=g)
+    out = []
+    for _ in range(steps):
+        row = []
+        for _ in range(n_workers):
+            x = torch.randn(batch, 8, generator=g)
+            row.append((x, torch.tanh(x @ teacher) + 0.01 * torch.randn(batch, 4, generator=g)))
+        out.append(row)
+    return out
+
+
+def mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def make_optimizer(model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+    from ef_lightning import build_lmo_optimizer
+
+    # preset defaults (Scion lr 2**-12, radii 50 hidden / 3000 head); Newton-Schulz runs in float32 on CPU
+    return build_lmo_optimizer(model, preset="gluon", lr=lr, momentum=0.9, verbose=False)
+
+
+# ----------------------------------------------------------------------------------------- scenarios (run in children)
+class CollectiveCounter:
+    """Wraps torch.distributed collectives and records the bytes of the tensors each call is handed."""
+
+    NAMES = ("all_gather_into_tensor", "all_to_all_single", "gather", "broadcast")
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self._orig = {}
+
+    def __enter__(self) -> "CollectiveCounter":
+        for name in self.NAMES:
+            orig = getattr(dist, name)
+            self._orig[name] = orig
+
+            def wrapped(*args, __name=name, __orig=orig, **kw):
+                # input tensor: all_gather_into_tensor(out, inp), all_to_all_single(out, inp), gather(inp), broadcast(t)
+                t = args[1] if __name in ("all_gather_into_tensor", "all_to_all_single") else args[0]
+                self.calls.append((__name, t.numel() * t.element_size()))
+                return __orig(*args, **kw)
+
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, orig in self._orig.items():
+            setattr(dist, name, orig)
+
+
+def _state_snapshot(model: nn.Module, engine: Any) -> dict[str, Any]:
+    return {
+        "X": engine.server_parameters(),
+        "W": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "served": [L.name for L in engine.served],
+        "ledger": engine.ledger.summary(),
+        "records": [r.__dict__.copy() for r in engine.ledger.records],
+    }
+
+
+def engine_run(rank: int, world: int, configs: list[dict], steps: int, lr: float | None = None) -> dict[str, Any]:
+    """Train the test MLP with EF21Engine for each config; return X, W, ledger, collective bytes, NS calls."""
+    from ef_lightning import EF21Engine, lmo
+
+    out = {}
+    for cfg in configs:
+        key = repr(sorted(cfg.items()))
+        cfg = dict(cfg)
+        n_steps = cfg.pop("_steps", steps)
+        model = make_model(0)
+        opt = make_optimizer(model, lr)
+        data = make_data(world, n_steps)
+        ns_calls = []
+        orig_ns = lmo.newton_schulz
+        lmo.newton_schulz = lambda G, *a, **k: (ns_calls.append(tuple(G.shape)), orig_ns(G, *a, **k))[1]
+        try:
+            eng = EF21Engine(model, opt, **cfg)
+            with CollectiveCounter() as counter:
+                losses = []
+                for s in range(n_steps):
+                    opt.zero_grad(set_to_none=True)
+                    loss = mse(model, data[s][rank])
+                    loss.backward()
+                    losses.append(loss.item())
+                    eng.step()
+        finally:
+            lmo.newton_schulz = orig_ns
+        res = _state_snapshot(model, eng)
+        res["collectives"] = counter.calls
+        res["ns_calls"] = len(ns_calls)
+        res["losses"] = losses
+        out[key] = res
+    return out
+
+
+def engine_resume(rank: int, world: int, cfg: dict, steps: int, split: int) -> dict[str, Any]:
+    """Uninterrupted run vs. save at ``split`` + fresh process objects + load + continue."""
+    from ef_lightning import EF21Engine
+
+    data = make_data(world, steps)
+
+    def train(model, opt, eng, lo, hi):
+        for s in range(lo, hi):
+            opt.zero_grad(set_to_none=True)
+            mse(model, data[s][rank]).backward()
+            eng.step()
+
+    model = make_model(0); opt = make_optimizer(model); eng = EF21Engine(model, opt, **cfg)
+    train(model, opt, eng, 0, steps)
+    full = _state_snapshot(model, eng)
+
+    model = make_model(0); opt = make_optimizer(model); eng = EF21Engine(model, opt, **cfg)
+    train(model, opt, eng, 0, split)
+    saved = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+             "opt": opt.state_dict(), "ef21": eng.state_dict()}
+    torch.manual_seed(123)  # a fresh start must not depend on RNG state
+    model = make_model(7); opt = make_optimizer(model); eng = EF21Engine(model, opt, sync_initial=False, **cfg)
+    model.load_state_dict(saved["model"]); opt.load_state_dict(saved["opt"]); eng.load_state_dict(saved["ef21"])
+    train(model, opt, eng, split, steps)
+    return {"full": full, "resumed": _state_snapshot(model, eng)}
+
+
+def engine_nan(rank: int, world: int, cfg: dict, steps: int, bad_step: int, bad_rank: int) -> dict[str, Any]:
+    """Inject NaN into one rank's gradient at ``bad_step``; report state before/after and the ledger."""
+    import warnings
+
+    from ef_lightning import EF21Engine
+
+    model = make_model(0); opt = make_optimizer(model); eng = EF21Engine(model, opt, **cfg)
+    data = make_data(world, steps)
+    before = after = None
+    warned = []
+    for s in range(steps):
+        opt.zero_grad(set_to_none=True)
+        mse(model, data[s][rank]).backward()
+        if s == bad_step:
+            if rank == bad_rank:
+                next(model.parameters()).grad[0, 0] = float("nan")
+            before = ({k: v.clone() for k, v in model.state_dict().items()}, eng.state_dict())
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                applied = eng.step()
+            warned = [str(x.message) for x in w]
+            after = ({k: v.clone() for k, v in model.state_dict().items()}, eng.state_dict())
+        else:
+            eng.step()
+    return {"before": before, "after": after, "applied": applied, "warned": warned,
+            "ledger": eng.ledger.summary(), "loss": float(mse(model, data[-1][rank]))}
+
+
+def engine_mismatch(rank: int, world: int) -> dict[str, Any]:
+    """Ranks disagree on the uplink spec: construction must raise on every rank."""
+    import time
+
+    from ef_lightning import EF21Engine
+
+    model = make_model(0); opt = make_optimizer(model)
+    t0 = time.monotonic()
+    try:
+        EF21Engine(model, opt, uplink="top_k:0.1" if rank == 0 else "top_k:0.2", topology="sharded")
+    except ValueError as e:
+        return {"error": str(e), "seconds": time.monotonic() - t0}
+    return {"error": None, "seconds": time.monotonic() - t0}

@@ -1,0 +1,213 @@
+"""EF21-Muon engine: the Simulator against independent references (plain LMO / torch.optim.Muon on averaged
+gradients), resume, non-finite handling and the ledger's closed forms."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import ef_lightning as efl
+from dist_helpers import make_data, make_model, make_optimizer, mse
+
+
+def _avg_grad_reference(model: nn.Module, opt: torch.optim.Optimizer, data, steps: int) -> None:
+    """Plain data-parallel training: every worker's gradient at the same point, averaged, one optimizer step."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for s in range(steps):
+        grads = []
+        for batch in data[s]:
+            opt.zero_grad(set_to_none=True)
+            mse(model, batch).backward()
+            grads.append([p.grad.clone() for p in params])
+        for i, p in enumerate(params):
+            p.grad = sum(g[i] for g in grads) / len(grads)
+        opt.step()
+
+
+def _run_sim(sim: efl.Simulator, data, lo: int, hi: int) -> None:
+    for s in range(lo, hi):
+        sim.step(mse, data[s])
+
+
+def test_identity_simulator_equals_data_parallel_lmo():
+    steps, n = 20, 2
+    data = make_data(n, steps)
+    ref = make_model(0)
+    _avg_grad_reference(ref, make_optimizer(ref), data, steps)
+    model = make_model(0)
+    sim = efl.Simulator(model, make_optimizer(model), n_workers=n)
+    _run_sim(sim, data, 0, steps)
+    X = sim.server_parameters()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(X[name], p.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), p.detach(), atol=1e-6, rtol=0)
+
+
+def test_identity_simulator_equals_torch_muon():
+    """spectral_muon + Nesterov + weight decay under EF21 with identity compressors == torch.optim.Muon on the
+    averaged gradients (both run Newton-Schulz in bf16, as torch does)."""
+    torch.manual_seed(0)
+    steps, n = 10, 2
+    mk = lambda: nn.Sequential(nn.Linear(16, 32, bias=False), nn.Tanh(), nn.Linear(32, 8, bias=False))
+    ref = mk()
+    model = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(3)
+    data = [[(torch.randn(8, 16, generator=g), torch.randn(8, 8, generator=g)) for _ in range(n)] for _ in range(steps)]
+    hp = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1)
+    muon = torch.optim.Muon(ref.parameters(), **hp)
+    _avg_grad_reference(ref, muon, data, steps)
+    lmo = efl.LMO([{"params": list(model.parameters()), "norm": "spectral_muon", "ns_dtype": torch.bfloat16}], **hp)
+    sim = efl.Simulator(model, lmo, n_workers=n)
+    _run_sim(sim, data, 0, steps)
+    X = sim.server_parameters()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(X[name], p.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("uplink,downlink", [("top_k:0.1", "identity"), ("top_k:0.2", "top_k:0.3"),
+                                             ("rank:2", "natural"), ("rand_k:0.3:unbiased", "identity")])
+def test_resume_is_bit_identical(uplink, downlink):
+    steps, split, n = 12, 5, 3
+    data = make_data(n, steps)
+    model = make_model(0)
+    sim = efl.Simulator(model, make_optimizer(model), n_workers=n, uplink=uplink, downlink=downlink, seed=5)
+    _run_sim(sim, data, 0, steps)
+
+    model2 = make_model(0)
+    sim2 = efl.Simulator(model2, make_optimizer(model2), n_workers=n, uplink=uplink, downlink=downlink, seed=5)
+    _run_sim(sim2, data, 0, split)
+    saved = copy.deepcopy({"model": model2.state_dict(), "sim": sim2.state_dict()})
+    model3 = make_model(9)
+    opt3 = make_optimizer(model3)
+    sim3 = efl.Simulator(model3, opt3, n_workers=n, uplink=uplink, downlink=downlink, seed=5)
+    model3.load_state_dict(saved["model"])
+    sim3.load_state_dict(saved["sim"])
+    _run_sim(sim3, data, split, steps)
+    for (name, a), b in zip(sim.server_parameters().items(), sim3.server_parameters().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(model.parameters(), model3.parameters()):
+        assert torch.equal(a, b)
+    assert sim.ledger.summary() == sim3.ledger.summary()
+
+
+def test_nonfinite_gradient_skips_without_touching_state():
+    n, steps = 2, 6
+    data = make_data(n, steps)
+    model = make_model(0)
+    sim = efl.Simulator(model, make_optimizer(model), n_workers=n, uplink="top_k:0.2", downlink="top_k:0.5")
+    _run_sim(sim, data, 0, 3)
+    before = copy.deepcopy((sim.state_dict(), model.state_dict()))
+    bad = copy.deepcopy(data[3])
+    bad[1] = (bad[1][0].clone(), bad[1][1].clone())
+    bad[1][0][0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        sim.step(mse, bad)
+    after = sim.state_dict(), model.state_dict()
+    for part in ("workers", "server", "optimizer"):
+        assert repr(before[0][part]) == repr(after[0][part])
+    for k in before[1]:
+        assert torch.equal(before[1][k], after[1][k])
+    assert sim.ledger.summary()["skipped_steps"] == 1
+    losses = [sim.step(mse, data[s]) for s in range(3, steps)]  # training continues
+    assert all(math.isfinite(x) for row in losses for x in row)
+    with pytest.raises(FloatingPointError):
+        efl.Simulator(model, make_optimizer(model), n_workers=n, on_nonfinite="raise").step(mse, bad)
+
+
+def _topk_bits(d: int, ratio: float, f: int = 32) -> int:
+    K = math.ceil(ratio * d)
+    return min(K * (f + math.ceil(math.log2(d))), f * K + d)
+
+
+def test_ledger_bits_match_closed_forms():
+    model = make_model(0)  # Linear(8,32), Linear(32,32), Linear(32,4) + biases
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    sim = efl.Simulator(model, make_optimizer(model), n_workers=2,
+                        uplink={"hidden": "rank:2", "head": "top_k:0.1", "default": "top_k:0.1"},
+                        downlink="top_k:0.25")
+    data = make_data(2, 2)
+    _run_sim(sim, data, 0, 2)
+    roles = {L.name: L.role for L in sim.layers}
+    expected_up = 0
+    for (name, p), shape in zip(model.named_parameters(), shapes):
+        d = p.numel()
+        if roles[name] == "hidden":
+            expected_up += 32 * 2 * (shape[0] + shape[1])  # rank r: f * r * (m + n)
+        else:
+            expected_up += _topk_bits(d, 0.1)
+    expected_down = sum(_topk_bits(p.numel(), 0.25) for p in model.parameters())
+    s = sim.ledger.summary()
+    assert s["steps"] == 2
+    assert s["uplink_bits_per_worker"] == 2 * expected_up
+    assert s["downlink_bits"] == 2 * expected_down
+    assert s["dense_bytes_per_worker"] == 2 * 4 * sum(p.numel() for p in model.parameters())
+    assert s["uplink_wire_bytes_per_worker"] <= 1.25 * s["uplink_bits_per_worker"] / 8 + 64 * len(shapes) * 2
+
+
+def test_compressed_simulator_converges_with_w_not_x():
+    n, steps = 4, 200
+    data = make_data(n, steps)
+    model = make_model(0)
+    sim = efl.Simulator(model, make_optimizer(model), n_workers=n, uplink="top_k:0.25", downlink="top_k:0.5")
+    losses = [sum(sim.step(mse, data[s])) / n for s in range(steps)]
+    assert sum(losses[-10:]) / 10 < 0.2 * losses[0]
+    X = sim.server_parameters()
+    assert any(not torch.equal(X[k], p) for k, p in model.named_parameters())
+
+
+def test_any_torch_optimizer_gets_G_as_gradient():
+    """With AdamW (no worker momentum), identity compression is data-parallel AdamW."""
+    n, steps = 2, 8
+    data = make_data(n, steps)
+    ref = make_model(0)
+    _avg_grad_reference(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), data, steps)
+    model = make_model(0)
+    sim = efl.Simulator(model, torch.optim.AdamW(model.parameters(), lr=1e-2), n_workers=n)
+    _run_sim(sim, data, 0, steps)
+    for (name, x), p in zip(sim.server_parameters().items(), ref.parameters()):
+        torch.testing.assert_close(x, p.detach(), atol=1e-6, rtol=0)
+
+
+def test_lr_scheduler_works_unchanged():
+    model = make_model(0)
+    opt = make_optimizer(model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.0)
+    sim = efl.Simulator(model, opt, n_workers=2)
+    data = make_data(2, 3)
+    sim.step(mse, data[0])
+    sched.step()  # lr -> 0: X stops moving (weight decay is 0 in this optimizer)
+    x1 = sim.server_parameters()
+    sim.step(mse, data[1])
+    for k, v in sim.server_parameters().items():
+        assert torch.equal(v, x1[k])
+
+
+def test_bad_arguments():
+    model = make_model(0)
+    with pytest.raises(ValueError, match="n_workers"):
+        efl.Simulator(model, make_optimizer(model), n_workers=0)
+    with pytest.raises(ValueError, match="unknown role"):
+        efl.Simulator(model, make_optimizer(model), n_workers=2, uplink={"hiden": "top_k:0.1"})
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        efl.Simulator(model, make_optimizer(model), n_workers=2, on_nonfinite="ignore")
+    with pytest.raises(ValueError, match="batches"):
+        efl.Simulator(model, make_optimizer(model), n_workers=2).step(mse, make_data(3, 1)[0])
+    with pytest.raises(ValueError, match="topology"):
+        efl.EF21Engine(model, make_optimizer(model), topology="ring")
+
+
+def test_state_is_float32_for_bf16_models():
+    model = make_model(0).to(torch.bfloat16)
+    sim = efl.Simulator(model, make_optimizer(model), n_workers=2, uplink="top_k:0.3")
+    data = [[(x.bfloat16(), y.bfloat16()) for x, y in row] for row in make_data(2, 2)]
+    _run_sim(sim, data, 0, 2)
+    st = sim.state_dict()
+    tensors = [*st["server"]["X"].values(), *st["server"]["G"].values(),
+               *(t for w in st["workers"] for part in ("M", "G") for t in w[part].values())]
+    assert tensors and all(t.dtype == torch.float32 for t in tensors)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
