@@ -15,6 +15,13 @@ from ef_lightning.comm import Ledger, assign_owners
 from ef_lightning.ef21 import EF21Engine, Simulator
 from ef_lightning.optim import LMO, build_lmo_optimizer, param_groups
 
+try:  # importing registers "ef21_muon" / "ef21_muon_spawn" with lightning.pytorch's StrategyRegistry
+    import lightning.pytorch  # noqa: F401
+except ImportError:  # Lightning is optional: the engine, Simulator and optimizer work without it
+    EF21MuonStrategy = None
+else:
+    from ef_lightning.strategy import EF21MuonStrategy
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -24,6 +31,7 @@ __all__ = [
     "build_lmo_optimizer",
     "param_groups",
     "EF21Engine",
+    "EF21MuonStrategy",
     "Simulator",
     "Ledger",
     "assign_owners",

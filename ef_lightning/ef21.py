@@ -472,6 +472,30 @@ class EF21Engine(_Core):
         return {L.name: (self.server.X[L.index] if L.index in self.server.X else L.param.detach()).clone()
                 for L in self.served}
 
+    @torch.no_grad()
+    def gather_server_model(self) -> dict[str, Tensor]:
+        """The whole X on every rank, keyed by parameter name (a collective: every rank must call it).
+
+        One broadcast per owner of its layers packed in one float32 buffer; used to evaluate at X when the downlink
+        is compressed (W != X). ``allgather``: X is already everywhere, nothing is sent.
+        """
+        t = self.transport
+        if t.replicated:
+            return self.server_parameters()
+        out: dict[str, Tensor] = {}
+        for o in range(t.world_size):
+            layers = [L for L in self.layers if L.owner == o]
+            if not layers:
+                continue
+            if t.rank == o:
+                buf = torch.cat([self.server.X[L.index].flatten() for L in layers])
+            else:
+                buf = torch.empty(sum(L.param.numel() for L in layers), dtype=torch.float32, device=t.device)
+            t.broadcast_(buf, o)
+            for L, chunk in zip(layers, buf.split([L.param.numel() for L in layers])):
+                out[L.name] = chunk.view(L.shape).clone()
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's own EF21 state: M_j, G_j, served X and G, the optimizer state of served layers, ledger."""
         return {
@@ -500,6 +524,10 @@ class EF21Engine(_Core):
         self._load_tensors(self.server.X, state["server"]["X"], self.served, "server.X")
         self._load_tensors(self.server.G, state["server"]["G"], self.served, "server.G")
         self._load_optimizer_state(state["optimizer"], self.served)
+        served = {id(L.param) for L in self.served}
+        for L in self.layers:  # a framework may have loaded rank 0's optimizer state everywhere: keep only ours
+            if id(L.param) not in served:
+                self.optimizer.state.pop(L.param, None)
         self.ledger.load_state_dict(state["ledger"])
 
 

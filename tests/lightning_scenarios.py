@@ -1,0 +1,216 @@
+"""Lightning scenarios run as a real multi-process script (``strategy="ef21_muon"`` relaunches this file).
+
+Usage: ``python tests/lightning_scenarios.py OUT_DIR DEVICES SCENARIO [SCENARIO ...]``. Each scenario writes
+``OUT_DIR/<scenario>_rank<r>.pt``; tests/test_lightning.py compares them with independent references (plain DDP).
+Run through subprocess from the tests (Lightning's subprocess launcher re-runs the command line in child processes,
+which under pytest would re-run pytest: ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import ef_lightning as efl
+from ef_lightning.callbacks import CommunicationMonitor
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LitLogger.*")
+
+
+class Regressor(LightningModule):
+    def __init__(self, optimizer: str = "gluon", lr: float | None = None, step_data: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+        self.optimizer_name, self.lr, self.step_data = optimizer, lr, step_data
+        self.seen: list[float] = []  # fingerprints of the batches trained on
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.step_data:  # data chosen by (optimizer step, rank): immune to how a resumed loop re-enters an epoch
+            g = torch.Generator().manual_seed(1000 * self.global_step + self.global_rank)
+            x = torch.randn(8, 8, generator=g)
+            y = torch.tanh(x @ torch.linspace(-1, 1, 32).view(8, 4))
+        self.seen.append(float(x.sum()))
+        loss = nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y), sync_dist=True)
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+        opt = efl.build_lmo_optimizer(self, preset="gluon", lr=self.lr, verbose=False)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def loaders(n: int = 256, batch: int = 8):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 8, generator=g)
+    y = torch.tanh(x @ torch.randn(8, 4, generator=g))
+    ds = TensorDataset(x, y)
+    return DataLoader(ds, batch_size=batch, shuffle=False), DataLoader(ds, batch_size=32, shuffle=False)
+
+
+def trainer(devices: int, strategy, out: Path, name: str, **kw) -> Trainer:
+    kw.setdefault("max_steps", 20)
+    kw.setdefault("logger", False)
+    return Trainer(accelerator="cpu", devices=devices, strategy=strategy, enable_checkpointing=kw.pop("ckpt", False),
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   limit_val_batches=kw.pop("limit_val_batches", 0), default_root_dir=str(out / name), **kw)
+
+
+def weights(module: LightningModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def save(out: Path, name: str, trainer_: Trainer, payload: dict) -> None:
+    torch.save(payload, out / f"{name}_rank{trainer_.global_rank}.pt")
+
+
+def s_vs_ddp(out: Path, devices: int) -> None:
+    """identity compressors vs strategy='ddp' with the same LMO optimizer (20 steps)."""
+    for name, strategy in (("ef21", efl.EF21MuonStrategy(uplink="identity", downlink="identity", topology="sharded")),
+                           ("ddp", "ddp")):
+        seed_everything(0)
+        model = Regressor()
+        t = trainer(devices, strategy, out, f"vs_ddp_{name}")
+        t.fit(model, loaders()[0])
+        save(out, f"vs_ddp_{name}", t, {"weights": weights(model)})
+
+
+def s_topk_csv(out: Path, devices: int) -> None:
+    """top_k uplink + CSVLogger + CommunicationMonitor; validation at X with a compressed downlink."""
+    seed_everything(0)
+    model = Regressor()
+    t = trainer(devices, efl.EF21MuonStrategy(uplink="top_k:0.1", downlink="top_k:0.25"), out, "topk",
+                logger=CSVLogger(str(out), name="topk_csv", version=0), callbacks=[CommunicationMonitor()],
+                log_every_n_steps=1, max_steps=10, val_check_interval=5, limit_val_batches=2)
+    t.fit(model, *loaders())
+    eng = t.strategy.engine
+    save(out, "topk", t, {"shapes": {L.name: tuple(L.shape) for L in eng.layers},
+                          "summary": eng.ledger.summary(), "weights": weights(model)})
+
+
+def s_resume(out: Path, devices: int) -> None:
+    """Uninterrupted 10 steps vs. 4 steps + checkpoint + trainer.fit(ckpt_path=...) to 10 steps."""
+    strategy = lambda: efl.EF21MuonStrategy(uplink="top_k:0.2", downlink="top_k:0.3", topology="sharded")  # noqa
+    seed_everything(0)
+    full = Regressor(step_data=True)
+    t = trainer(devices, strategy(), out, "resume_full", max_steps=10)
+    t.fit(full, loaders()[0])
+    seed_everything(0)
+    part = Regressor(step_data=True)
+    ck = ModelCheckpoint(dirpath=str(out / "resume_ckpt"), every_n_train_steps=4, save_top_k=-1)
+    t = trainer(devices, strategy(), out, "resume_part", max_steps=4, ckpt=True, callbacks=[ck])
+    t.fit(part, loaders()[0])
+    path = sorted((out / "resume_ckpt").glob("*.ckpt"))[-1]
+    seed_everything(0)
+    resumed = Regressor(step_data=True)
+    t2 = trainer(devices, strategy(), out, "resume_resumed", max_steps=10)
+    t2.fit(resumed, loaders()[0], ckpt_path=str(path))
+    save(out, "resume", t2, {"full": weights(full), "resumed": weights(resumed), "ckpt": str(path),
+                             "seen_full": full.seen, "seen_part": part.seen, "seen_resumed": resumed.seen,
+                             "ledger_resumed": getattr(t2.strategy, "engine", None) and t2.strategy.engine.ledger.summary()})
+
+
+def s_accumulate(out: Path, devices: int) -> None:
+    """accumulate_grad_batches=2: one EF21 sync per optimizer step; equals DDP with the same accumulation."""
+    res = {}
+    for name, strategy in (("ef21", efl.EF21MuonStrategy(uplink="identity", downlink="identity")), ("ddp", "ddp")):
+        seed_everything(0)
+        model = Regressor()
+        t = trainer(devices, strategy, out, f"acc_{name}", max_steps=6, accumulate_grad_batches=2)
+        t.fit(model, loaders()[0])
+        res[name] = weights(model)
+        if name == "ef21":
+            res["ledger_steps"] = t.strategy.engine.ledger.summary()["steps"]
+            res["global_step"] = t.global_step
+            res["batches"] = t.fit_loop.epoch_loop.batch_progress.total.completed
+    save(out, "acc", t, res)
+
+
+def s_bf16(out: Path, devices: int) -> None:
+    """precision='bf16-mixed' trains; EF21 state stays float32."""
+    seed_everything(0)
+    model = Regressor()
+    t = trainer(devices, efl.EF21MuonStrategy(uplink="top_k:0.25", downlink="top_k:0.5"), out, "bf16",
+                precision="bf16-mixed", max_steps=30)
+    first = None
+    x, y = next(iter(loaders()[0]))
+    with torch.no_grad():
+        first = nn.functional.mse_loss(model(x), y).item()
+    t.fit(model, loaders()[0])
+    st = t.strategy.engine.state_dict()
+    dtypes = {str(v.dtype) for part in ("worker", "server") for d in st[part].values() for v in d.values()}
+    with torch.no_grad():
+        last = nn.functional.mse_loss(model(x), y).item()
+    save(out, "bf16", t, {"dtypes": sorted(dtypes), "first": first, "last": last})
+
+
+def s_adamw(out: Path, devices: int) -> None:
+    """Any torch optimizer: AdamW under EF21 identity equals DDP + AdamW."""
+    res = {}
+    for name, strategy in (("ef21", efl.EF21MuonStrategy(uplink="identity", downlink="identity")), ("ddp", "ddp")):
+        seed_everything(0)
+        model = Regressor(optimizer="adamw")
+        t = trainer(devices, strategy, out, f"adamw_{name}", max_steps=10)
+        t.fit(model, loaders()[0])
+        res[name] = weights(model)
+    save(out, "adamw", t, res)
+
+
+def s_world_change(out: Path, devices: int) -> None:
+    """Resume a checkpoint written by 2 processes with this run's devices: error by default, 'reinit' opt-in."""
+    path = sorted((out / "resume_ckpt").glob("*.ckpt"))[-1]
+    res = {}
+    seed_everything(0)
+    t = trainer(devices, efl.EF21MuonStrategy(uplink="top_k:0.2", downlink="top_k:0.3"), out, "wc_err", max_steps=6)
+    try:
+        t.fit(Regressor(), loaders()[0], ckpt_path=str(path))
+        res["error"] = None
+    except ValueError as e:
+        res["error"] = str(e)
+    seed_everything(0)
+    model = Regressor()
+    t = trainer(devices, efl.EF21MuonStrategy(uplink="top_k:0.2", downlink="top_k:0.3", resume_world_size="reinit"),
+                out, "wc_reinit", max_steps=6)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t.fit(model, loaders()[0])  # plain fit with 1 device works
+        t = trainer(devices, efl.EF21MuonStrategy(uplink="top_k:0.2", downlink="top_k:0.3",
+                                                  resume_world_size="reinit"), out, "wc_reinit2", max_steps=8)
+        t.fit(model, loaders()[0], ckpt_path=str(path))
+    res["reinit_warned"] = any("re-initialised" in str(x.message) for x in w)
+    res["global_step"] = t.global_step
+    save(out, "world_change", t, res)
+
+
+SCENARIOS = {f.__name__[2:]: f for f in (s_vs_ddp, s_topk_csv, s_resume, s_accumulate, s_bf16, s_adamw,
+                                          s_world_change)}
+
+if __name__ == "__main__":
+    out_dir, devices, *names = sys.argv[1:]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PL_DISABLE_FORK", "1")
+    for name in names:
+        SCENARIOS[name](out, int(devices))
