@@ -2,7 +2,7 @@
 
 :class:`CommunicationCallback` reads a ledger (an :class:`~ef_lightning.accelerate.EF21Plugin`, an engine, a
 Simulator or a :class:`~ef_lightning.Ledger`) and puts per-step and cumulative bits, wire bytes and the compression
-ratio (:func:`~ef_lightning.accelerate.ledger_metrics`, keys ``comm/...``) into the Trainer's training log entries.
+ratio (:meth:`ef_lightning.Ledger.metrics`, keys ``comm/...``) into the Trainer's training log entries.
 
 Why two pieces (checked on transformers 5.23): ``Trainer.log`` appends ``{**logs, "step": ...}`` to
 ``state.log_history`` and only then calls every callback's ``on_log``, and the reporting integrations
@@ -41,10 +41,11 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ef_lightning.accelerate import EF21Plugin, ledger_metrics
+from ef_lightning.accelerate import EF21Plugin
 from ef_lightning.comm import Ledger
 
 __all__ = ["CommunicationCallback", "EF21Trainer"]
+
 
 def _is_train_log(logs: dict[str, Any]) -> bool:
     # training-step entries carry "loss", the end-of-training summary "train_loss"; eval/predict entries neither
@@ -82,8 +83,9 @@ class CommunicationCallback(TrainerCallback):
         return src()
 
     def metrics(self) -> dict[str, float]:
-        """The numbers to log now (see :func:`~ef_lightning.accelerate.ledger_metrics`); ``{}`` before any step."""
-        return ledger_metrics(self.ledger(), self.prefix)
+        """The numbers to log now (see :meth:`ef_lightning.Ledger.metrics`); ``{}`` before any step."""
+        ledger = self.ledger()
+        return ledger.metrics(self.prefix) if ledger is not None else {}
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:

@@ -42,6 +42,7 @@ class CommunicationMonitor(Callback):
         self.check = check
         self._totals: dict[str, SumMetric] = {}
         self._seen = 0
+        self._stepped = 0
         self._active = False
 
     def _engine(self, trainer: Trainer) -> Any:
@@ -65,6 +66,7 @@ class CommunicationMonitor(Callback):
             m.update(torch.tensor(float(sum(getattr(r, field) for r in ledger.records)), dtype=torch.float64))
             self._totals[name] = m
         self._seen = len(ledger.records)
+        self._stepped = trainer.global_step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -74,11 +76,11 @@ class CommunicationMonitor(Callback):
         records = engine.ledger.records
         new = records[self._seen:]
         self._seen = len(records)
-        stepped = trainer.fit_loop.epoch_loop._batches_that_stepped  # optimizer steps so far (Lightning's counter)
+        stepped = trainer.global_step  # optimizer steps Lightning has counted
         if not new:
-            if self.check and stepped > getattr(self, "_stepped", 0):
-                raise RuntimeError("an optimizer step ran without the EF21 sync (no ledger record): the strategy's "
-                                   "optimizer_step was bypassed, e.g. by calling the raw optimizer's step()")
+            if self.check and stepped > self._stepped:
+                raise RuntimeError(f"optimizer step {stepped} ran without the EF21 sync (no ledger record): the "
+                                   "strategy's optimizer_step was bypassed")
             self._stepped = stepped
             return
         self._stepped = stepped

@@ -14,21 +14,23 @@ A stock Accelerate script swaps one call::
             optimizer.zero_grad()
         accelerator.log(plugin.metrics(), step=step)   # {} without the flag
 
-Without ``EF21_MUON=1`` :meth:`EF21Plugin.prepare` is exactly ``accelerator.prepare``. With it:
+Launch as usual, e.g. ``EF21_MUON=1 EF21_UPLINK=top_k:0.05 accelerate launch --multi_gpu --num_processes 2
+train.py`` (add ``ACCELERATE_USE_CPU=1`` for 2 CPU processes). Without ``EF21_MUON=1`` :meth:`EF21Plugin.prepare`
+is exactly ``accelerator.prepare``. With it:
 
 * DDP sends nothing: ``noop_hook`` (``torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks``) is registered on
   the DDP-wrapped model, so ``param.grad`` keeps this worker's own gradient g_j.
-* The optimizer step *is* the EF21 sync. The prepared :class:`~accelerate.optimizer.AcceleratedOptimizer`'s ``step``
-  is replaced (on that instance only) by one that calls :meth:`~ef_lightning.EF21Engine.step`, and only when
-  ``accelerator.sync_gradients`` is True: under ``accelerator.accumulate`` the sync runs once per optimizer step,
-  like ``AcceleratedOptimizer.step`` itself. The engine holds the *inner* optimizer and calls its ``step`` for the
-  server update (ALGORITHM.md §2 step 5), so nothing recurses. A step skipped for a non-finite gradient sets
+* The optimizer step *is* the EF21 sync. ``AcceleratedOptimizer.step`` is left as it is: it steps only when
+  ``accelerator.sync_gradients`` is True, so under ``accelerator.accumulate`` the sync runs once per optimizer step.
+  What it calls, the inner optimizer's ``step`` (patched on that instance only), runs
+  :meth:`~ef_lightning.EF21Engine.step`; the engine's own call of the inner ``step`` for the server update
+  (ALGORITHM.md §2 step 5) runs the original update. A step skipped for a non-finite gradient sets
   ``optimizer.step_was_skipped``, so ``accelerator.optimizer_step_was_skipped`` is True and a scheduler prepared by
   Accelerate does not advance, as after an fp16 overflow.
 * ``accelerator.save_state`` / ``load_state`` keep every rank's own EF21 state (M_j and G_j differ per worker; X and
   G live on their owner): a save pre-hook writes ``ef21_rank{r}.pt`` into the checkpoint folder on every rank; the
-  load pre-hook reads this rank's file and applies it right after Accelerate has loaded the optimizer (whose file is
-  rank 0's, so the served layers' optimizer state must be restored afterwards).
+  load pre-hook reads this rank's file and a ``load_state_dict`` post-hook of the optimizer applies it right after
+  Accelerate has loaded the optimizer (from rank 0's file, so the served layers' optimizer state is restored after).
 * The ledger of bits and wire bytes is :attr:`EF21Plugin.ledger` (the engine's, same ``summary()``);
   :meth:`EF21Plugin.metrics` gives per-step and cumulative numbers ready for ``accelerator.log``.
 
@@ -63,7 +65,10 @@ identity downlink).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
 import os
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -79,7 +84,7 @@ from ef_lightning import compressors as _comp
 from ef_lightning.comm import TOPOLOGIES, Ledger
 from ef_lightning.ef21 import NONFINITE, ROLES, EF21Engine, Simulator
 
-__all__ = ["ENV_PREFIX", "EF21Plugin", "ledger_metrics"]
+__all__ = ["ENV_PREFIX", "EF21Plugin"]
 
 #: prefix of the environment variables the plugin reads (never ``ACCELERATE_``: Accelerate rejects unknown keys)
 ENV_PREFIX = "EF21_"
@@ -87,43 +92,6 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 # Accelerate modes that do not wrap the model in DDP (EF21 replaces DDP's all-reduce, nothing else)
 _UNSUPPORTED = (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM, DistributedType.XLA)
-
-
-def ledger_metrics(ledger: Ledger | None, prefix: str = "comm/") -> dict[str, float]:
-    """Per-step and cumulative communication numbers of a ledger, flat and ready for a logger.
-
-    Names match the Lightning ``CommunicationMonitor`` so dashboards read the same under every integration.
-
-    Args:
-        ledger: an engine's or Simulator's :class:`~ef_lightning.Ledger`; ``None`` or an empty ledger gives ``{}``.
-        prefix: prepended to every key.
-
-    Returns:
-        ``{prefix}uplink_bits`` / ``uplink_bytes`` / ``downlink_bits`` / ``downlink_bytes``: the last optimizer
-        step (uplink per worker, downlink for the whole server side); the same four with ``_total``, and
-        ``dense_bytes_total`` (the uncompressed baseline per worker), cumulative; ``compression_ratio``: cumulative
-        dense bytes / uplink wire bytes (left out while nothing was sent); ``steps`` and ``skipped_steps``. Bits are
-        theoretical (ALGORITHM.md §3); bytes are the wire bytes handed to the collectives.
-    """
-    if ledger is None or ledger.last is None:
-        return {}
-    last, total = ledger.last, ledger.summary()
-    out = {
-        "uplink_bits": last.uplink_bits,
-        "uplink_bytes": last.uplink_wire_bytes,
-        "downlink_bits": last.downlink_bits,
-        "downlink_bytes": last.downlink_wire_bytes,
-        "uplink_bits_total": total["uplink_bits_per_worker"],
-        "uplink_bytes_total": total["uplink_wire_bytes_per_worker"],
-        "downlink_bits_total": total["downlink_bits"],
-        "downlink_bytes_total": total["downlink_wire_bytes"],
-        "dense_bytes_total": total["dense_bytes_per_worker"],
-        "steps": total["steps"],
-        "skipped_steps": total["skipped_steps"],
-    }
-    if total["uplink_wire_bytes_per_worker"]:  # inf (nothing sent yet) is not JSON; leave the ratio out instead
-        out["compression_ratio"] = total["compression_ratio"]
-    return {prefix + k: v for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- value parsing
@@ -239,6 +207,7 @@ class EF21Plugin:
         self._accelerator: Accelerator | None = None
         self._optimizer: AcceleratedOptimizer | None = None
         self._pending: dict[str, Any] | None = None
+        self._in_server_step = False
 
     @staticmethod
     def _parse(name: str, value: Any, where: str) -> Any:
@@ -264,8 +233,8 @@ class EF21Plugin:
         return self.engine.ledger if self.engine is not None else None
 
     def metrics(self, prefix: str = "comm/") -> dict[str, float]:
-        """Per-step and cumulative communication numbers for ``accelerator.log`` (see :func:`ledger_metrics`)."""
-        return ledger_metrics(self.ledger, prefix)
+        """Per-step and cumulative communication numbers for ``accelerator.log`` (see :meth:`Ledger.metrics`)."""
+        return self.ledger.metrics(prefix) if self.ledger is not None else {}
 
     def prepare(self, accelerator: Accelerator, *objects: Any) -> Any:
         """``accelerator.prepare(*objects)``, then (when enabled) EF21-Muon on the one model and one optimizer.
@@ -333,27 +302,50 @@ class EF21Plugin:
             self.engine = Simulator(module, optimizer.optimizer, n_workers=1, uplink=self.uplink,
                                     downlink=self.downlink, seed=self.seed, on_nonfinite=self.on_nonfinite)
         self._accelerator, self._optimizer = accelerator, optimizer
-        # Instance attributes shadow AcceleratedOptimizer's methods for this object only.
-        optimizer.step = self._optimizer_step
-        optimizer.load_state_dict = _after(optimizer.load_state_dict, self._apply_pending)
+        self._patch_step(optimizer.optimizer)
+        optimizer.optimizer.register_load_state_dict_post_hook(lambda _: self._apply_pending())
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: self.save(output_dir))
         accelerator.register_load_state_pre_hook(self._stage_load)
 
     # ------------------------------------------------------------------------------------------------- the step
-    def _optimizer_step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """What ``optimizer.step()`` does once attached: the EF21 sync on gradient-sync boundaries only."""
-        if not self._optimizer.gradient_state.sync_gradients:
-            return None  # a non-boundary micro-batch: AcceleratedOptimizer.step does nothing here either
+    def _patch_step(self, inner: torch.optim.Optimizer) -> None:
+        """Make the inner optimizer's ``step`` the EF21 sync, keeping its own update for the engine's server step.
+
+        ``AcceleratedOptimizer.step`` stays untouched and keeps deciding *whether* to step (``sync_gradients``); it
+        calls ``inner.step``, which becomes :meth:`_sync_step`. The engine was given ``inner`` and calls
+        ``inner.step()`` for ALGORITHM.md §2 step 5: that re-entrant call runs the original update. Patching below
+        the AcceleratedOptimizer keeps LR schedulers working whichever object they wrapped, and when: torch's
+        schedulers wrap ``optimizer.step`` of the optimizer they were built on (the raw one before ``prepare``, the
+        AcceleratedOptimizer after it, as the transformers Trainer does) and call the wrapped method's function.
+        """
+        update = inner.step  # bound method, possibly already wrapped by an LR scheduler built before prepare
+        plugin = self
+
+        def step(opt: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
+            if plugin._in_server_step:
+                return update(closure)
+            return plugin._sync_step(closure)
+
+        # It wraps the optimizer's step, and says so: an LR scheduler's "step() is patched" mark carries over.
+        functools.update_wrapper(step, update)
+        inner.step = types.MethodType(step, inner)  # a bound method, as torch's scheduler wrapper expects
+
+    def _sync_step(self, closure: Callable[[], Any] | None) -> Any:
+        """EF21-Muon steps 2-7 on this worker's gradients; reports a skipped step like an fp16 overflow."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if isinstance(self.engine, Simulator):
-            grads = [L.param.grad if L.param.grad is not None else torch.zeros_like(L.param)
-                     for L in self.engine.layers]
-            applied = self.engine.apply([grads])
-        else:
-            applied = self.engine.step()
+        self._in_server_step = True
+        try:
+            if isinstance(self.engine, Simulator):
+                grads = [L.param.grad if L.param.grad is not None else torch.zeros_like(L.param)
+                         for L in self.engine.layers]
+                applied = self.engine.apply([grads])
+            else:
+                applied = self.engine.step()
+        finally:
+            self._in_server_step = False
         # what step_was_skipped reports: AcceleratedScheduler and accelerator.optimizer_step_was_skipped read it
         self._optimizer._is_overflow = not applied
         return loss
@@ -374,10 +366,12 @@ class EF21Plugin:
     def _read(self, directory: str | os.PathLike) -> dict[str, Any]:
         path = self._path(directory)
         if not os.path.isfile(path):
-            found = sorted(f for f in os.listdir(directory) if f.startswith("ef21_rank")) if os.path.isdir(directory) else []
+            found = sorted(os.path.basename(f) for f in glob.glob(os.path.join(os.fspath(directory), "ef21_rank*.pt")))
             raise ValueError(f"{path} does not exist (EF21 files in {os.fspath(directory)!r}: {found or 'none'}); "
                              "resume an EF21 run from a checkpoint it saved, with the same number of processes")
-        return torch.load(path, map_location="cpu", weights_only=True)["engine"]
+        # optimizer state is restored as loaded (not copied into existing tensors): load it onto the parameters' device
+        device = self.engine.layers[0].param.device if self.engine.layers else "cpu"
+        return torch.load(path, map_location=device, weights_only=True)["engine"]
 
     def load(self, directory: str | os.PathLike) -> None:
         """Restore this rank's EF21 state from ``directory`` now (after the model and optimizer state are loaded)."""
@@ -392,15 +386,6 @@ class EF21Plugin:
         if self._pending is not None:
             state, self._pending = self._pending, None
             self.engine.load_state_dict(state)
-
-
-def _after(method: Callable[..., Any], then: Callable[[], None]) -> Callable[..., Any]:
-    """``method`` followed by ``then()``."""
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        out = method(*args, **kwargs)
-        then()
-        return out
-    return wrapped
 
 
 def _find_ddp(model: nn.Module) -> DistributedDataParallel | None:

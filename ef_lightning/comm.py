@@ -97,6 +97,41 @@ class Ledger:
             "compression_ratio": (dense / up_wire) if up_wire else float("inf"),
         }
 
+    def metrics(self, prefix: str = "comm/") -> dict[str, float]:
+        """Per-step and cumulative communication numbers of a ledger, flat and ready for a logger.
+
+        Names match the Lightning ``CommunicationMonitor`` so dashboards read the same under every integration.
+
+        Args:
+            prefix: prepended to every key. An empty ledger gives ``{}``.
+
+        Returns:
+            ``{prefix}uplink_bits`` / ``uplink_bytes`` / ``downlink_bits`` / ``downlink_bytes``: the last optimizer
+            step (uplink per worker, downlink for the whole server side); the same four with ``_total``, and
+            ``dense_bytes_total`` (the uncompressed baseline per worker), cumulative; ``compression_ratio``: cumulative
+            dense bytes / uplink wire bytes (left out while nothing was sent); ``steps`` and ``skipped_steps``. Bits are
+            theoretical (ALGORITHM.md §3); bytes are the wire bytes handed to the collectives.
+        """
+        if self.last is None:
+            return {}
+        last, total = self.last, self.summary()
+        out = {
+            "uplink_bits": last.uplink_bits,
+            "uplink_bytes": last.uplink_wire_bytes,
+            "downlink_bits": last.downlink_bits,
+            "downlink_bytes": last.downlink_wire_bytes,
+            "uplink_bits_total": total["uplink_bits_per_worker"],
+            "uplink_bytes_total": total["uplink_wire_bytes_per_worker"],
+            "downlink_bits_total": total["downlink_bits"],
+            "downlink_bytes_total": total["downlink_wire_bytes"],
+            "dense_bytes_total": total["dense_bytes_per_worker"],
+            "steps": total["steps"],
+            "skipped_steps": total["skipped_steps"],
+        }
+        if total["uplink_wire_bytes_per_worker"]:  # inf (nothing sent yet) is not JSON; leave the ratio out instead
+            out["compression_ratio"] = total["compression_ratio"]
+        return {prefix + k: v for k, v in out.items()}
+
     def state_dict(self) -> dict[str, Any]:
         """Records as plain dicts (checkpointable)."""
         return {"records": [dataclasses.asdict(x) for x in self.records]}

@@ -189,9 +189,25 @@ class _Core:
             optimizer.external_momentum = True
             for p, _ in params:
                 optimizer.state.get(p, {}).pop("momentum_buffer", None)
+        # A step of the raw optimizer outside the engine would train without the EF21 sync (PEERS.md: DeepSpeed Muon
+        # once trained plain SGD silently). The hook makes that an error instead of a silent fallback.
+        self._in_step = False
+        self._hook = optimizer.register_step_pre_hook(self._guard)
         self.step_count = 0
         self.ledger = Ledger()
         self.dense_bytes = sum(L.param.numel() * L.param.element_size() for L in self.layers)
+
+    def _guard(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._in_step:
+            raise RuntimeError("optimizer.step() was called directly on an optimizer driven by EF21: that step would "
+                               "skip the compressed sync. Call engine.step() (Lightning/Accelerate do this for you), "
+                               "or engine.detach() to hand the optimizer back")
+
+    def detach(self) -> None:
+        """Stop guarding the optimizer (its own ``step()`` works again) and restore its own momentum."""
+        self._hook.remove()
+        if isinstance(self.optimizer, LMO):
+            self.optimizer.external_momentum = False
 
     # ----------------------------------------------------------------- configuration
     def config(self) -> dict[str, Any]:
@@ -284,6 +300,14 @@ class _Core:
                 seed = _mix(self.seed, self.step_count, L.index, _SERVER)
                 S = _decode(L.down, L.down.unpack(buf, L.shape, torch.float32, seed=seed))
                 L.param.add_(S.to(L.param.dtype))
+
+    def _optimizer_step(self) -> None:
+        """Step 5: the optimizer's own rule on the served parameters (pointed at X, grad G)."""
+        self._in_step = True
+        try:
+            self.optimizer.step()
+        finally:
+            self._in_step = False
 
     # ----------------------------------------------------------------- helpers
     def _bits(self, layers: Sequence[LayerSpec], which: str) -> int:
@@ -442,7 +466,7 @@ class EF21Engine(_Core):
                 self._aggregate(self.server, L, [b[offset:offset + n] for b in received])
                 offset += n
             with self._server_view(self.server, self.served):
-                self.optimizer.step()
+                self._optimizer_step()
         # 6-7: downlink
         if not t.replicated:
             mine = [self._downlink_message(self.server, L) for L in self.served]
@@ -618,7 +642,7 @@ class Simulator(_Core):
         for L in self.layers:
             self._aggregate(self.server, L, [packed[j][L.index] for j in range(self.n_workers)])
         with self._server_view(self.server, self.layers):
-            self.optimizer.step()
+            self._optimizer_step()
         for L in self.layers:
             self._apply_downlink(L, self._downlink_message(self.server, L))
         self.ledger.record(StepRecord(

@@ -36,13 +36,15 @@ from ef_lightning.ef21 import NONFINITE, ROLES, EF21Engine
 
 __all__ = ["EF21MuonStrategy", "DEFAULT_UPLINK", "DEFAULT_DOWNLINK", "DEFAULT_TOPOLOGY"]
 
-#: Default compressors. Top-K on matrices is the paper's headline setting (arXiv 2510.00643 §5: Top-K/Rank-K uplink
-#: reach the uncompressed loss with up to 7x fewer bytes); vectors are tiny and stay dense. The ratios are
-#: revisited from measurements in docs/benchmarks.md.
+#: Default compressors: Top-K on matrices (the paper's headline setting, arXiv 2510.00643 §5); vectors (biases,
+#: norm gains) are tiny and stay dense. Chosen on the demo task (recipes/demo.py: byte-level Llama, 2 CPU workers,
+#: 200 steps, same step budget; validation loss at X, uncompressed 2.348): uplink top_k:0.1 / downlink top_k:0.5
+#: 2.603 (7.6x less uplink, 1.9x less downlink); top_k:0.2 / 0.5 2.513 (4.3x); top_k:0.1 / identity 2.518;
+#: top_k:0.05 / top_k:0.2 2.827 (13.3x). The benchmarks (docs/benchmarks.md) revisit this with step budgets.
 DEFAULT_UPLINK: Mapping[str, str] = {"hidden": "top_k:0.1", "embedding": "top_k:0.1", "head": "top_k:0.1",
                                      "conv": "top_k:0.1", "vector": "identity", "default": "identity"}
-DEFAULT_DOWNLINK: Mapping[str, str] = {"hidden": "top_k:0.25", "embedding": "top_k:0.25", "head": "top_k:0.25",
-                                       "conv": "top_k:0.25", "vector": "identity", "default": "identity"}
+DEFAULT_DOWNLINK: Mapping[str, str] = {"hidden": "top_k:0.5", "embedding": "top_k:0.5", "head": "top_k:0.5",
+                                       "conv": "top_k:0.5", "vector": "identity", "default": "identity"}
 DEFAULT_TOPOLOGY = "sharded"
 RESUME_POLICIES = ("error", "reinit")
 
@@ -141,6 +143,8 @@ class EF21MuonStrategy(DDPStrategy):
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
+        for old in self.engines.values():  # a previous fit's engines let go of their optimizers
+            old.detach()
         self.engines = {}
         if trainer.state.fn != "fit":
             return
@@ -271,6 +275,7 @@ class EF21MuonStrategy(DDPStrategy):
         with torch.no_grad():
             for name, x in X.items():  # allgather with fp32 keeps X in the parameters: already loaded
                 params[name].copy_(x)
+        engine.detach()  # the old engine lets go of the optimizer before the new one takes it
         fresh = EF21Engine(self.lightning_module, engine.optimizer, uplink=self.uplink, downlink=self.downlink,
                            topology=self.topology, server_rank=self.server_rank, seed=self.seed,
                            on_nonfinite=self.on_nonfinite, sync_initial=False)

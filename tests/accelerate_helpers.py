@@ -149,6 +149,7 @@ def resume_script(rank: int, world: int, ckpt: str, split: int = 3, steps: int =
     accelerator, model, optimizer, scheduler, plugin = build(0)
     train(model, optimizer, scheduler, accelerator, 0, split)
     accelerator.save_state(ckpt)
+    accelerator.wait_for_everyone()
     files = sorted(f for f in os.listdir(ckpt) if f.startswith("ef21_"))
     train(model, optimizer, scheduler, accelerator, split, steps)
     full = _ef21_snapshot(accelerator.unwrap_model(model), plugin)
@@ -205,7 +206,7 @@ class RandomTokens(torch.utils.data.Dataset):
 
 
 def run_hf_trainer(out_dir: str, *, ef21: bool, steps: int, trainer_cls: str = "EF21Trainer", resume: str | None = None,
-                   save_steps: int | None = None, **ef21_kwargs: Any) -> dict[str, Any]:
+                   save_steps: int | None = None, accumulate: int = 1, **ef21_kwargs: Any) -> dict[str, Any]:
     """Train the tiny Llama with a transformers Trainer; return W, log history and the engine's ledger."""
     from transformers import Trainer, TrainingArguments
 
@@ -220,7 +221,7 @@ def run_hf_trainer(out_dir: str, *, ef21: bool, steps: int, trainer_cls: str = "
         output_dir=out_dir, max_steps=steps, per_device_train_batch_size=4, learning_rate=optimizer.defaults["lr"],
         logging_steps=1, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         report_to=[], use_cpu=True, max_grad_norm=0.0, dataloader_num_workers=0, disable_tqdm=True, seed=0,
-        lr_scheduler_type="constant", save_only_model=False,
+        lr_scheduler_type="constant", save_only_model=False, gradient_accumulation_steps=accumulate,
     )
     kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=RandomTokens(), optimizers=(optimizer, None))
     if trainer_cls == "EF21Trainer":
@@ -236,12 +237,14 @@ def run_hf_trainer(out_dir: str, *, ef21: bool, steps: int, trainer_cls: str = "
 
 
 def hf_scenarios(rank: int, world: int, out_dir: str) -> dict[str, Any]:
-    """EF21Trainer (identity) vs the stock Trainer's DDP; EF21Trainer resume from a mid-run checkpoint."""
+    """EF21Trainer (identity) vs the stock Trainer's DDP, both accumulating 2 micro-batches per optimizer step;
+    EF21Trainer resume from a mid-run checkpoint."""
     _accelerate_env(rank, world)
     out = {}
     with ef21_env():
-        out["plain"] = run_hf_trainer(os.path.join(out_dir, "plain"), ef21=False, steps=4, trainer_cls="Trainer")
-        out["ef21"] = run_hf_trainer(os.path.join(out_dir, "ef21"), ef21=True, steps=4)
+        out["plain"] = run_hf_trainer(os.path.join(out_dir, "plain"), ef21=False, steps=4, trainer_cls="Trainer",
+                                      accumulate=2)
+        out["ef21"] = run_hf_trainer(os.path.join(out_dir, "ef21"), ef21=True, steps=4, accumulate=2)
         full_dir = os.path.join(out_dir, "full")
         out["full"] = run_hf_trainer(full_dir, ef21=True, steps=4, save_steps=2, uplink="top_k:0.2",
                                      downlink="top_k:0.5")

@@ -13,10 +13,11 @@ import pytest
 import torch
 from accelerate.tracking import GeneralTracker
 
-from accelerate_helpers import (RandomTokens, accelerate_scenarios, ef21_env, fresh_accelerator,
-                                fresh_accelerator_state, hf_scenarios, run_hf_trainer, tiny_llama)
+from accelerate_helpers import (RandomTokens, accelerate_scenarios, fresh_accelerator, fresh_accelerator_state,
+                                hf_scenarios, run_hf_trainer, tiny_llama)
 from dist_helpers import check_ok, make_data, make_model, make_optimizer, mse, run_distributed
-from ef_lightning.accelerate import EF21Plugin, ledger_metrics
+from ef_lightning.accelerate import EF21Plugin
+
 
 def topk_bits(d: int, ratio: float, f: int = 32) -> int:
     """ALGORITHM.md §3: K = ceil(r*d) values and indices, or values plus a d-bit mask, whichever is smaller."""
@@ -27,6 +28,11 @@ def topk_bits(d: int, ratio: float, f: int = 32) -> int:
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# torch's LR schedulers warn when optimizer.step() is not the method they wrapped, or was not called before them:
+# the EF21 step must keep both contracts, whether the scheduler was built before prepare or after (transformers).
+pytestmark = pytest.mark.filterwarnings(r"error:.*optimizer\.step\(\):UserWarning")
 
 
 @pytest.fixture(autouse=True)
@@ -96,9 +102,9 @@ def test_invalid_environment_fails_when_ef21_trainer_is_built(monkeypatch, tmp_p
 def _single_process_run(plugin: EF21Plugin, steps: int = 10, **accelerator_kwargs):
     accelerator = fresh_accelerator(**accelerator_kwargs)
     model = make_model(0)
-    optimizer = make_optimizer(model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.9 ** s)
-    model, optimizer, scheduler = plugin.prepare(accelerator, model, optimizer, scheduler)
+    model, optimizer = plugin.prepare(accelerator, model, make_optimizer(model))
+    # a scheduler built on the prepared optimizer (as the transformers Trainer does) wraps its step() after prepare
+    scheduler = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.9 ** s))
     if accelerator_kwargs.get("log_with"):
         accelerator.init_trackers("ef21")
     for step, batch in enumerate(row[0] for row in make_data(1, steps)):
@@ -151,7 +157,7 @@ def test_single_process_top_k_ledger_and_accelerator_log():
     for step, m in tracker.logged:
         assert m["comm/uplink_bits"] == per_step and m["comm/uplink_bits_total"] == (step + 1) * per_step
         assert m["comm/steps"] == step + 1 and m["comm/compression_ratio"] > 5
-    assert tracker.logged[-1][1] == ledger_metrics(plugin.ledger)
+    assert tracker.logged[-1][1] == plugin.ledger.metrics()
 
 
 def test_nonfinite_step_is_reported_as_skipped_and_scheduler_holds():
@@ -177,6 +183,19 @@ def test_nonfinite_step_is_reported_as_skipped_and_scheduler_holds():
     optimizer.step()
     scheduler.step()
     assert not accelerator.optimizer_step_was_skipped and scheduler.get_last_lr() != lr
+
+
+def test_loading_a_checkpoint_without_ef21_state_says_what_is_missing(tmp_path):
+    accelerator = fresh_accelerator()
+    model = make_model(0)
+    plugin = EF21Plugin(enabled=True)
+    model, optimizer = plugin.prepare(accelerator, model, make_optimizer(model))
+    accelerator.save_state(str(tmp_path / "ok"))
+    assert (tmp_path / "ok" / "ef21_rank0.pt").is_file()
+    accelerator.load_state(str(tmp_path / "ok"))
+    (tmp_path / "ok" / "ef21_rank0.pt").rename(tmp_path / "ok" / "ef21_rank1.pt")
+    with pytest.raises(ValueError, match=r"ef21_rank0\.pt does not exist .*\['ef21_rank1\.pt'\]"):
+        accelerator.load_state(str(tmp_path / "ok"))
 
 
 def test_prepare_rejects_grad_scaler_and_extra_models():
@@ -302,6 +321,7 @@ def hf_results(tmp_path_factory):
 
 
 def test_ef21_trainer_matches_stock_trainer_ddp(hf_results):
+    """2 processes, 4 optimizer steps of 2 accumulated micro-batches each: one EF21 sync per optimizer step."""
     for res in hf_results:
         assert res["plain"]["world"] == res["ef21"]["world"] == 2
         assert max_diff(res["plain"]["W"], res["ef21"]["W"]) <= 1e-6

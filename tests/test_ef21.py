@@ -211,3 +211,16 @@ def test_state_is_float32_for_bf16_models():
                *(t for w in st["workers"] for part in ("M", "G") for t in w[part].values())]
     assert tensors and all(t.dtype == torch.float32 for t in tensors)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_direct_optimizer_step_is_an_error_while_engine_drives_it():
+    """PEERS.md #7: a silent fallback to the plain optimizer (no compressed sync) must be loud."""
+    model = make_model(0)
+    opt = make_optimizer(model)
+    sim = efl.Simulator(model, opt, n_workers=2)
+    mse(model, make_data(1, 1)[0][0]).backward()
+    with pytest.raises(RuntimeError, match="engine.step"):
+        opt.step()
+    sim.detach()
+    opt.step()  # handed back: works again, with the optimizer's own momentum
+    assert opt.external_momentum is False

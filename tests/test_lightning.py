@@ -116,3 +116,25 @@ def test_world_size_change_is_an_error_unless_reinit(runs):
     res = _load(runs, "world_change")
     assert res["error"] and "reinit" in res["error"] and "2 process" in res["error"]
     assert res["reinit_warned"] and res["global_step"] == 8
+
+
+def test_lightning_cli_takes_strategy_name():
+    from lightning.pytorch.cli import LightningCLI
+    from lightning_scenarios import Regressor
+
+    cli = LightningCLI(Regressor, run=False, save_config_callback=None,
+                       args=["--trainer.strategy", "ef21_muon", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                             "--trainer.logger", "false"])
+    assert isinstance(cli.trainer.strategy, efl.EF21MuonStrategy)
+
+
+def test_monitor_warns_under_another_strategy(tmp_path):
+    from lightning.pytorch import Trainer
+    from lightning_scenarios import Regressor, loaders
+
+    from ef_lightning.callbacks import CommunicationMonitor
+
+    t = Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, callbacks=[CommunicationMonitor()], default_root_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="not ef21_muon"):
+        t.fit(Regressor(), loaders()[0])

@@ -1,0 +1,136 @@
+"""Causal-LM fine-tuning with Accelerate; ``EF21_MUON=1`` turns on EF21-Muon through ``EF21Plugin``.
+
+The same task as recipes/causal_lm_lightning.py (offline by default: a byte-level Llama on the Python stdlib
+docstrings; ``--model`` / ``--dataset`` for hub models and data). The training loop is a stock Accelerate loop; the
+one change is ``plugin.prepare(accelerator, ...)`` in place of ``accelerator.prepare(...)``. Without ``EF21_MUON=1``
+it is plain Accelerate (DDP all-reduce); with it, the optimizer step is the EF21-Muon sync with the compressors and
+topology of the config (the config's values win over ``EF21_UPLINK`` / ``EF21_DOWNLINK`` / ``EF21_TOPOLOGY``).
+
+    # 2 CPU processes (``--cpu --num_processes 2`` would start only one)
+    EF21_MUON=1 ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 \\
+        recipes/causal_lm_accelerate.py --config recipes/configs/causal_lm_accelerate/default.yaml
+    EF21_MUON=1 accelerate launch --multi_gpu --num_processes 8 recipes/causal_lm_accelerate.py  # 8 GPUs
+    python recipes/causal_lm_accelerate.py --config recipes/configs/causal_lm_accelerate/tiny.yaml  # 1 process
+
+Outputs in ``out_dir`` (main process): ``resolved_config.yaml``, ``summary.json``, ``val_loss_vs_uplink.png``.
+Evaluation runs at the workers' model W (equal to the server model X with an identity downlink; see
+ef_lightning/accelerate.py). Uplink bytes of a plain run are the dense gradient all-reduced every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import ef_lightning as efl
+from ef_lightning.accelerate import EF21Plugin
+
+sys.path.insert(0, str(Path(__file__).parent))
+from config import (PLOT_NAME, CausalLMConfig, causal_lm_task, dense_bytes, parse_args,  # noqa: E402
+                    plot_loss_vs_uplink, role_specs, save_resolved, summary_row, write_summary)
+
+
+@dataclasses.dataclass
+class Config(CausalLMConfig):
+    """Defaults of this recipe (a config file is a delta over these; see recipes/config.py)."""
+
+    mixed_precision: str = "no"       # Accelerate mixed precision: no or bf16 (fp16's GradScaler is not supported)
+    out_dir: str = "outputs/causal_lm_accelerate"
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader, batches: int) -> float:
+    """Mean validation loss (nats per token) over ``batches`` batches of every process."""
+    model.eval()
+    losses = [model(**batch).loss for _, batch in zip(range(batches), loader)]
+    model.train()
+    return accelerator.gather(torch.stack(losses)).mean().item()  # same count on every rank: a plain mean
+
+
+def train(cfg: Config, accelerator: Accelerator, name: str, plugin: EF21Plugin) -> tuple[dict, list]:
+    """One training run; returns its summary row and its ``(uplink bytes per worker, val loss)`` curve."""
+    set_seed(cfg.seed)
+    model, train_set, val_set = causal_lm_task(cfg)
+    per_step = dense_bytes(model)  # what plain DDP all-reduces per optimizer step
+    opt = efl.build_lmo_optimizer(model, preset=cfg.preset, lr=cfg.lr, verbose=accelerator.is_main_process)
+    warmup = max(1, cfg.warmup)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True)
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size)
+    # the one line that differs from a stock Accelerate script
+    model, opt, train_loader, val_loader, sched = plugin.prepare(accelerator, model, opt, train_loader, val_loader,
+                                                                 sched)
+
+    def sent(step: int) -> int:  # cumulative uplink bytes per worker after `step` optimizer steps
+        return plugin.ledger.summary()["uplink_wire_bytes_per_worker"] if plugin.ledger else per_step * step
+
+    curve: list[tuple[float, float]] = []
+    bar = tqdm(total=cfg.steps, desc=name, disable=not accelerator.is_main_process)
+    step, start = 0, time.perf_counter()
+    while step < cfg.steps:  # epochs until the step budget is spent
+        for batch in train_loader:
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            opt.step()  # EF21-Muon: the compressed sync and the server step
+            sched.step()
+            opt.zero_grad()
+            step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", uplink_MB=f"{sent(step) / 1e6:.2f}")
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                curve.append((float(sent(step)), evaluate(accelerator, model, val_loader, cfg.val_batches)))
+                if accelerator.is_main_process:
+                    bar.write(f"{name} step {step}: val loss {curve[-1][1]:.4f}")
+            if step == cfg.steps:
+                break
+    bar.close()
+    seconds = time.perf_counter() - start
+    row = summary_row(name, curve[-1][1], seconds, plugin.ledger.summary() if plugin.ledger else None, per_step, step,
+                      ef21=plugin.enabled, uplink=plugin.uplink, downlink=plugin.downlink, topology=plugin.topology,
+                      processes=accelerator.num_processes)
+    return row, curve
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    cfg = parse_args(Config, __doc__, argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+
+    def plugin(uplink: str, downlink: str) -> EF21Plugin:  # enabled or not: EF21_MUON decides
+        return EF21Plugin(uplink=role_specs(uplink), downlink=role_specs(downlink), topology=cfg.topology,
+                          seed=cfg.seed)
+
+    main_plugin = plugin(cfg.uplink, cfg.downlink)
+    runs = []
+    if cfg.baseline and main_plugin.enabled:  # EF21 with identity compressors = data-parallel Muon/Gluon
+        runs.append(("uncompressed", plugin("identity", "identity")))
+    elif cfg.baseline:
+        accelerator.print("baseline: skipped, EF21_MUON is off so this run is the uncompressed one")
+    runs.append(("ef21_muon" if main_plugin.enabled else "plain_ddp", main_plugin))
+    rows, curves = [], {}
+    for name, p in runs:
+        row, curves[name] = train(cfg, accelerator, name, p)
+        rows.append(row)
+    if accelerator.is_main_process:
+        save_resolved(cfg, cfg.out_dir)
+        mode = f"EF21-Muon {cfg.topology}" if main_plugin.enabled else "plain DDP"
+        plot_loss_vs_uplink(curves, Path(cfg.out_dir) / PLOT_NAME,
+                            title=f"causal LM, Accelerate {mode}, {accelerator.num_processes} processes")
+        write_summary(rows, cfg.out_dir, title=f"\ncausal LM with Accelerate ({mode})")
+    accelerator.end_training()
+    return rows
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
