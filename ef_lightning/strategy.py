@@ -10,8 +10,10 @@ A thin :class:`~lightning.pytorch.strategies.DDPStrategy` subclass; all algorith
   traffic and is correct for free;
 * checkpoints keep every rank's own EF21 state (M_j, G_j and the served X, G): ``optimizer_state`` gathers them
   into rank 0's checkpoint file, ``load_optimizer_state_dict`` hands each rank its own;
-* validation, test and predict run at the server model X (gathered to every rank) when the downlink is compressed
-  and W differs from X; training gradients are evaluated at W.
+* validation during fit runs at the server model X (gathered to every rank) when the downlink is compressed and W
+  differs from X; training gradients are evaluated at W. When fit ends the module's parameters are set to X, so
+  ``trainer.test``/``predict``/saving the module afterwards use the server model (checkpoints written during fit
+  hold W in ``state_dict`` and X in the EF21 state, which is what an exact resume needs).
 
 Gradient clipping (``gradient_clip_val``) applies to each worker's local gradient g_j, before momentum and
 compression (as in DDP it would apply to the averaged gradient: with EF21 the average is never materialised).
@@ -208,19 +210,28 @@ class EF21MuonStrategy(DDPStrategy):
             return  # W == X after every step
         X = engine.gather_server_model()
         params = dict(self.lightning_module.named_parameters())
-        with torch.no_grad():
-            self._stashed_w = {n: params[n].detach().clone() for n in X}
-            for n, x in X.items():
-                params[n].copy_(x)
+        self._stashed_w = {n: params[n].detach().clone() for n in X}
+        self._copy_into_module(X)
 
     def _restore_w(self) -> None:
         if self._stashed_w is None:
             return
+        self._copy_into_module(self._stashed_w)
+        self._stashed_w = None
+
+    def on_train_end(self) -> None:
+        """Leave the server model X in the module: it is the model training produced."""
+        super().on_train_end()
+        engine = self.engine
+        if engine is None or all(L.down.kind == "identity" for L in engine.layers):
+            return
+        self._copy_into_module(engine.gather_server_model())
+
+    def _copy_into_module(self, tensors: Mapping[str, torch.Tensor]) -> None:
         params = dict(self.lightning_module.named_parameters())
         with torch.no_grad():
-            for n, w in self._stashed_w.items():
-                params[n].copy_(w)
-        self._stashed_w = None
+            for n, x in tensors.items():
+                params[n].copy_(x)
 
     def on_validation_start(self) -> None:
         super().on_validation_start()
@@ -271,10 +282,7 @@ class EF21MuonStrategy(DDPStrategy):
         X: dict[str, torch.Tensor] = {}
         for s in saved:
             X.update(s["server"]["X"])
-        params = dict(self.lightning_module.named_parameters())
-        with torch.no_grad():
-            for name, x in X.items():  # allgather with fp32 keeps X in the parameters: already loaded
-                params[name].copy_(x)
+        self._copy_into_module(X)  # allgather with fp32 keeps X in the parameters: already loaded
         engine.detach()  # the old engine lets go of the optimizer before the new one takes it
         fresh = EF21Engine(self.lightning_module, engine.optimizer, uplink=self.uplink, downlink=self.downlink,
                            topology=self.topology, server_rank=self.server_rank, seed=self.seed,

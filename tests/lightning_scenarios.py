@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -53,6 +53,13 @@ class Regressor(LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val_loss", nn.functional.mse_loss(self(x), y), sync_dist=True)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", nn.functional.mse_loss(self(x), y), sync_dist=True)
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
 
     def configure_optimizers(self):
         if self.optimizer_name == "adamw":
@@ -97,17 +104,51 @@ def s_vs_ddp(out: Path, devices: int) -> None:
         save(out, f"vs_ddp_{name}", t, {"weights": weights(model)})
 
 
+class KeepW(Callback):
+    """Copies the module's parameters (W) after every training batch."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.W = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
 def s_topk_csv(out: Path, devices: int) -> None:
     """top_k uplink + CSVLogger + CommunicationMonitor; validation at X with a compressed downlink."""
     seed_everything(0)
     model = Regressor()
     t = trainer(devices, efl.EF21MuonStrategy(uplink="top_k:0.1", downlink="top_k:0.25"), out, "topk",
-                logger=CSVLogger(str(out), name="topk_csv", version=0), callbacks=[CommunicationMonitor()],
+                logger=CSVLogger(str(out), name="topk_csv", version=0), callbacks=[CommunicationMonitor(), keep := KeepW()],
                 log_every_n_steps=1, max_steps=10, val_check_interval=5, limit_val_batches=2)
     t.fit(model, *loaders())
     eng = t.strategy.engine
+    # independent check that validation ran at X: this rank's first 2 validation batches (DistributedSampler without
+    # shuffle: indices rank::world) evaluated with X loaded into a copy of the model, averaged over ranks
+    import copy
+
+    import torch.distributed as dist
+
+    X = eng.gather_server_model()
+    probe = copy.deepcopy(model.net)
+    with torch.no_grad():
+        for n, p in probe.named_parameters():
+            p.copy_(X["net." + n])
+        xs, ys = loaders()[1].dataset.tensors
+        idx = torch.arange(t.global_rank, len(xs), t.world_size)[:64]
+        at_x = torch.stack([nn.functional.mse_loss(probe(xs[b]), ys[b]) for b in idx.split(32)]).mean()
+        w_model = copy.deepcopy(probe)
+        for n, p in w_model.named_parameters():
+            p.copy_(keep.W["net." + n])
+        w_loss = torch.stack([nn.functional.mse_loss(w_model(xs[b]), ys[b]) for b in idx.split(32)]).mean()
+    dist.all_reduce(at_x)
+    dist.all_reduce(w_loss)
+    at_x, w_loss = at_x / t.world_size, w_loss / t.world_size
+    logged_val = float(t.callback_metrics["val_loss"])
+    test_at_x = all(torch.equal(p, X["net." + n]) for n, p in model.net.named_parameters())
+    tested = t.test(model, loaders()[1], verbose=False)
+    predicted = t.predict(model, loaders()[1])
     save(out, "topk", t, {"shapes": {L.name: tuple(L.shape) for L in eng.layers},
-                          "summary": eng.ledger.summary(), "weights": weights(model)})
+                          "summary": eng.ledger.summary(), "weights": weights(model),
+                          "test": tested, "n_predicted": sum(p.shape[0] for p in predicted),
+                          "val_logged": logged_val, "test_at_x": test_at_x, "val_at_x": float(at_x), "val_at_w": float(w_loss)})
 
 
 def s_resume(out: Path, devices: int) -> None:

@@ -88,6 +88,9 @@ def test_topk_bits_logged_in_csv_equal_closed_form(runs):
         assert float(r["comm/compression_ratio"]) > 1
     assert res["summary"]["uplink_bits_per_worker"] == 10 * per_step
     assert any(r.get("val_loss") for r in rows)  # validation ran (at X: W != X with a top_k downlink)
+    assert abs(res["val_logged"] - res["val_at_x"]) <= 1e-6  # validation is reported at the server model X
+    assert abs(res["val_at_w"] - res["val_at_x"]) > 1e-6  # ... which differs from W here (compressed downlink)
+    assert res["test_at_x"]  # after fit the module holds X, so test/predict evaluate the server model and res["n_predicted"] == 128  # test and predict loops (256 / 2 ranks)
 
 
 def test_resume_from_checkpoint_is_bit_identical(runs):
