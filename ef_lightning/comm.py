@@ -44,6 +44,8 @@ class StepRecord:
         downlink_wire_bytes: bytes of the tensors the server side hands to the downlink collective.
         dense_bytes: bytes one worker would send uncompressed, in the training dtype.
         skipped: the step was skipped (non-finite gradient somewhere); nothing was sent.
+        gradient_evals: forward/backward passes this worker spent on the step (2 for the variance-reduced
+            estimators, which also need the gradient at the previous point; 0 when not participating).
     """
 
     step: int
@@ -53,6 +55,7 @@ class StepRecord:
     downlink_wire_bytes: int = 0
     dense_bytes: int = 0
     skipped: bool = False
+    gradient_evals: int = 1
 
 
 class Ledger:
@@ -95,6 +98,7 @@ class Ledger:
             "downlink_wire_bytes": sum(x.downlink_wire_bytes for x in r),
             "dense_bytes_per_worker": dense,
             "compression_ratio": (dense / up_wire) if up_wire else float("inf"),
+            "gradient_evaluations_per_worker": sum(x.gradient_evals for x in r if not x.skipped),
         }
 
     def metrics(self, prefix: str = "comm/") -> dict[str, float]:
@@ -284,6 +288,27 @@ class ServerTransport(Transport):
 
     def uplink_wire_bytes(self, lengths: Sequence[int]) -> int:
         return lengths[self.server_rank]
+
+    def uplink_from(self, buf: torch.Tensor | None, participants: Sequence[int],
+                    lengths: Sequence[int]) -> list[torch.Tensor]:
+        """Partial participation: only ``participants`` send (point-to-point to the server, in rank order).
+
+        Returns, on the server, the participants' buffers in rank order; elsewhere an empty list.
+        """
+        n = lengths[self.server_rank]
+        if self.rank != self.server_rank:
+            if buf is not None:
+                dist.send(buf, dst=self._global(self.server_rank), group=self.group)
+            return []
+        out = []
+        for j in participants:
+            if j == self.rank:
+                out.append(buf)
+            else:
+                recv = torch.empty(n, dtype=torch.uint8, device=self.device)
+                dist.recv(recv, src=self._global(j), group=self.group)
+                out.append(recv)
+        return out
 
     def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:
         n = lengths[self.server_rank]

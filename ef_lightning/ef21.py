@@ -48,7 +48,11 @@ __all__ = ["ROLES", "EF21Engine", "Simulator", "LayerSpec", "resolve_compressors
 #: layer roles a per-role compressor mapping may name (``default`` applies to roles not named)
 ROLES = ("hidden", "embedding", "head", "vector", "conv", "default")
 NONFINITE = ("skip", "raise")
+#: gradient estimators (ALGORITHM.md §2 and §4; arXiv 2604.10689)
+ESTIMATORS = ("ef21", "marina", "ef21_page", "mvr")
 _SERVER = 1 << 20  # "sender id" of the server side in seed derivation (workers are 0..n-1)
+_COIN = _SERVER + 1  # stream of the shared Bernoulli(p) refresh coin
+_SUBSET = _SERVER + 2  # stream of the partial-participation subsets
 _MASK64 = (1 << 64) - 1
 
 
@@ -111,20 +115,25 @@ def resolve_compressors(spec: str | Mapping[str, str], role: str, shape: torch.S
     return comp
 
 
-def _decode(comp: _comp.Compressor, msg: Any) -> Tensor:
-    """Decompress to float32; an unbiased Q(omega) under EF21 is scaled by 1/(omega+1) (ALGORITHM.md §3)."""
+def _decode(comp: _comp.Compressor, msg: Any, scale_unbiased: bool = True) -> Tensor:
+    """Decompress to float32; an unbiased Q(omega) under EF21 is scaled by 1/(omega+1) (ALGORITHM.md §3).
+
+    MARINA uses Q unscaled (its estimator needs E Q(x) = x), hence ``scale_unbiased=False`` there.
+    """
     x = comp.decompress(msg).float()
-    if comp.kind == "unbiased":
+    if scale_unbiased and comp.kind == "unbiased":
         x.mul_(1.0 / (1.0 + comp.constant(msg.shape)))
     return x
 
 
 @dataclasses.dataclass
 class WorkerState:
-    """One worker's EF21 memory, keyed by layer index: momentum M_j (only for layers with mu > 0) and G_j."""
+    """One worker's memory, keyed by layer index: momentum M_j (``ef21`` with mu > 0), the EF21 estimate G_j
+    (not ``marina``), and the variance-reduced estimator V_j (``ef21_page``, ``mvr``)."""
 
     M: dict[int, Tensor] = dataclasses.field(default_factory=dict)
     G: dict[int, Tensor] = dataclasses.field(default_factory=dict)
+    V: dict[int, Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -133,6 +142,9 @@ class ServerState:
 
     X: dict[int, Tensor] = dataclasses.field(default_factory=dict)
     G: dict[int, Tensor] = dataclasses.field(default_factory=dict)
+
+
+_IDENTITY = _comp.build("identity")
 
 
 def _zeros32(p: Tensor) -> Tensor:
@@ -152,7 +164,11 @@ class _Core:
         owners: Callable[[list[int]], list[int]],
         seed: int,
         on_nonfinite: str,
+        estimator: str = "ef21",
+        p: float | None = None,
+        participation: float | None = None,
     ) -> None:
+        refresh_p = p  # (``p`` is reused for parameters below)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if on_nonfinite not in NONFINITE:
@@ -194,8 +210,64 @@ class _Core:
         self._in_step = False
         self._hook = optimizer.register_step_pre_hook(self._guard)
         self.step_count = 0
+        self.applied = 0  # applied (not skipped) steps: the first one of a VR estimator is a full refresh
         self.ledger = Ledger()
         self.dense_bytes = sum(L.param.numel() * L.param.element_size() for L in self.layers)
+        self.estimator, self.p = self._check_estimator(estimator, refresh_p)
+        if participation is not None and not (isinstance(participation, (int, float)) and 0 < participation <= 1):
+            raise ValueError(f"participation={participation!r}; must be a fraction of workers in (0, 1] or None")
+        self.participation = None if participation in (None, 1, 1.0) else float(participation)
+        self._W_prev: dict[int, Tensor] = {}  # W where the last gradient was taken (VR estimators only)
+
+    def _check_estimator(self, estimator: str, p: float | None) -> tuple[str, float | None]:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={estimator!r}; valid choices: {', '.join(ESTIMATORS)}")
+        if estimator == "marina":
+            bad = [(L.name, L.up.spec) for L in self.layers if L.up.kind == "contractive"]
+            if bad:
+                raise ValueError(f"estimator='marina' needs unbiased compressors (rand_k:<r>:unbiased, natural, "
+                                 f"qsgd:<s>) or identity; uplink {bad[0][1]!r} for {bad[0][0]!r} is contractive — use "
+                                 "estimator='ef21_page' or 'mvr' for contractive compressors")
+        if estimator in ("marina", "ef21_page"):
+            if p is None:  # MARINA's choice p = (bits of Q) / (bits of a dense message) (arXiv 2102.07845, Cor. 2.1)
+                dense = sum(32 * L.param.numel() for L in self.layers)
+                p = min(1.0, max(1e-6, self._bits(self.layers, "up") / dense))
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+                raise ValueError(f"p={p!r}: the refresh probability of estimator {estimator!r} must be in (0, 1]")
+            return estimator, float(p)
+        if p is not None:
+            raise ValueError(f"p={p!r} only applies to estimator 'marina' or 'ef21_page', not {estimator!r}")
+        return estimator, None
+
+    @property
+    def needs_previous_gradient(self) -> bool:
+        """True when the next step needs a second gradient on the same minibatch at the previous point."""
+        return self.estimator != "ef21" and self.applied > 0
+
+    def _refresh(self) -> bool:
+        """The shared Bernoulli(p) coin of ``marina``/``ef21_page`` (always heads on the first step)."""
+        if self.estimator not in ("marina", "ef21_page"):
+            return False
+        if self.applied == 0:
+            return True
+        g = torch.Generator().manual_seed(_mix(self.seed, self.step_count, _COIN))
+        return bool(torch.rand((), generator=g) < self.p)
+
+    def _participants(self, n: int) -> list[int]:
+        """This round's workers: all, or a seeded subset of round(participation * n) (at least one)."""
+        if self.participation is None:
+            return list(range(n))
+        k = max(1, round(self.participation * n))
+        g = torch.Generator().manual_seed(_mix(self.seed, self.step_count, _SUBSET))
+        return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
+    def _up_comp(self, L: LayerSpec, refresh: bool) -> _comp.Compressor:
+        """The uplink compressor this step: a MARINA refresh round sends full gradients."""
+        return _IDENTITY if (refresh and self.estimator == "marina") else L.up
+
+    def _exact_identity(self, comp: _comp.Compressor) -> bool:
+        # identity sends the value itself (not a difference) only when every worker reports every step
+        return comp.kind == "identity" and self.participation is None
 
     def _guard(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._in_step:
@@ -219,45 +291,76 @@ class _Core:
             "norms": [str(g.get("norm", type(self.optimizer).__name__)) for g in self.optimizer.param_groups],
             "momentum": [(L.momentum, L.nesterov) for L in self.layers],
             "seed": self.seed,
+            "estimator": (self.estimator, self.p, self.participation),
         }
 
     # ----------------------------------------------------------------- kernels (ALGORITHM.md §2)
     def _new_worker(self) -> WorkerState:
         ws = WorkerState()
         for L in self.layers:
-            if L.momentum > 0:
+            if L.momentum > 0 and self.estimator == "ef21":
                 ws.M[L.index] = _zeros32(L.param)
-            ws.G[L.index] = _zeros32(L.param)
+            if self.estimator != "marina":
+                ws.G[L.index] = _zeros32(L.param)
+            if self.estimator in ("ef21_page", "mvr"):
+                ws.V[L.index] = _zeros32(L.param)
         return ws
 
-    def _uplink_messages(self, ws: WorkerState, grads: Sequence[Tensor], worker: int) -> list[Tensor]:
-        """Steps 2-3 for one worker: update M_j, G_j; return each layer's packed message R_j (uint8)."""
+    def _uplink_messages(self, ws: WorkerState, grads: Sequence[Tensor], prev: Sequence[Tensor] | None,
+                         worker: int, refresh: bool) -> list[Tensor]:
+        """Steps 2-3 for one worker; return each layer's packed message (uint8).
+
+        ``grads`` are g_j at the current W, ``prev`` the gradients on the same minibatch at the previous W (VR
+        estimators after their first step). Estimators (ALGORITHM.md §4):
+
+        * ``ef21``: D_j = momentum(g_j); R_j = C(D_j - G_j); G_j += R_j.
+        * ``marina``: refresh round: send g_j (dense); otherwise send Q(g_j - g_j_prev), Q unbiased, unscaled.
+        * ``ef21_page``: V_j = g_j on refresh, else V_j += g_j - g_j_prev; then EF21 on V_j.
+        * ``mvr`` (STORM): V_j = g_j + (1 - a) (V_j - g_j_prev) with a = 1 - mu (first step V_j = g_j); then EF21.
+        """
         out = []
         for L in self.layers:
-            g = grads[L.index].float()
-            D = momentum_direction_(ws.M[L.index], g, L.momentum, L.nesterov) if L.momentum > 0 else g
-            if L.up.kind == "identity":  # send D_j itself: same bits, and G_j = D_j exactly (no rounding drift)
-                msg = L.up.compress(D)
-                ws.G[L.index].copy_(D)
+            i = L.index
+            g = grads[i].float()
+            comp = self._up_comp(L, refresh)
+            seed = _mix(self.seed, self.step_count, i, worker)
+            if self.estimator == "marina":
+                msg = comp.compress(g) if refresh else comp.compress(g - prev[i].float(), seed=seed)
+                out.append(comp.pack(msg))
+                continue
+            if self.estimator == "ef21":
+                D = momentum_direction_(ws.M[i], g, L.momentum, L.nesterov) if i in ws.M else g
+            elif self.estimator == "ef21_page":
+                D = ws.V[i].copy_(g) if refresh else ws.V[i].add_(g).sub_(prev[i].float())
+            else:  # mvr
+                D = ws.V[i].copy_(g) if prev is None else ws.V[i].sub_(prev[i].float()).mul_(L.momentum).add_(g)
+            if self._exact_identity(comp):  # send D_j itself: same bits, and G_j = D_j exactly (no rounding drift)
+                msg = comp.compress(D)
+                ws.G[i].copy_(D)
             else:
-                msg = L.up.compress(D - ws.G[L.index], seed=_mix(self.seed, self.step_count, L.index, worker))
-                ws.G[L.index].add_(_decode(L.up, msg))
-            out.append(L.up.pack(msg))
+                msg = comp.compress(D - ws.G[i], seed=seed)
+                ws.G[i].add_(_decode(comp, msg))
+            out.append(comp.pack(msg))
         return out
 
-    def _aggregate(self, ss: ServerState, L: LayerSpec, packed: Sequence[Tensor]) -> None:
-        """Step 4 for one served layer: G <- G + (1/n) * sum_j R_j, workers summed in rank order.
+    def _aggregate(self, ss: ServerState, L: LayerSpec, packed: Sequence[Tensor], senders: Sequence[int],
+                   n_workers: int, refresh: bool) -> None:
+        """Step 4 for one served layer: G <- G + (1/n) * sum_j R_j, senders summed in rank order.
 
-        With an identity uplink the messages are the D_j themselves and G = (1/n) sum_j D_j, which is the same
-        value as G + (1/n) sum_j (D_j - G_j) but bit-exact data-parallel averaging.
+        With an identity uplink (everyone reporting) the messages are the D_j themselves and G = (1/n) sum_j D_j:
+        the same value as G + (1/n) sum_j (D_j - G_j), but bit-exact data-parallel averaging. Non-participants of a
+        partial-participation round contribute R_j = 0, which keeps G = mean_j G_j. ``marina``: G = mean of the
+        participants' full gradients on a refresh round, else G += mean of their Q(gradient differences).
         """
+        comp = self._up_comp(L, refresh)
+        marina = self.estimator == "marina"
         acc = None
-        for j, buf in enumerate(packed):
-            R = _decode(L.up, L.up.unpack(buf, L.shape, torch.float32,
-                                          seed=_mix(self.seed, self.step_count, L.index, j)))
+        for j, buf in zip(senders, packed):
+            R = _decode(comp, comp.unpack(buf, L.shape, torch.float32, seed=_mix(self.seed, self.step_count, L.index, j)),
+                        scale_unbiased=not marina)
             acc = R if acc is None else acc.add_(R)
-        acc.div_(len(packed))
-        if L.up.kind == "identity":
+        acc.div_(len(senders) if marina else n_workers)
+        if (marina and refresh) or (not marina and self._exact_identity(comp)):
             ss.G[L.index].copy_(acc)
         else:
             ss.G[L.index].add_(acc)
@@ -310,14 +413,37 @@ class _Core:
             self._in_step = False
 
     # ----------------------------------------------------------------- helpers
-    def _bits(self, layers: Sequence[LayerSpec], which: str) -> int:
-        return sum(getattr(L, which).bits(L.shape, torch.float32) for L in layers)
+    def _comp(self, L: LayerSpec, which: str, refresh: bool) -> _comp.Compressor:
+        return self._up_comp(L, refresh) if which == "up" else L.down
 
-    def _lengths(self, layers: Sequence[LayerSpec], which: str, n_owners: int) -> list[int]:
+    def _bits(self, layers: Sequence[LayerSpec], which: str, refresh: bool = False) -> int:
+        return sum(self._comp(L, which, refresh).bits(L.shape, torch.float32) for L in layers)
+
+    def _lengths(self, layers: Sequence[LayerSpec], which: str, n_owners: int, refresh: bool = False) -> list[int]:
         lengths = [0] * n_owners
         for L in layers:
-            lengths[max(L.owner, 0)] += getattr(L, which).wire_nbytes(L.shape, torch.float32)
+            lengths[max(L.owner, 0)] += self._comp(L, which, refresh).wire_nbytes(L.shape, torch.float32)
         return lengths
+
+    def _snapshot_w(self) -> None:
+        """Remember W (where this step's gradients were taken) for the next step's second gradient."""
+        if self.estimator != "ef21":
+            for L in self.layers:
+                self._W_prev[L.index] = L.param.detach().clone()
+
+    @contextlib.contextmanager
+    def at_previous_point(self) -> Iterator[None]:
+        """Temporarily load the previous step's W into the parameters (for the VR estimators' second gradient)."""
+        current = {L.index: L.param.detach().clone() for L in self.layers}
+        with torch.no_grad():
+            for L in self.layers:
+                L.param.copy_(self._W_prev[L.index])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for L in self.layers:
+                    L.param.copy_(current[L.index])
 
     @staticmethod
     def _nonfinite(grads: Sequence[Tensor]) -> bool:
@@ -342,6 +468,17 @@ class _Core:
                 if L.name not in src:
                     raise ValueError(f"EF21 state is missing {what}[{L.name!r}]")
                 dst[L.index].copy_(src[L.name])
+
+    def _worker_state(self, ws: WorkerState) -> dict[str, dict[str, Tensor]]:
+        return {k: self._tensors_state(getattr(ws, k), self.layers) for k in ("M", "G", "V")}
+
+    def _load_worker(self, ws: WorkerState, state: Mapping[str, Mapping[str, Tensor]]) -> None:
+        for k in ("M", "G", "V"):
+            self._load_tensors(getattr(ws, k), state.get(k, {}), self.layers, f"worker.{k}")
+
+    def _load_w_prev(self, state: Mapping[str, Any]) -> None:
+        self.applied = int(state.get("applied", state["step"]))
+        self._W_prev = {L.index: state["W_prev"][L.name].clone() for L in self.layers if L.name in state.get("W_prev", {})}
 
     def _optimizer_state(self, served: Sequence[LayerSpec]) -> dict[str, Any]:
         st = self.optimizer.state
@@ -388,12 +525,18 @@ class EF21Engine(_Core):
         seed: int = 0,
         on_nonfinite: str = "skip",
         sync_initial: bool = True,
+        estimator: str = "ef21",
+        p: float | None = None,
+        participation: float | None = None,
     ) -> None:
         kwargs = {"server_rank": server_rank} if topology == "server" else {}
         self.transport: Transport = build_transport(topology, group, **kwargs)
         t = self.transport
+        if participation not in (None, 1, 1.0) and topology != "server":
+            raise ValueError(f"participation={participation!r} needs topology 'server' (partial participation is the "
+                             f"federated setting: a server and a subset of clients per round), got {topology!r}")
         super().__init__(model, optimizer, uplink=uplink, downlink=downlink, owners=t.owners, seed=seed,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite, estimator=estimator, p=p, participation=participation)
         if t.replicated:
             bad = sorted({L.down.spec for L in self.layers if L.down.kind != "identity"})
             if bad:
@@ -402,7 +545,7 @@ class EF21Engine(_Core):
         self._check_config()
         self.served = [L for L in self.layers if L.owner in (-1, t.rank)]
         n_owners = 1 if t.replicated else t.world_size
-        self.up_lengths = self._lengths(self.layers, "up", n_owners)
+        self.up_lengths = {r: self._lengths(self.layers, "up", n_owners, r) for r in (False, True)}  # by refresh
         self.down_lengths = self._lengths(self.layers, "down", n_owners)
         if sync_initial:
             with torch.no_grad():
@@ -437,33 +580,69 @@ class EF21Engine(_Core):
                 raise ValueError(f"EF21 configuration differs between ranks in field {k!r}: rank {self.transport.rank} "
                                  f"has {repr(mine[k])[:200]}, rank {r} has {shown[k]} (fields differing: {diff})")
 
-    @torch.no_grad()
-    def step(self) -> bool:
+    def step(self, closure: Callable[[], Any] | None = None) -> bool:
         """Run EF21-Muon steps 2-7 on the gradients in ``param.grad``.
+
+        Args:
+            closure: needed by the variance-reduced estimators (``marina``, ``ef21_page``, ``mvr``) from their second
+                step on: it must zero the gradients, recompute the loss on the SAME minibatch and call
+                ``backward()`` (torch's ``optimizer.step(closure)`` convention). The engine calls it once with the
+                previous step's W loaded into the parameters: one extra forward/backward per step, counted in the
+                ledger (``gradient_evaluations_per_worker``).
 
         Returns:
             True if the step was applied; False if it was skipped because some worker's gradient was non-finite
             (then no state changed anywhere).
         """
         t = self.transport
-        grads = [L.param.grad if L.param.grad is not None else torch.zeros_like(L.param) for L in self.layers]
-        if t.any(self._nonfinite(grads)):
-            self._skip(f"rank {t.rank}" if self._nonfinite(grads) else "another rank")
+        grads = [L.param.grad.detach().clone() if L.param.grad is not None else torch.zeros_like(L.param)
+                 for L in self.layers]
+        prev = None
+        if self.needs_previous_gradient:
+            if closure is None:
+                raise ValueError(f"estimator {self.estimator!r} needs a second gradient on the same minibatch at the "
+                                 "previous point: call engine.step(closure) with a closure that zeroes the gradients, "
+                                 "recomputes the loss on the same batch and calls backward()")
+            prev = self._previous_gradients(closure)
+        with torch.no_grad():
+            return self._step(grads, prev)
+
+    def _previous_gradients(self, closure: Callable[[], Any]) -> list[Tensor]:
+        with self.at_previous_point(), torch.enable_grad():
+            closure()
+        return [L.param.grad.detach().clone() if L.param.grad is not None else torch.zeros_like(L.param)
+                for L in self.layers]
+
+    def _step(self, grads: list[Tensor], prev: list[Tensor] | None) -> bool:
+        t = self.transport
+        refresh = self._refresh()
+        participants = self._participants(t.world_size)
+        me = t.rank in participants
+        bad = me and (self._nonfinite(grads) or (prev is not None and self._nonfinite(prev)))
+        if t.any(bad):
+            self._skip(f"rank {t.rank}" if bad else "another rank")
             return False
+        self._snapshot_w()
+        up_lengths = self.up_lengths[refresh]
         # 2-3: worker messages, grouped by owner in layer order
-        packed = self._uplink_messages(self.worker, grads, t.rank)
-        n_owners = len(self.up_lengths)
-        parts = [[] for _ in range(n_owners)]
-        for L, buf in zip(self.layers, packed):
-            parts[max(L.owner, 0)].append(buf)
         empty = torch.empty(0, dtype=torch.uint8, device=grads[0].device if grads else "cpu")
-        received = t.uplink([torch.cat(p) if p else empty for p in parts], self.up_lengths)
+        if me:
+            packed = self._uplink_messages(self.worker, grads, prev, t.rank, refresh)
+            parts = [[] for _ in range(len(up_lengths))]
+            for L, buf in zip(self.layers, packed):
+                parts[max(L.owner, 0)].append(buf)
+            parts = [torch.cat(p) if p else empty for p in parts]
+        if self.participation is None:
+            received = t.uplink(parts, up_lengths)
+        else:  # server topology: only this round's participants send (point to point)
+            received = t.uplink_from(parts[t.server_rank] if me else None, participants, up_lengths)
         # 4-5: aggregate and step the layers this rank serves
         if self.served:
             offset = 0
             for L in self.served:
-                n = L.up.wire_nbytes(L.shape, torch.float32)
-                self._aggregate(self.server, L, [b[offset:offset + n] for b in received])
+                n = self._up_comp(L, refresh).wire_nbytes(L.shape, torch.float32)
+                self._aggregate(self.server, L, [b[offset:offset + n] for b in received], participants,
+                                t.world_size, refresh)
                 offset += n
             with self._server_view(self.server, self.served):
                 self._optimizer_step()
@@ -482,13 +661,15 @@ class EF21Engine(_Core):
                     L.param.data.copy_(self.server.X[L.index])
         self.ledger.record(StepRecord(
             step=self.step_count,
-            uplink_bits=self._bits(self.layers, "up"),
-            uplink_wire_bytes=t.uplink_wire_bytes(self.up_lengths),
+            uplink_bits=self._bits(self.layers, "up", refresh) if me else 0,
+            uplink_wire_bytes=t.uplink_wire_bytes(up_lengths) if me else 0,
             downlink_bits=0 if t.replicated else self._bits(self.layers, "down"),
             downlink_wire_bytes=t.downlink_wire_bytes(self.down_lengths),
             dense_bytes=self.dense_bytes,
+            gradient_evals=(1 + (prev is not None)) if me else 0,
         ))
         self.step_count += 1
+        self.applied += 1
         return True
 
     def server_parameters(self) -> dict[str, Tensor]:
@@ -527,8 +708,9 @@ class EF21Engine(_Core):
             "world_size": self.transport.world_size,
             "topology": self.transport.topology,
             "step": self.step_count,
-            "worker": {"M": self._tensors_state(self.worker.M, self.layers),
-                       "G": self._tensors_state(self.worker.G, self.layers)},
+            "applied": self.applied,
+            "worker": self._worker_state(self.worker),
+            "W_prev": self._tensors_state(self._W_prev, self.layers),
             "server": {"X": self._tensors_state(self.server.X, self.served),
                        "G": self._tensors_state(self.server.G, self.served)},
             "optimizer": self._optimizer_state(self.served),
@@ -543,8 +725,8 @@ class EF21Engine(_Core):
                 raise ValueError(f"EF21 state was saved with {key}={state.get(key)!r}, this process has {key}={mine!r}; "
                                  "each rank must load its own state from a run with the same world size and topology")
         self.step_count = int(state["step"])
-        self._load_tensors(self.worker.M, state["worker"]["M"], self.layers, "worker.M")
-        self._load_tensors(self.worker.G, state["worker"]["G"], self.layers, "worker.G")
+        self._load_worker(self.worker, state["worker"])
+        self._load_w_prev(state)
         self._load_tensors(self.server.X, state["server"]["X"], self.served, "server.X")
         self._load_tensors(self.server.G, state["server"]["G"], self.served, "server.G")
         self._load_optimizer_state(state["optimizer"], self.served)
@@ -586,13 +768,17 @@ class Simulator(_Core):
         downlink: str | Mapping[str, str] = "identity",
         seed: int = 0,
         on_nonfinite: str = "skip",
+        estimator: str = "ef21",
+        p: float | None = None,
+        participation: float | None = None,
     ) -> None:
         if not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 1:
             raise ValueError(f"n_workers={n_workers!r}; must be an integer >= 1")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         super().__init__(model, optimizer, uplink=uplink, downlink=downlink,
-                         owners=lambda sizes: [0] * len(sizes), seed=seed, on_nonfinite=on_nonfinite)
+                         owners=lambda sizes: [0] * len(sizes), seed=seed, on_nonfinite=on_nonfinite,
+                         estimator=estimator, p=p, participation=participation)
         self.model = model
         self.n_workers = n_workers
         self.workers = [self._new_worker() for _ in range(n_workers)]
@@ -607,53 +793,86 @@ class Simulator(_Core):
         return c
 
     def step(self, loss_fn: Callable[[nn.Module, Any], Tensor], batches: Sequence[Any]) -> list[float]:
-        """One EF21-Muon step: each worker's gradient at W on its batch, then steps 2-7.
+        """One EF21-Muon step: each participating worker's gradient at W on its batch, then steps 2-7.
+
+        The variance-reduced estimators also take each participant's gradient on the same batch at the previous W.
 
         Args:
             loss_fn: ``loss_fn(model, batch) -> scalar loss`` (the mean over the batch).
-            batches: one batch per worker (``len(batches) == n_workers``).
+            batches: one batch per worker (``len(batches) == n_workers``); non-participants' batches are unused.
 
         Returns:
-            the per-worker losses (floats) at W before the step.
+            the per-worker losses (floats) at W before the step; ``nan`` for workers not in this round.
         """
         if len(batches) != self.n_workers:
             raise ValueError(f"got {len(batches)} batches for n_workers={self.n_workers}; pass one batch per worker")
-        losses, grads = [], []
-        for batch in batches:
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                loss = loss_fn(self.model, batch)
-                loss.backward()
-            losses.append(float(loss.detach()))
-            grads.append([L.param.grad.detach().clone() if L.param.grad is not None else torch.zeros_like(L.param)
-                          for L in self.layers])
+        participants = set(self._participants(self.n_workers))
+        losses: list[float] = []
+        grads: list[list[Tensor] | None] = []
+        prev: list[list[Tensor] | None] | None = [] if self.needs_previous_gradient else None
+        for j, batch in enumerate(batches):
+            if j not in participants:
+                losses.append(float("nan"))
+                grads.append(None)
+                if prev is not None:
+                    prev.append(None)
+                continue
+            loss, g = self._gradient(loss_fn, batch)
+            losses.append(loss)
+            grads.append(g)
+            if prev is not None:
+                with self.at_previous_point():
+                    prev.append(self._gradient(loss_fn, batch)[1])
         self.optimizer.zero_grad(set_to_none=True)
-        self.apply(grads)
+        self.apply(grads, prev)
         return losses
 
+    def _gradient(self, loss_fn: Callable[[nn.Module, Any], Tensor], batch: Any) -> tuple[float, list[Tensor]]:
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = loss_fn(self.model, batch)
+            loss.backward()
+        return float(loss.detach()), [L.param.grad.detach().clone() if L.param.grad is not None
+                                      else torch.zeros_like(L.param) for L in self.layers]
+
     @torch.no_grad()
-    def apply(self, grads: Sequence[Sequence[Tensor]]) -> bool:
-        """Steps 2-7 given each worker's gradients (``grads[j][i]`` = worker j, layer i in optimizer order)."""
-        bad = [j for j, g in enumerate(grads) if self._nonfinite(g)]
+    def apply(self, grads: Sequence[Sequence[Tensor] | None],
+              prev: Sequence[Sequence[Tensor] | None] | None = None) -> bool:
+        """Steps 2-7 given each worker's gradients (``grads[j][i]`` = worker j, layer i in optimizer order).
+
+        ``prev[j]``: worker j's gradients on the same batch at the previous W (VR estimators after their first step).
+        Workers not participating this round may pass ``None``.
+        """
+        if self.needs_previous_gradient and prev is None:
+            raise ValueError(f"estimator {self.estimator!r} needs the previous point's gradients (prev=...)")
+        participants = self._participants(self.n_workers)
+        refresh = self._refresh()
+        bad = [j for j in participants if self._nonfinite(grads[j]) or (prev is not None and self._nonfinite(prev[j]))]
         if bad:
             self._skip(f"worker(s) {bad}")
             return False
-        packed = [self._uplink_messages(ws, g, j) for j, (ws, g) in enumerate(zip(self.workers, grads))]
+        self._snapshot_w()
+        packed = {j: self._uplink_messages(self.workers[j], grads[j], prev[j] if prev is not None else None, j, refresh)
+                  for j in participants}
         for L in self.layers:
-            self._aggregate(self.server, L, [packed[j][L.index] for j in range(self.n_workers)])
+            self._aggregate(self.server, L, [packed[j][L.index] for j in participants], participants,
+                            self.n_workers, refresh)
         with self._server_view(self.server, self.layers):
             self._optimizer_step()
         for L in self.layers:
             self._apply_downlink(L, self._downlink_message(self.server, L))
+        share = len(participants) / self.n_workers  # per-worker counts are averages over all n workers
         self.ledger.record(StepRecord(
             step=self.step_count,
-            uplink_bits=self._bits(self.layers, "up"),
-            uplink_wire_bytes=sum(self._lengths(self.layers, "up", 1)),
+            uplink_bits=round(self._bits(self.layers, "up", refresh) * share),
+            uplink_wire_bytes=round(sum(self._lengths(self.layers, "up", 1, refresh)) * share),
             downlink_bits=self._bits(self.layers, "down"),
             downlink_wire_bytes=sum(self._lengths(self.layers, "down", 1)),
             dense_bytes=self.dense_bytes,
+            gradient_evals=1 + (prev is not None),
         ))
         self.step_count += 1
+        self.applied += 1
         return True
 
     def server_parameters(self) -> dict[str, Tensor]:
@@ -665,8 +884,9 @@ class Simulator(_Core):
         return {
             "n_workers": self.n_workers,
             "step": self.step_count,
-            "workers": [{"M": self._tensors_state(w.M, self.layers), "G": self._tensors_state(w.G, self.layers)}
-                        for w in self.workers],
+            "applied": self.applied,
+            "workers": [self._worker_state(w) for w in self.workers],
+            "W_prev": self._tensors_state(self._W_prev, self.layers),
             "server": {"X": self._tensors_state(self.server.X, self.layers),
                        "G": self._tensors_state(self.server.G, self.layers)},
             "optimizer": self._optimizer_state(self.layers),
@@ -679,8 +899,8 @@ class Simulator(_Core):
             raise ValueError(f"state has n_workers={state.get('n_workers')!r}, this Simulator has {self.n_workers}")
         self.step_count = int(state["step"])
         for w, s in zip(self.workers, state["workers"]):
-            self._load_tensors(w.M, s["M"], self.layers, "worker.M")
-            self._load_tensors(w.G, s["G"], self.layers, "worker.G")
+            self._load_worker(w, s)
+        self._load_w_prev(state)
         self._load_tensors(self.server.X, state["server"]["X"], self.layers, "server.X")
         self._load_tensors(self.server.G, state["server"]["G"], self.layers, "server.G")
         self._load_optimizer_state(state["optimizer"], self.layers)

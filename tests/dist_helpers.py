@@ -243,3 +243,28 @@ def engine_mismatch(rank: int, world: int) -> dict[str, Any]:
     except ValueError as e:
         return {"error": str(e), "seconds": time.monotonic() - t0}
     return {"error": None, "seconds": time.monotonic() - t0}
+
+
+def engine_vr_run(rank: int, world: int, configs: list[dict], steps: int) -> dict[str, Any]:
+    """Variance-reduced estimators / partial participation with EF21Engine.step(closure)."""
+    from ef_lightning import EF21Engine
+
+    out = {}
+    for cfg in configs:
+        model = make_model(0)
+        opt = make_optimizer(model)
+        data = make_data(world, steps)
+        eng = EF21Engine(model, opt, **cfg)
+        for s in range(steps):
+            batch = data[s][rank]
+
+            def closure(batch=batch):
+                opt.zero_grad(set_to_none=True)
+                loss = mse(model, batch)
+                loss.backward()
+                return loss
+
+            closure()
+            eng.step(closure if eng.needs_previous_gradient else None)
+        out[repr(sorted(cfg.items()))] = {**_state_snapshot(model, eng)}
+    return out
