@@ -21,6 +21,7 @@ compression (as in DDP it would apply to the averaged gradient: with EF21 the av
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -34,7 +35,7 @@ from torch.optim import Optimizer
 
 from ef_lightning import compressors as _comp
 from ef_lightning.comm import TOPOLOGIES
-from ef_lightning.ef21 import NONFINITE, ROLES, EF21Engine
+from ef_lightning.ef21 import ESTIMATORS, NONFINITE, ROLES, EF21Engine
 
 __all__ = ["EF21MuonStrategy", "DEFAULT_UPLINK", "DEFAULT_DOWNLINK", "DEFAULT_TOPOLOGY"]
 
@@ -80,7 +81,14 @@ class EF21MuonStrategy(DDPStrategy):
         resume_world_size: what to do when a checkpoint was written with a different number of processes:
             ``"error"`` (default) or ``"reinit"`` (restore the server model X into every rank's parameters and start
             fresh error-feedback estimates M_j = G_j = G = 0; the optimizer's own state is kept).
-        evaluate_at_server_model: run validation/test/predict at X (default True; only matters when W != X).
+        evaluate_at_server_model: run validation during fit at X (default True; only matters when W != X).
+        estimator: ``"ef21"`` (default, EF21-Muon), or a variance-reduced estimator of arXiv 2604.10689
+            (``"marina"`` with unbiased compressors, ``"ef21_page"``, ``"mvr"``; ALGORITHM.md §4). These need the
+            gradient on the same batch at the previous point: the strategy re-runs the training closure (forward +
+            backward of ``training_step``) with the previous W loaded — one extra forward/backward per step, counted
+            in the ledger; that second pass does not log. Not combinable with ``accumulate_grad_batches > 1``.
+        p: refresh probability of ``marina`` / ``ef21_page`` (default: bits of the compressed message / dense bits).
+        participation: fraction of workers sending each round (``topology="server"`` only; federated setting).
         process_group_backend, timeout, start_method, accelerator, parallel_devices, cluster_environment,
             checkpoint_io, precision_plugin: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
     """
@@ -97,6 +105,9 @@ class EF21MuonStrategy(DDPStrategy):
         on_nonfinite: str = "skip",
         resume_world_size: str = "error",
         evaluate_at_server_model: bool = True,
+        estimator: str = "ef21",
+        p: float | None = None,
+        participation: float | None = None,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,
@@ -110,6 +121,12 @@ class EF21MuonStrategy(DDPStrategy):
             raise ValueError(f"topology={topology!r}; valid choices: {', '.join(TOPOLOGIES)}")
         if on_nonfinite not in NONFINITE:
             raise ValueError(f"on_nonfinite={on_nonfinite!r}; valid choices: {', '.join(NONFINITE)}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={estimator!r}; valid choices: {', '.join(ESTIMATORS)}")
+        if p is not None and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 1):
+            raise ValueError(f"p={p!r}: the refresh probability must be in (0, 1]")
+        if participation is not None and topology != "server":
+            raise ValueError(f"participation={participation!r} needs topology 'server', got {topology!r}")
         if resume_world_size not in RESUME_POLICIES:
             raise ValueError(f"resume_world_size={resume_world_size!r}; valid choices: {', '.join(RESUME_POLICIES)}")
         uplink = dict(DEFAULT_UPLINK) if uplink is None else uplink
@@ -134,6 +151,7 @@ class EF21MuonStrategy(DDPStrategy):
         self.server_rank, self.seed, self.on_nonfinite = server_rank, seed, on_nonfinite
         self.resume_world_size = resume_world_size
         self.evaluate_at_server_model = evaluate_at_server_model
+        self.estimator, self.p, self.participation = estimator, p, participation
         self.engines: dict[int, EF21Engine] = {}  # id(optimizer) -> engine
         self._stashed_w: dict[str, torch.Tensor] | None = None
 
@@ -150,10 +168,18 @@ class EF21MuonStrategy(DDPStrategy):
         self.engines = {}
         if trainer.state.fn != "fit":
             return
+        if self.estimator != "ef21" and trainer.accumulate_grad_batches > 1:
+            raise ValueError(f"estimator={self.estimator!r} needs the gradient of one minibatch at two points; with "
+                             f"accumulate_grad_batches={trainer.accumulate_grad_batches} only the last micro-batch "
+                             "could be re-evaluated. Use accumulate_grad_batches=1 or estimator='ef21'")
         for opt in self.optimizers:
-            self.engines[id(opt)] = EF21Engine(
-                self.lightning_module, opt, uplink=self.uplink, downlink=self.downlink, topology=self.topology,
-                server_rank=self.server_rank, seed=self.seed, on_nonfinite=self.on_nonfinite, sync_initial=False)
+            self.engines[id(opt)] = self._new_engine(opt)
+
+    def _new_engine(self, optimizer: Optimizer) -> EF21Engine:
+        return EF21Engine(self.lightning_module, optimizer, uplink=self.uplink, downlink=self.downlink,
+                          topology=self.topology, server_rank=self.server_rank, seed=self.seed,
+                          on_nonfinite=self.on_nonfinite, sync_initial=False, estimator=self.estimator, p=self.p,
+                          participation=self.participation)
 
     @property
     def engine(self) -> EF21Engine | None:
@@ -190,7 +216,7 @@ class EF21MuonStrategy(DDPStrategy):
             loss = closure() if closure is not None else None
             put_back()
             try:
-                engine.step()
+                engine.step(self._quiet(closure) if engine.needs_previous_gradient else None)
             finally:
                 raw.step = engine_step
             return loss
@@ -200,6 +226,29 @@ class EF21MuonStrategy(DDPStrategy):
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         finally:
             put_back()
+
+    def _quiet(self, closure: Callable[[], Any] | None) -> Callable[[], Any] | None:
+        """The training closure without logging: its second run (at the previous W) must not overwrite metrics."""
+        if closure is None:
+            return None
+        module = self.lightning_module
+
+        # Lightning's Closure keeps the training-step output for the loop (progress bar, on_train_batch_end): the
+        # second run must not replace it either. The precision plugin hands us partial(_wrap_closure, ..., Closure).
+        inner = closure.args[-1] if isinstance(closure, functools.partial) and closure.args else None
+
+        def run() -> Any:
+            log, log_dict = module.log, module.log_dict
+            kept = getattr(inner, "_result", None)
+            module.log = module.log_dict = lambda *a, **k: None
+            try:
+                return closure()
+            finally:
+                module.log, module.log_dict = log, log_dict
+                if kept is not None:
+                    inner._result = kept
+
+        return run
 
     # ------------------------------------------------------------------------------------------------ evaluation at X
     def _swap_in_x(self) -> None:
@@ -284,10 +333,7 @@ class EF21MuonStrategy(DDPStrategy):
             X.update(s["server"]["X"])
         self._copy_into_module(X)  # allgather with fp32 keeps X in the parameters: already loaded
         engine.detach()  # the old engine lets go of the optimizer before the new one takes it
-        fresh = EF21Engine(self.lightning_module, engine.optimizer, uplink=self.uplink, downlink=self.downlink,
-                           topology=self.topology, server_rank=self.server_rank, seed=self.seed,
-                           on_nonfinite=self.on_nonfinite, sync_initial=False)
-        self.engines[id(engine.optimizer)] = fresh
+        self.engines[id(engine.optimizer)] = self._new_engine(engine.optimizer)
         warnings.warn(f"EF21 state from {len(saved)} process(es) re-initialised for {self.world_size}: "
                       "server model restored, error-feedback estimates restarted from zero", UserWarning, stacklevel=2)
 

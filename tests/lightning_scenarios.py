@@ -242,11 +242,42 @@ def s_world_change(out: Path, devices: int) -> None:
         t.fit(model, loaders()[0], ckpt_path=str(path))
     res["reinit_warned"] = any("re-initialised" in str(x.message) for x in w)
     res["global_step"] = t.global_step
+    t = trainer(devices, efl.EF21MuonStrategy(uplink="top_k:0.2", estimator="mvr"), out, "vr_acc", max_steps=2,
+                accumulate_grad_batches=2)
+    try:
+        t.fit(Regressor(), loaders()[0])
+        res["vr_accumulate_error"] = ""
+    except ValueError as e:
+        res["vr_accumulate_error"] = str(e)
     save(out, "world_change", t, res)
 
 
+def s_vr(out: Path, devices: int) -> None:
+    """Each variance-reduced estimator under the strategy: trains, and resumes bit-identically from a checkpoint."""
+    res = {}
+    for est, up in (("marina", "natural"), ("ef21_page", "top_k:0.2"), ("mvr", "top_k:0.2")):
+        strategy = lambda: efl.EF21MuonStrategy(uplink=up, downlink="top_k:0.5", estimator=est)  # noqa: E731
+        seed_everything(0)
+        full = Regressor(step_data=True)
+        t = trainer(devices, strategy(), out, f"vr_{est}_full", max_steps=8)
+        t.fit(full, loaders()[0])
+        summary = t.strategy.engine.ledger.summary()
+        seed_everything(0)
+        part = Regressor(step_data=True)
+        ck = ModelCheckpoint(dirpath=str(out / f"vr_{est}_ckpt"), every_n_train_steps=3, save_top_k=-1)
+        t = trainer(devices, strategy(), out, f"vr_{est}_part", max_steps=3, ckpt=True, callbacks=[ck])
+        t.fit(part, loaders()[0])
+        seed_everything(0)
+        resumed = Regressor(step_data=True)
+        t = trainer(devices, strategy(), out, f"vr_{est}_resumed", max_steps=8)
+        t.fit(resumed, loaders()[0], ckpt_path=str(sorted((out / f"vr_{est}_ckpt").glob("*.ckpt"))[-1]))
+        res[est] = {"full": weights(full), "resumed": weights(resumed), "summary": summary,
+                    "logged_loss_steps": len(full.seen)}
+    save(out, "vr", t, res)
+
+
 SCENARIOS = {f.__name__[2:]: f for f in (s_vs_ddp, s_topk_csv, s_resume, s_accumulate, s_bf16, s_adamw,
-                                          s_world_change)}
+                                          s_world_change, s_vr)}
 
 if __name__ == "__main__":
     out_dir, devices, *names = sys.argv[1:]

@@ -15,7 +15,7 @@ import torch
 import ef_lightning as efl
 
 HERE = Path(__file__).parent
-TWO_PROC = ["vs_ddp", "topk_csv", "resume", "accumulate", "bf16", "adamw"]
+TWO_PROC = ["vs_ddp", "topk_csv", "resume", "accumulate", "bf16", "adamw", "vr"]
 
 
 def _run(out: Path, devices: int, *scenarios: str) -> None:
@@ -141,3 +141,26 @@ def test_monitor_warns_under_another_strategy(tmp_path):
                 enable_progress_bar=False, callbacks=[CommunicationMonitor()], default_root_dir=str(tmp_path))
     with pytest.warns(UserWarning, match="not ef21_muon"):
         t.fit(Regressor(), loaders()[0])
+
+
+def test_variance_reduced_estimators_train_and_resume(runs):
+    for r in (0, 1):
+        res = _load(runs, "vr", r)
+        for est, out in res.items():
+            for k, v in out["full"].items():
+                assert torch.equal(v, out["resumed"][k]), (est, k)
+            # 8 steps: the first takes one gradient, the other 7 two (the second at the previous point)
+            assert out["summary"]["gradient_evaluations_per_worker"] == 15, est
+            assert out["logged_loss_steps"] == 8 + 7  # training_step ran twice on 7 of the 8 steps
+
+
+def test_strategy_validates_estimator_arguments(runs):
+    assert efl.EF21MuonStrategy(uplink="top_k:0.2", estimator="mvr").estimator == "mvr"
+    with pytest.raises(ValueError, match="estimator='storm'"):
+        efl.EF21MuonStrategy(estimator="storm")
+    with pytest.raises(ValueError, match="participation"):
+        efl.EF21MuonStrategy(participation=0.5)  # sharded: no partial participation
+    with pytest.raises(ValueError, match="p=0"):
+        efl.EF21MuonStrategy(estimator="marina", uplink="natural", p=0)
+    # accumulation is checked when fitting starts (1-process run)
+    assert "accumulate_grad_batches=2" in _load(runs, "world_change")["vr_accumulate_error"]
