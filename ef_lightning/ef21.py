@@ -594,11 +594,12 @@ class EF21Engine(_Core):
             True if the step was applied; False if it was skipped because some worker's gradient was non-finite
             (then no state changed anywhere).
         """
-        t = self.transport
-        grads = [L.param.grad.detach().clone() if L.param.grad is not None else torch.zeros_like(L.param)
-                 for L in self.layers]
+        vr = self.needs_previous_gradient
+        # the closure below overwrites .grad, so only then are the current gradients copied
+        grads = [(L.param.grad.detach().clone() if vr else L.param.grad.detach()) if L.param.grad is not None
+                 else torch.zeros_like(L.param) for L in self.layers]
         prev = None
-        if self.needs_previous_gradient:
+        if vr:
             if closure is None:
                 raise ValueError(f"estimator {self.estimator!r} needs a second gradient on the same minibatch at the "
                                  "previous point: call engine.step(closure) with a closure that zeroes the gradients, "
