@@ -510,6 +510,12 @@ class EF21Engine(_Core):
         seed: base seed of the compressors' shared generators (same on every rank).
         on_nonfinite: ``"skip"`` (warn, count, leave all state untouched) or ``"raise"``.
         sync_initial: broadcast rank 0's parameters first so every rank starts from the same W = X.
+        estimator: ``"ef21"`` (default) or a variance-reduced estimator (``"marina"``, ``"ef21_page"``, ``"mvr"``;
+            ALGORITHM.md §4, arXiv 2604.10689); the VR ones need ``step(closure)``.
+        p: refresh probability of ``marina``/``ef21_page`` in (0, 1]; default bits(compressed) / bits(dense)
+            (MARINA's choice, arXiv 2102.07845).
+        participation: fraction of workers that send each round (``topology="server"`` only): a subset seeded
+            per step, identical on every rank; the others send nothing and keep their state.
     """
 
     def __init__(
@@ -752,6 +758,8 @@ class Simulator(_Core):
         uplink, downlink: compressor specs or role -> spec mappings (see :class:`EF21Engine`).
         seed: base seed of the compressors' shared generators.
         on_nonfinite: ``"skip"`` or ``"raise"``.
+        estimator, p: as for :class:`EF21Engine`; :meth:`step` takes the second gradient itself.
+        participation: fraction of workers per round (partial participation, the federated setting).
 
     Example::
 
