@@ -10,7 +10,7 @@ Public surface (ARCHITECTURE.md)::
     efl.EF21Engine(model, opt, uplink=..., topology="sharded")  # one worker of a torch.distributed group
 """
 
-from ef_lightning import compressors, lmo
+from ef_lightning import compressors, lmo, smoothness
 from ef_lightning.comm import Ledger, assign_owners
 from ef_lightning.ef21 import EF21Engine, Simulator
 from ef_lightning.optim import LMO, build_lmo_optimizer, param_groups
@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "compressors",
     "lmo",
+    "smoothness",
     "LMO",
     "build_lmo_optimizer",
     "param_groups",

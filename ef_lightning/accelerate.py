@@ -14,6 +14,20 @@ A stock Accelerate script swaps one call::
             optimizer.zero_grad()
         accelerator.log(plugin.metrics(), step=step)   # {} without the flag
 
+The variance-reduced estimators of ALGORITHM.md §4 (``EF21_ESTIMATOR=marina|ef21_page|mvr``, arXiv 2604.10689)
+need a second gradient on the SAME minibatch at the previous point; the loop hands over a closure the torch way::
+
+        loss = loss_fn(model, batch)
+        accelerator.backward(loss)             # g_j at the current W, as always
+
+        def closure():                         # called by the engine with the previous W loaded
+            optimizer.zero_grad()
+            second = loss_fn(model, batch)     # same batch (and no fresh dropout masks you care about)
+            accelerator.backward(second)
+            return second
+
+        optimizer.step(closure)
+
 Launch as usual, e.g. ``EF21_MUON=1 EF21_UPLINK=top_k:0.05 accelerate launch --multi_gpu --num_processes 2
 train.py`` (add ``ACCELERATE_USE_CPU=1`` for 2 CPU processes). Without ``EF21_MUON=1`` :meth:`EF21Plugin.prepare`
 is exactly ``accelerator.prepare``. With it:
@@ -51,10 +65,23 @@ EF21_TOPOLOGY        sharded, allgather or server                               
 EF21_SERVER_RANK     the server's rank for topology=server                         0
 EF21_SEED            base seed of the compressors' shared generators               0
 EF21_ON_NONFINITE    skip (warn, skip the step everywhere) or raise                skip
+EF21_ESTIMATOR       ef21, marina, ef21_page or mvr (ALGORITHM.md §2, §4)           ef21
+EF21_P               refresh probability in (0, 1] (marina, ef21_page only)        bits(Q)/dense
+EF21_PARTICIPATION   fraction of workers per round in (0, 1] (topology=server)     all workers
 ==================== ============================================================ ==============
 
 Invalid values fail when the plugin is created, with a ValueError naming the variable, the value and the valid
-choices. Not supported (rejected at ``prepare``): a GradScaler (``mixed_precision="fp16"``: its per-rank overflow
+choices; so do combinations the engine would reject later (``p`` with ``ef21``/``mvr``, ``participation`` < 1
+without ``topology=server``).
+
+Closures. With ``estimator=ef21`` a closure passed to ``optimizer.step(closure)`` keeps torch's meaning: it is called
+once at the current point and its loss is returned. With a variance-reduced estimator the closure is *required*
+(``ValueError`` otherwise, on the first step already) and is handed to :meth:`~ef_lightning.EF21Engine.step`, which
+calls it only with the previous W loaded (from the second step on); the gradient at the current point must already
+be in ``param.grad`` from the loop's own ``accelerator.backward``, and ``optimizer.step`` returns ``None``.
+Gradient accumulation (``gradient_accumulation_steps > 1``) is rejected with a variance-reduced estimator: the
+closure would recompute only the last micro-batch, so the two gradients of the estimator would not be on the same
+minibatch. Manual accumulation without ``accelerator.accumulate`` cannot be detected; do not combine it with them. Not supported (rejected at ``prepare``): a GradScaler (``mixed_precision="fp16"``: its per-rank overflow
 check would skip the collective step on some ranks only; use bf16), DeepSpeed, FSDP, Megatron-LM and XLA.
 
 Differences from plain DDP that follow from the algorithm: ``accelerator.clip_grad_norm_`` clips each worker's own
@@ -82,7 +109,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ef_lightning import compressors as _comp
 from ef_lightning.comm import TOPOLOGIES, Ledger
-from ef_lightning.ef21 import NONFINITE, ROLES, EF21Engine, Simulator
+from ef_lightning.ef21 import ESTIMATORS, NONFINITE, ROLES, EF21Engine, Simulator
 
 __all__ = ["ENV_PREFIX", "EF21Plugin"]
 
@@ -121,6 +148,21 @@ def _parse_choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{where}={value!r}; valid choices: {', '.join(choices)}")
     return value
+
+
+def _parse_fraction(value: Any, where: str) -> float | None:
+    """A number in (0, 1], or None (the engine's default). Strings come from the environment."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"{where} must be a number in (0, 1], got {type(value).__name__} ({value!r})")
+    try:
+        x = float(value)
+    except ValueError:
+        raise ValueError(f"{where}={value!r} is not a number; valid values: numbers in (0, 1]") from None
+    if not 0.0 < x <= 1.0:  # also rejects nan
+        raise ValueError(f"{where}={value!r} is out of range; valid values: numbers in (0, 1]")
+    return x
 
 
 def _check_spec(spec: Any, where: str) -> str:
@@ -166,6 +208,12 @@ class EF21Plugin:
         server_rank: the server's rank with ``topology="server"`` (env ``EF21_SERVER_RANK``).
         seed: base seed of the compressors' shared generators, same on every rank (env ``EF21_SEED``).
         on_nonfinite: ``skip`` or ``raise`` on a non-finite gradient on any rank (env ``EF21_ON_NONFINITE``).
+        estimator: gradient estimator, one of ``ef21``, ``marina``, ``ef21_page``, ``mvr`` (env ``EF21_ESTIMATOR``;
+            ALGORITHM.md §2/§4, arXiv 2604.10689). The last three need ``optimizer.step(closure)`` (module docstring).
+        p: refresh probability of ``marina``/``ef21_page`` in (0, 1] (env ``EF21_P``); ``None``: the engine's
+            default bits(Q)/bits(dense) (MARINA, arXiv 2102.07845 Cor. 2.1).
+        participation: fraction of workers per round in (0, 1], ``topology=server`` only (env
+            ``EF21_PARTICIPATION``); ``None``: every worker every round.
     """
 
     enabled: bool | None = dataclasses.field(default=None, metadata={
@@ -187,11 +235,22 @@ class EF21Plugin:
     on_nonfinite: str | None = dataclasses.field(default=None, metadata={
         "help": f"On a non-finite gradient on any rank: {', '.join(NONFINITE)}. Env EF21_ON_NONFINITE; "
                 "default 'skip'."})
+    estimator: str | None = dataclasses.field(default=None, metadata={
+        "help": f"Gradient estimator: {', '.join(ESTIMATORS)} (the last three are variance-reduced and need "
+                "optimizer.step(closure)). Env EF21_ESTIMATOR; default 'ef21'."})
+    p: float | None = dataclasses.field(default=None, metadata={
+        "help": "Refresh probability in (0, 1] of estimators marina / ef21_page. Env EF21_P; default "
+                "bits(uplink)/bits(dense)."})
+    participation: float | None = dataclasses.field(default=None, metadata={
+        "help": "Fraction of workers in (0, 1] that take part in each round (topology 'server' only). "
+                "Env EF21_PARTICIPATION; default all workers."})
 
     def __post_init__(self) -> None:
         defaults = {"enabled": False, "uplink": "identity", "downlink": "identity", "topology": "sharded",
-                    "server_rank": 0, "seed": 0, "on_nonfinite": "skip"}
+                    "server_rank": 0, "seed": 0, "on_nonfinite": "skip", "estimator": "ef21", "p": None,
+                    "participation": None}
         env_names = {"enabled": "EF21_MUON"}
+        wheres: dict[str, str] = {}
         for name, default in defaults.items():
             env = env_names.get(name, ENV_PREFIX + name.upper())
             where = name
@@ -201,7 +260,9 @@ class EF21Plugin:
                     where = env
                 else:
                     setattr(self, name, default)
+            wheres[name] = where
             setattr(self, name, self._parse(name, getattr(self, name), where))
+        self._check_combinations(wheres)
         # runtime state (not configuration, so not dataclass fields)
         self.engine: EF21Engine | Simulator | None = None
         self._accelerator: Accelerator | None = None
@@ -219,12 +280,32 @@ class EF21Plugin:
             return _parse_choice(value, where, TOPOLOGIES)
         if name == "on_nonfinite":
             return _parse_choice(value, where, NONFINITE)
+        if name == "estimator":
+            return _parse_choice(value, where, ESTIMATORS)
+        if name in ("p", "participation"):
+            return _parse_fraction(value, where)
         return _parse_int(value, where)
+
+    def _check_combinations(self, wheres: Mapping[str, str]) -> None:
+        """Fail at start-up on settings the engine would only reject at ``prepare`` (or on every rank at once)."""
+        if self.p is not None and self.estimator not in ("marina", "ef21_page"):
+            raise ValueError(f"{wheres['p']}={self.p!r} only applies to estimator 'marina' or 'ef21_page'; "
+                             f"{wheres['estimator']}={self.estimator!r} (valid choices with p: marina, ef21_page)")
+        if self.participation not in (None, 1.0) and self.topology != "server":
+            raise ValueError(f"{wheres['participation']}={self.participation!r} needs topology 'server' (a server "
+                             f"and a subset of clients per round); {wheres['topology']}={self.topology!r} "
+                             "(valid choice with participation < 1: server)")
+
+    @property
+    def variance_reduced(self) -> bool:
+        """True for the estimators that need a second gradient per step (``marina``, ``ef21_page``, ``mvr``)."""
+        return self.estimator != "ef21"
 
     def to_kwargs(self) -> dict[str, Any]:
         """The resolved keyword arguments of :class:`~ef_lightning.EF21Engine` (``EF21Engine(model, opt, **kw)``)."""
         return {"uplink": self.uplink, "downlink": self.downlink, "topology": self.topology,
-                "server_rank": self.server_rank, "seed": self.seed, "on_nonfinite": self.on_nonfinite}
+                "server_rank": self.server_rank, "seed": self.seed, "on_nonfinite": self.on_nonfinite,
+                "estimator": self.estimator, "p": self.p, "participation": self.participation}
 
     # ------------------------------------------------------------------------------------------------- wiring
     @property
@@ -290,6 +371,11 @@ class EF21Plugin:
                 return  # a second train() call on the same prepared objects
             raise ValueError("this EF21Plugin is already attached to another optimizer; use one plugin per run")
         self._check_accelerator(accelerator)
+        if self.variance_reduced and accelerator.gradient_accumulation_steps > 1:
+            raise ValueError(f"estimator={self.estimator!r} with gradient_accumulation_steps="
+                             f"{accelerator.gradient_accumulation_steps}: the closure would recompute the second "
+                             "gradient on the last micro-batch only, not on the accumulated minibatch; valid choices: "
+                             "gradient_accumulation_steps=1 (use a larger batch), or estimator='ef21'")
         module = accelerator.unwrap_model(model, keep_torch_compile=False)
         if accelerator.num_processes > 1:
             ddp = _find_ddp(model)
@@ -300,7 +386,8 @@ class EF21Plugin:
             self.engine = EF21Engine(module, optimizer.optimizer, **self.to_kwargs())
         else:
             self.engine = Simulator(module, optimizer.optimizer, n_workers=1, uplink=self.uplink,
-                                    downlink=self.downlink, seed=self.seed, on_nonfinite=self.on_nonfinite)
+                                    downlink=self.downlink, seed=self.seed, on_nonfinite=self.on_nonfinite,
+                                    estimator=self.estimator, p=self.p, participation=self.participation)
         self._accelerator, self._optimizer = accelerator, optimizer
         self._patch_step(optimizer.optimizer)
         optimizer.optimizer.register_load_state_dict_post_hook(lambda _: self._apply_pending())
@@ -331,19 +418,36 @@ class EF21Plugin:
         inner.step = types.MethodType(step, inner)  # a bound method, as torch's scheduler wrapper expects
 
     def _sync_step(self, closure: Callable[[], Any] | None) -> Any:
-        """EF21-Muon steps 2-7 on this worker's gradients; reports a skipped step like an fp16 overflow."""
+        """EF21-Muon steps 2-7 on this worker's gradients; reports a skipped step like an fp16 overflow.
+
+        ``ef21``: a closure is torch's (called here at the current point, its loss returned). Variance-reduced
+        estimators: the closure is the engine's second-gradient callback (called with the previous W loaded, from
+        the second step on); the current gradient is already in ``param.grad``; returns ``None``.
+        """
         loss = None
-        if closure is not None:
+        if self.variance_reduced:
+            if closure is None:  # fail on the first step, not only on the second when the engine needs it
+                raise ValueError(f"estimator={self.estimator!r} needs optimizer.step(closure): a closure that calls "
+                                 "optimizer.zero_grad(), recomputes the loss on the SAME batch and calls "
+                                 "accelerator.backward(loss); it is evaluated at the previous point (valid estimator "
+                                 "without a closure: 'ef21')")
+        elif closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._in_server_step = True
         try:
             if isinstance(self.engine, Simulator):
-                grads = [L.param.grad if L.param.grad is not None else torch.zeros_like(L.param)
+                grads = [L.param.grad.detach().clone() if L.param.grad is not None else torch.zeros_like(L.param)
                          for L in self.engine.layers]
-                applied = self.engine.apply([grads])
+                prev = None
+                if self.engine.needs_previous_gradient:
+                    with self.engine.at_previous_point(), torch.enable_grad():
+                        closure()
+                    prev = [[L.param.grad.detach().clone() if L.param.grad is not None else torch.zeros_like(L.param)
+                             for L in self.engine.layers]]
+                applied = self.engine.apply([grads], prev)
             else:
-                applied = self.engine.step()
+                applied = self.engine.step(closure if self.variance_reduced else None)
         finally:
             self._in_server_step = False
         # what step_was_skipped reports: AcceleratedScheduler and accelerator.optimizer_step_was_skipped read it

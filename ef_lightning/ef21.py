@@ -600,7 +600,8 @@ class EF21Engine(_Core):
             True if the step was applied; False if it was skipped because some worker's gradient was non-finite
             (then no state changed anywhere).
         """
-        vr = self.needs_previous_gradient
+        # a worker outside this round's participants sends nothing: no second gradient either
+        vr = self.needs_previous_gradient and self.transport.rank in self._participants(self.transport.world_size)
         # the closure below overwrites .grad, so only then are the current gradients copied
         grads = [(L.param.grad.detach().clone() if vr else L.param.grad.detach()) if L.param.grad is not None
                  else torch.zeros_like(L.param) for L in self.layers]

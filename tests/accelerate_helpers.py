@@ -165,6 +165,80 @@ def resume_script(rank: int, world: int, ckpt: str, split: int = 3, steps: int =
     return {"full": full, "resumed": resumed, "files": files}
 
 
+# --------------------------------------------------------------------------- variance-reduced estimators (closures)
+#: (estimator, EF21_* settings) of the VR scenarios; the parent builds the same Simulator from these
+VR_CASES: dict[str, dict[str, str]] = {
+    "marina": {"estimator": "marina", "uplink": "rand_k:0.25:unbiased", "topology": "sharded"},
+    "ef21_page": {"estimator": "ef21_page", "uplink": "top_k:0.2", "downlink": "top_k:0.5", "topology": "sharded",
+                  "p": "0.3"},
+    "mvr": {"estimator": "mvr", "uplink": "top_k:0.2", "topology": "server", "participation": "0.5"},
+}
+VR_STEPS = 6
+
+
+def _vr_train(model, optimizer, accelerator, data, rank: int, lo: int, hi: int) -> list[float]:
+    """The documented loop: backward at the current point, then ``optimizer.step(closure)`` on the same batch."""
+    losses = []
+    for s in range(lo, hi):
+        batch = data[s][rank]
+        loss = mse(model, batch)
+        accelerator.backward(loss)
+
+        def closure(batch=batch):
+            optimizer.zero_grad()
+            second = mse(model, batch)
+            accelerator.backward(second)
+            return second
+
+        optimizer.step(closure)
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def vr_script(rank: int, world: int, steps: int = VR_STEPS) -> dict[str, Any]:
+    """One VR estimator (EF21_* from the environment) on data[s][rank]; returns W, the gathered X and the ledger."""
+    from ef_lightning.accelerate import EF21Plugin
+
+    accelerator = fresh_accelerator()
+    model = make_model(0)
+    optimizer = make_optimizer(model)
+    plugin = EF21Plugin()
+    model, optimizer = plugin.prepare(accelerator, model, optimizer)
+    losses = _vr_train(model, optimizer, accelerator, make_data(world, steps), rank, 0, steps)
+    return {"W": _params(accelerator.unwrap_model(model)), "X": plugin.engine.gather_server_model(),
+            "losses": losses, "ledger": plugin.ledger.summary(), "p": plugin.engine.p}
+
+
+def vr_resume_script(rank: int, world: int, ckpt: str, split: int = 3, steps: int = 6) -> dict[str, Any]:
+    """save_state after ``split`` VR steps, continue; fresh objects + load_state + the same continuation."""
+    from ef_lightning.accelerate import EF21Plugin
+
+    data = make_data(world, steps)
+
+    def build(seed: int):
+        accelerator = fresh_accelerator()
+        model = make_model(seed)
+        optimizer = make_optimizer(model)
+        plugin = EF21Plugin()
+        model, optimizer = plugin.prepare(accelerator, model, optimizer)
+        return accelerator, model, optimizer, plugin
+
+    accelerator, model, optimizer, plugin = build(0)
+    _vr_train(model, optimizer, accelerator, data, rank, 0, split)
+    accelerator.save_state(ckpt)
+    accelerator.wait_for_everyone()
+    _vr_train(model, optimizer, accelerator, data, rank, split, steps)
+    full = _ef21_snapshot(accelerator.unwrap_model(model), plugin)
+    accelerator.wait_for_everyone()
+
+    torch.manual_seed(123)
+    accelerator, model, optimizer, plugin = build(7)
+    accelerator.load_state(ckpt)
+    _vr_train(model, optimizer, accelerator, data, rank, split, steps)
+    return {"full": full, "resumed": _ef21_snapshot(accelerator.unwrap_model(model), plugin)}
+
+
 def accelerate_scenarios(rank: int, world: int, ckpt: str) -> dict[str, Any]:
     """Every Accelerate scenario in one launch (process start-up dominates on 2 cores)."""
     _accelerate_env(rank, world)
@@ -179,6 +253,11 @@ def accelerate_scenarios(rank: int, world: int, ckpt: str) -> dict[str, Any]:
         out["topk"] = train_script(rank, world, steps=3)
     with ef21_env(muon="1", uplink="top_k:0.1", downlink="top_k:0.3", topology="sharded"):
         out["resume"] = resume_script(rank, world, ckpt)
+    for name, settings in VR_CASES.items():
+        with ef21_env(muon="1", **settings):
+            out[f"vr_{name}"] = vr_script(rank, world)
+    with ef21_env(muon="1", estimator="mvr", uplink="top_k:0.1", downlink="top_k:0.3", topology="sharded"):
+        out["vr_resume"] = vr_resume_script(rank, world, ckpt + "_mvr")
     return out
 
 

@@ -52,7 +52,8 @@ def test_env_configures_plugin_and_explicit_arguments_win(monkeypatch):
     p = EF21Plugin()
     assert p.enabled is True
     assert p.to_kwargs() == {"uplink": "top_k:0.05+natural", "downlink": "top_k:0.5", "topology": "server",
-                             "server_rank": 1, "seed": 7, "on_nonfinite": "raise"}
+                             "server_rank": 1, "seed": 7, "on_nonfinite": "raise", "estimator": "ef21", "p": None,
+                             "participation": None}
     q = EF21Plugin(enabled=False, uplink="identity", topology="allgather", seed=3)
     assert (q.enabled, q.uplink, q.topology, q.seed, q.downlink) == (False, "identity", "allgather", 3, "top_k:0.5")
     monkeypatch.setenv("EF21_UPLINK", "hidden=top_k:0.1, default=identity")
@@ -61,12 +62,13 @@ def test_env_configures_plugin_and_explicit_arguments_win(monkeypatch):
 
 def test_defaults_without_environment(monkeypatch):
     for k in ("EF21_MUON", "EF21_UPLINK", "EF21_DOWNLINK", "EF21_TOPOLOGY", "EF21_SERVER_RANK", "EF21_SEED",
-              "EF21_ON_NONFINITE"):
+              "EF21_ON_NONFINITE", "EF21_ESTIMATOR", "EF21_P", "EF21_PARTICIPATION"):
         monkeypatch.delenv(k, raising=False)
     p = EF21Plugin()
     assert p.enabled is False and p.ledger is None and p.metrics() == {}
     assert p.to_kwargs() == {"uplink": "identity", "downlink": "identity", "topology": "sharded", "server_rank": 0,
-                             "seed": 0, "on_nonfinite": "skip"}
+                             "seed": 0, "on_nonfinite": "skip", "estimator": "ef21", "p": None,
+                             "participation": None}
 
 
 @pytest.mark.parametrize("var, value, choices", [
@@ -77,6 +79,10 @@ def test_defaults_without_environment(monkeypatch):
     ("EF21_MUON", "maybe", "1, true, yes, on"),
     ("EF21_ON_NONFINITE", "ignore", "skip, raise"),
     ("EF21_SEED", "x1", "integers >= 0"),
+    ("EF21_ESTIMATOR", "storm", "ef21, marina, ef21_page, mvr"),
+    ("EF21_P", "1.5", "numbers in (0, 1]"),
+    ("EF21_P", "often", "numbers in (0, 1]"),
+    ("EF21_PARTICIPATION", "0", "numbers in (0, 1]"),
 ])
 def test_invalid_environment_fails_at_startup(monkeypatch, var, value, choices):
     monkeypatch.setenv("EF21_MUON", "1")
@@ -338,3 +344,109 @@ def test_ef21_trainer_resume_is_bit_identical(hf_results):
         for k, v in full["W"].items():
             assert torch.equal(v, resumed["W"][k]), k
         assert full["ledger"] == resumed["ledger"]
+
+
+# ------------------------------------------------------------------------------------------------ VR estimators
+def test_estimator_environment_reaches_engine_kwargs(monkeypatch):
+    for k, v in {"EF21_MUON": "1", "EF21_ESTIMATOR": "marina", "EF21_P": "0.25", "EF21_TOPOLOGY": "server",
+                 "EF21_PARTICIPATION": "0.5", "EF21_UPLINK": "natural"}.items():
+        monkeypatch.setenv(k, v)
+    kw = EF21Plugin().to_kwargs()
+    assert (kw["estimator"], kw["p"], kw["participation"], kw["topology"]) == ("marina", 0.25, 0.5, "server")
+    monkeypatch.delenv("EF21_P")
+    assert EF21Plugin(estimator="mvr").estimator == "mvr"  # an explicit argument wins over EF21_ESTIMATOR
+
+
+@pytest.mark.parametrize("env, var, valid", [
+    ({"EF21_ESTIMATOR": "mvr", "EF21_P": "0.5"}, "EF21_P", "marina, ef21_page"),
+    ({"EF21_ESTIMATOR": "ef21", "EF21_P": "0.5"}, "EF21_P", "marina, ef21_page"),
+    ({"EF21_PARTICIPATION": "0.5", "EF21_TOPOLOGY": "sharded"}, "EF21_PARTICIPATION", "server"),
+])
+def test_inconsistent_estimator_settings_fail_at_startup(monkeypatch, env, var, valid):
+    monkeypatch.setenv("EF21_MUON", "1")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError) as e:
+        EF21Plugin()
+    msg = str(e.value)
+    assert var in msg and repr(float(env[var])) in msg and valid in msg, msg
+
+
+def test_vr_estimator_without_closure_raises_on_first_step():
+    accelerator = fresh_accelerator()
+    model = make_model(0)
+    plugin = EF21Plugin(enabled=True, estimator="mvr", uplink="top_k:0.2")
+    model, optimizer = plugin.prepare(accelerator, model, make_optimizer(model))
+    accelerator.backward(mse(model, make_data(1, 1)[0][0]))
+    with pytest.raises(ValueError, match=r"estimator='mvr' needs optimizer\.step\(closure\).*'ef21'"):
+        optimizer.step()
+
+
+def test_vr_estimator_rejects_gradient_accumulation():
+    accelerator = fresh_accelerator(gradient_accumulation_steps=2)
+    model = make_model(0)
+    with pytest.raises(ValueError, match=r"estimator='ef21_page' with gradient_accumulation_steps=2.*valid choices"):
+        EF21Plugin(enabled=True, estimator="ef21_page", uplink="top_k:0.2").prepare(
+            accelerator, model, make_optimizer(model))
+
+
+def _simulator_reference(estimator: str, world: int, steps: int, **kwargs):
+    """The independent reference: the Simulator (n = world workers in this process) on the same shards."""
+    from ef_lightning import Simulator
+
+    model = make_model(0)
+    sim = Simulator(model, make_optimizer(model), n_workers=world, estimator=estimator, **kwargs)
+    data = make_data(world, steps)
+    for s in range(steps):
+        sim.step(mse, data[s])
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, sim.server_parameters(), sim
+
+
+def test_single_process_vr_with_closure_matches_simulator():
+    """One process: the plugin's closure path gives the 1-worker Simulator's trajectory and gradient count."""
+    from accelerate_helpers import _vr_train
+
+    plugin = EF21Plugin(enabled=True, estimator="ef21_page", uplink="top_k:0.2", p=0.5)
+    accelerator = fresh_accelerator()
+    model = make_model(0)
+    model, optimizer = plugin.prepare(accelerator, model, make_optimizer(model))
+    _vr_train(model, optimizer, accelerator, make_data(1, 5), 0, 0, 5)
+    W_ref, X_ref, sim = _simulator_reference("ef21_page", 1, 5, uplink="top_k:0.2", p=0.5)
+    assert max_diff(W_ref, {n: p.detach() for n, p in model.named_parameters()}) <= 1e-6
+    assert max_diff(X_ref, plugin.engine.server_parameters()) <= 1e-6
+    # 1 gradient on the first step, 2 on each later one (ALGORITHM.md §4: two evaluations per step)
+    assert plugin.ledger.summary()["gradient_evaluations_per_worker"] == 1 + 2 * 4
+
+
+def test_vr_estimators_match_simulator(acc_results):
+    """2 processes with optimizer.step(closure) = the Simulator with the same estimator, compressors and shards."""
+    from accelerate_helpers import VR_CASES, VR_STEPS
+
+    for name, settings in VR_CASES.items():
+        kwargs = {k: v for k, v in settings.items() if k in ("uplink", "downlink")}
+        if "p" in settings:
+            kwargs["p"] = float(settings["p"])
+        if "participation" in settings:
+            kwargs["participation"] = float(settings["participation"])
+        W_ref, X_ref, sim = _simulator_reference(settings["estimator"], 2, VR_STEPS, **kwargs)
+        for r, res in enumerate(acc_results):
+            out = res[f"vr_{name}"]
+            assert out["p"] == sim.p, (name, r)
+            assert max_diff(W_ref, out["W"]) <= 1e-6, (name, r, max_diff(W_ref, out["W"]))
+            assert max_diff(X_ref, out["X"]) <= 1e-6, (name, r, max_diff(X_ref, out["X"]))
+            assert out["ledger"]["steps"] == VR_STEPS
+
+
+def test_vr_save_state_load_state_is_bit_identical(acc_results):
+    for r, res in enumerate(acc_results):
+        full, resumed = res["vr_resume"]["full"], res["vr_resume"]["resumed"]
+        for part in ("W", "X"):
+            for k, v in full[part].items():
+                assert torch.equal(v, resumed[part][k]), (r, part, k)
+        assert full["ef21"]["worker"]["V"], "mvr keeps V_j"
+        for kind, tensors in full["ef21"]["worker"].items():
+            for k, v in tensors.items():
+                assert torch.equal(v, resumed["ef21"]["worker"][kind][k]), (r, kind, k)
+        for k, v in full["ef21"]["W_prev"].items():
+            assert torch.equal(v, resumed["ef21"]["W_prev"][k]), (r, "W_prev", k)
+        assert full["ef21"]["ledger"] == resumed["ef21"]["ledger"] and full["ef21"]["applied"] == 6
