@@ -20,24 +20,22 @@ ef_lightning/accelerate.py). Uplink bytes of a plain run are the dense gradient 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 import ef_lightning as efl
 from ef_lightning.accelerate import EF21Plugin
 
 sys.path.insert(0, str(Path(__file__).parent))
-from config import (PLOT_NAME, CausalLMConfig, causal_lm_task, dense_bytes, parse_args,  # noqa: E402
-                    plot_loss_vs_uplink, role_specs, save_resolved, summary_row, write_summary)
+from config import (PLOT_NAME, CausalLMConfig, causal_lm_task, check_world_size, cpu_threads, dense_bytes,  # noqa: E402
+                    ef21_plugins, parse_args, plot_loss_vs_uplink, save_resolved, summary_row, write_summary)
 
 
 @dataclasses.dataclass
@@ -49,12 +47,13 @@ class Config(CausalLMConfig):
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader, batches: int) -> float:
-    """Mean validation loss (nats per token) over ``batches`` batches of every process."""
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader) -> float:
+    """Mean validation loss (nats per token) over the whole (prepared, sharded) validation loader."""
     model.eval()
-    losses = [model(**batch).loss for _, batch in zip(range(batches), loader)]
+    # one loss per sequence, as the transformers Trainer does; gather_for_metrics drops the padding of the last batch
+    losses = [accelerator.gather_for_metrics(model(**b).loss.repeat(len(b["input_ids"]))) for b in loader]
     model.train()
-    return accelerator.gather(torch.stack(losses)).mean().item()  # same count on every rank: a plain mean
+    return torch.cat(losses).mean().item()
 
 
 def train(cfg: Config, accelerator: Accelerator, name: str, plugin: EF21Plugin) -> tuple[dict, list]:
@@ -66,7 +65,8 @@ def train(cfg: Config, accelerator: Accelerator, name: str, plugin: EF21Plugin) 
     warmup = max(1, cfg.warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True)
-    val_loader = DataLoader(val_set, batch_size=cfg.batch_size)
+    n_val = min(len(val_set), cfg.val_batches * cfg.batch_size * accelerator.num_processes)
+    val_loader = DataLoader(Subset(val_set, range(n_val)), batch_size=cfg.batch_size)
     # the one line that differs from a stock Accelerate script
     model, opt, train_loader, val_loader, sched = plugin.prepare(accelerator, model, opt, train_loader, val_loader,
                                                                  sched)
@@ -75,6 +75,7 @@ def train(cfg: Config, accelerator: Accelerator, name: str, plugin: EF21Plugin) 
         return plugin.ledger.summary()["uplink_wire_bytes_per_worker"] if plugin.ledger else per_step * step
 
     curve: list[tuple[float, float]] = []
+    shown: dict[str, str] = {}  # the progress bar's postfix
     bar = tqdm(total=cfg.steps, desc=name, disable=not accelerator.is_main_process)
     step, start = 0, time.perf_counter()
     while step < cfg.steps:  # epochs until the step budget is spent
@@ -85,12 +86,12 @@ def train(cfg: Config, accelerator: Accelerator, name: str, plugin: EF21Plugin) 
             sched.step()
             opt.zero_grad()
             step += 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", uplink_MB=f"{sent(step) / 1e6:.2f}")
+            shown["loss"] = f"{loss.item():.3f}"
             if step % cfg.val_every == 0 or step == cfg.steps:
-                curve.append((float(sent(step)), evaluate(accelerator, model, val_loader, cfg.val_batches)))
-                if accelerator.is_main_process:
-                    bar.write(f"{name} step {step}: val loss {curve[-1][1]:.4f}")
+                curve.append((float(sent(step)), evaluate(accelerator, model, val_loader)))
+                shown.update(val_loss=f"{curve[-1][1]:.3f}", uplink_MB=f"{curve[-1][0] / 1e6:.2f}")
+            bar.set_postfix(shown, refresh=False)
+            bar.update()
             if step == cfg.steps:
                 break
     bar.close()
@@ -103,34 +104,24 @@ def train(cfg: Config, accelerator: Accelerator, name: str, plugin: EF21Plugin) 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_args(Config, __doc__, argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    cpu_threads()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    check_world_size(accelerator.num_processes)
 
-    def plugin(uplink: str, downlink: str) -> EF21Plugin:  # enabled or not: EF21_MUON decides
-        return EF21Plugin(uplink=role_specs(uplink), downlink=role_specs(downlink), topology=cfg.topology,
-                          seed=cfg.seed)
-
-    main_plugin = plugin(cfg.uplink, cfg.downlink)
-    runs = []
-    if cfg.baseline and main_plugin.enabled:  # EF21 with identity compressors = data-parallel Muon/Gluon
-        runs.append(("uncompressed", plugin("identity", "identity")))
-    elif cfg.baseline:
-        accelerator.print("baseline: skipped, EF21_MUON is off so this run is the uncompressed one")
-    runs.append(("ef21_muon" if main_plugin.enabled else "plain_ddp", main_plugin))
+    runs = ef21_plugins(cfg)  # EF21_MUON=1: [uncompressed (if baseline),] ef21_muon; else: plain
     rows, curves = [], {}
     for name, p in runs:
         row, curves[name] = train(cfg, accelerator, name, p)
         rows.append(row)
     if accelerator.is_main_process:
         save_resolved(cfg, cfg.out_dir)
-        mode = f"EF21-Muon {cfg.topology}" if main_plugin.enabled else "plain DDP"
+        mode = f"EF21-Muon {cfg.topology}" if runs[-1][1].enabled else "plain DDP"
         plot_loss_vs_uplink(curves, Path(cfg.out_dir) / PLOT_NAME,
-                            title=f"causal LM, Accelerate {mode}, {accelerator.num_processes} processes")
+                            title=f"causal LM, Accelerate {mode}, processes: {accelerator.num_processes}")
         write_summary(rows, cfg.out_dir, title=f"\ncausal LM with Accelerate ({mode})")
     accelerator.end_training()
     return rows
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

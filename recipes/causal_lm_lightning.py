@@ -7,7 +7,7 @@ texts go through its tokenizer; with ``--dataset`` texts come from a `datasets` 
     python recipes/causal_lm_lightning.py --config recipes/configs/causal_lm_lightning/default.yaml
     python recipes/causal_lm_lightning.py --config recipes/configs/causal_lm_lightning/tiny.yaml --set devices=1
     python recipes/causal_lm_lightning.py --model HuggingFaceTB/SmolLM2-135M --dataset wikitext \\
-        --dataset_config wikitext-2-raw-v1 --block 256 --batch_size 4 --lr 0.0005 --devices 2
+        --dataset_config wikitext-2-raw-v1 --block 256 --batch_size 4 --preset muon --lr 0.002 --devices 2
 
 Lightning starts the other ``devices - 1`` processes itself (it re-runs this command line). Outputs in ``out_dir``
 (rank 0): ``resolved_config.yaml``, ``summary.json``, ``val_loss_vs_uplink.png``, CSV logs per run.
@@ -16,7 +16,6 @@ Lightning starts the other ``devices - 1`` processes itself (it re-runs this com
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 import warnings
@@ -32,8 +31,8 @@ import ef_lightning as efl
 from ef_lightning.callbacks import CommunicationMonitor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from config import (PLOT_NAME, CausalLMConfig, causal_lm_task, parse_args, plot_loss_vs_uplink,  # noqa: E402
-                    role_specs, save_resolved, summary_row, write_summary)
+from config import (PLOT_NAME, CausalLMConfig, causal_lm_task, cpu_threads, parse_args,  # noqa: E402
+                    plot_loss_vs_uplink, role_specs, save_resolved, summary_row, write_summary)
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")  # the byte dataset is in memory
 warnings.filterwarnings("ignore", ".*LitLogger.*")
@@ -110,8 +109,6 @@ def train(cfg: Config, data: tuple[Any, Any, Any], name: str, uplink: str, downl
                       log_every_n_steps=min(10, cfg.val_every), enable_checkpointing=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True),
                 DataLoader(val_set, batch_size=cfg.batch_size))
-    if not curve.points:
-        raise ValueError(f"no validation ran: val_every={cfg.val_every} must be <= steps={cfg.steps}")
     row = summary_row(name, curve.points[-1][1], curve.seconds, trainer.strategy.engine.ledger.summary(),
                       uplink=uplink, downlink=downlink, topology=cfg.topology, processes=trainer.world_size)
     return row, curve.points, trainer.is_global_zero
@@ -119,7 +116,10 @@ def train(cfg: Config, data: tuple[Any, Any, Any], name: str, uplink: str, downl
 
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_args(Config, __doc__, argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # one thread per process on CPU
+    if cfg.val_every < 1 or cfg.steps % cfg.val_every:  # Lightning validates every val_every batches, not at the end
+        raise ValueError(f"steps={cfg.steps} must be a multiple of val_every={cfg.val_every}, so that the final model "
+                         f"is validated; valid val_every: divisors of steps")
+    cpu_threads()
     runs = [("uncompressed", "identity", "identity")] if cfg.baseline else []
     runs.append(("ef21_muon", cfg.uplink, cfg.downlink))
     rows, curves, rank0 = [], {}, False
@@ -131,11 +131,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         save_resolved(cfg, cfg.out_dir)
         plot_loss_vs_uplink(curves, Path(cfg.out_dir) / PLOT_NAME,
                             title=f"causal LM, Lightning ef21_muon ({cfg.topology}, uplink {cfg.uplink}, downlink "
-                                  f"{cfg.downlink}), {rows[-1]['processes']} processes")
+                                  f"{cfg.downlink}), processes: {rows[-1]['processes']}")
         write_summary(rows, cfg.out_dir, title=f"\ncausal LM with Lightning (strategy ef21_muon, {cfg.topology})")
     return rows
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before the child processes start: 2 ranks x 1 thread on 2 cores
     main()

