@@ -23,7 +23,9 @@ Trainer has loaded the model and optimizer.
 
 Caveats with EF21 on: ``max_grad_norm`` clips each worker's own gradient before compression (plain DDP clips the
 average) and the logged ``grad_norm`` is rank 0's local norm; hyperparameter search (``model_init`` + trials) is not
-supported; evaluation runs at W (equal to X with an identity downlink).
+supported; evaluation runs at W (equal to X with an identity downlink). Not EF21-specific but easy to trip on:
+transformers 5.23 multiplies the loss of models whose ``forward`` takes ``**kwargs`` (BERT) by the number of
+processes unless ``TrainingArguments(average_tokens_across_devices=False)``.
 
 Example::
 
