@@ -15,7 +15,7 @@ fi
 stamp="$VENV/.ef_lightning_installed"
 want="$(cat "$ROOT/constraints.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[setup] installing torch 2.13.0 (CPU) first, then ef-lightning[dev] with constraints.txt"
+  echo "[setup] installing torch 2.13.0 first (on these machines the pin resolves to the CPU wheel), then ef-lightning[dev] with constraints.txt"
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0"
   python -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev]"

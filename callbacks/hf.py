@@ -23,7 +23,7 @@ Trainer has loaded the model and optimizer.
 
 Caveats with EF21 on: ``max_grad_norm`` clips each worker's own gradient before compression (plain DDP clips the
 average) and the logged ``grad_norm`` is rank 0's local norm; hyperparameter search (``model_init`` + trials) is not
-supported; evaluation runs at W (equal to X with an identity downlink). Not EF21-specific but easy to trip on:
+supported; ``evaluate`` runs at the server model X (gathered to every rank). Not EF21-specific but easy to trip on:
 transformers 5.23 multiplies the loss of models whose ``forward`` takes ``**kwargs`` (BERT) by the number of
 processes unless ``TrainingArguments(average_tokens_across_devices=False)``.
 
@@ -157,6 +157,11 @@ class EF21Trainer(Trainer):
             ckpt = get_last_checkpoint(self.args.output_dir)
         self._ef21_resume = ckpt or None
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate`` at the server model X (ALGORITHM.md §2); W == X with an identity downlink."""
+        with self.ef21.server_model():
+            return super().evaluate(*args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """``Trainer.log`` with the communication metrics merged into training entries before anything reports."""

@@ -85,18 +85,19 @@ minibatch. Manual accumulation without ``accelerator.accumulate`` cannot be dete
 check would skip the collective step on some ranks only; use bf16), DeepSpeed, FSDP, Megatron-LM and XLA.
 
 Differences from plain DDP that follow from the algorithm: ``accelerator.clip_grad_norm_`` clips each worker's own
-gradient before compression (DDP clips the average), and evaluation runs at W, the workers' copy (equal to X with an
-identity downlink).
+gradient before compression (DDP clips the average), and the model holds W, the workers' copy: evaluate inside
+``with plugin.server_model():`` to use the server model X (equal to W with an identity downlink).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
 import os
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -340,6 +341,34 @@ class EF21Plugin:
         prepared = out if len(objects) > 1 else (out,)
         self.attach(accelerator, prepared[models[0]], prepared[optims[0]])
         return out
+
+    @contextlib.contextmanager
+    def server_model(self) -> Iterator[None]:
+        """Evaluate at the server model X: inside the block the model's parameters hold X (gathered to every rank,
+        a collective), afterwards W again. ALGORITHM.md §2 reports validation loss at X; with an identity downlink
+        W == X and nothing is gathered. Without EF21 (flag off) it does nothing.
+
+        Example::
+
+            with plugin.server_model():
+                val_loss = evaluate(model, val_loader)
+        """
+        engine = self.engine
+        if engine is None or all(L.down.kind == "identity" for L in engine.layers):
+            yield
+            return
+        X = engine.gather_server_model() if isinstance(engine, EF21Engine) else engine.server_parameters()
+        params = {L.name: L.param for L in engine.layers}
+        W = {n: params[n].detach().clone() for n in X}
+        with torch.no_grad():
+            for n, x in X.items():
+                params[n].copy_(x)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, w in W.items():
+                    params[n].copy_(w)
 
     @staticmethod
     def _check_accelerator(accelerator: Accelerator) -> None:

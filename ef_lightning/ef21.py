@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ef_lightning import compressors as _comp
 from ef_lightning.comm import Ledger, StepRecord, Transport, build_transport
-from ef_lightning.optim import LMO, momentum_direction_
+from ef_lightning.optim import LMO, _classify, momentum_direction_
 
 __all__ = ["ROLES", "EF21Engine", "Simulator", "LayerSpec", "resolve_compressors"]
 
@@ -85,10 +85,12 @@ class LayerSpec:
         return self.param.shape
 
 
-def _role_of(group: Mapping[str, Any], p: Tensor) -> str:
-    role = group.get("role")
-    if role is not None:
-        return "conv" if role == "conv" else role
+def _role_of(group: Mapping[str, Any], p: Tensor, classified: Mapping[int, str]) -> str:
+    """The group's ``role`` (LMO param groups carry one), else the role read from the model's structure (so a
+    per-role compressor mapping also works with AdamW & co.), else matrix -> hidden, vector -> vector."""
+    role = group.get("role") or classified.get(id(p))
+    if role is not None and role != "other":
+        return role
     return "hidden" if p.ndim >= 2 else "vector"
 
 
@@ -189,9 +191,10 @@ class _Core:
         if unknown:
             raise ValueError(f"optimizer holds {len(unknown)} parameter(s) not in the model (shapes {unknown[:3]})")
         own = owners([p.numel() for p, _ in params])
+        classified = {id(q): role for _, q, role, *_ in _classify(model)} if isinstance(model, nn.Module) else {}
         self.layers: list[LayerSpec] = []
         for i, ((p, group), o) in enumerate(zip(params, own)):
-            role = _role_of(group, p)
+            role = _role_of(group, p, classified)
             worker_mom = is_lmo and group.get("norm") != "adamw"
             self.layers.append(LayerSpec(
                 index=i, name=names[id(p)], param=p, role=role,

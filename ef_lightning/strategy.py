@@ -86,7 +86,8 @@ class EF21MuonStrategy(DDPStrategy):
             (``"marina"`` with unbiased compressors, ``"ef21_page"``, ``"mvr"``; ALGORITHM.md §4). These need the
             gradient on the same batch at the previous point: the strategy re-runs the training closure (forward +
             backward of ``training_step``) with the previous W loaded — one extra forward/backward per step, counted
-            in the ledger; that second pass does not log. Not combinable with ``accumulate_grad_batches > 1``.
+            in the ledger; that second pass does not log (``on_before_optimizer_step`` callbacks and gradient clipping
+            do run for it). Not combinable with ``accumulate_grad_batches > 1``.
         p: refresh probability of ``marina`` / ``ef21_page`` (default: bits of the compressed message / dense bits).
         participation: fraction of workers sending each round (``topology="server"`` only; federated setting).
         process_group_backend, timeout, start_method, accelerator, parallel_devices, cluster_environment,
@@ -134,6 +135,14 @@ class EF21MuonStrategy(DDPStrategy):
             downlink = "identity" if topology == "allgather" else dict(DEFAULT_DOWNLINK)
         _validate_spec(uplink, "uplink")
         _validate_spec(downlink, "downlink")
+        if estimator == "marina":  # checked per tensor by the engine too; fail here, at construction, when we can
+            specs = uplink.values() if isinstance(uplink, Mapping) else [uplink]
+            bad = [s for s in specs if _comp.build(s).kind == "contractive"]
+            if bad:
+                raise ValueError(f"estimator='marina' needs unbiased compressors (rand_k:<r>:unbiased, natural, "
+                                 f"qsgd:<s>) or identity; uplink {bad[0]!r} is contractive")
+        if p is not None and estimator not in ("marina", "ef21_page"):
+            raise ValueError(f"p={p!r} only applies to estimator 'marina' or 'ef21_page', not {estimator!r}")
         if topology == "allgather":
             specs = downlink.values() if isinstance(downlink, Mapping) else [downlink]
             bad = [s for s in specs if _comp.build(s).kind != "identity"]

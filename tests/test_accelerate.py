@@ -450,3 +450,25 @@ def test_vr_save_state_load_state_is_bit_identical(acc_results):
         for k, v in full["ef21"]["W_prev"].items():
             assert torch.equal(v, resumed["ef21"]["W_prev"][k]), (r, "W_prev", k)
         assert full["ef21"]["ledger"] == resumed["ef21"]["ledger"] and full["ef21"]["applied"] == 6
+
+
+def test_server_model_context_loads_x_and_restores_w():
+    """One process (Simulator path) with a compressed downlink: inside the block the parameters are X, then W."""
+    model = make_model()
+    opt = make_optimizer(model)
+    acc = fresh_accelerator()
+    plugin = EF21Plugin(enabled=True, uplink="top_k:0.3", downlink="top_k:0.3")
+    model, opt = plugin.prepare(acc, model, opt)
+    data = make_data(1, 3)
+    for k in range(3):
+        opt.zero_grad()
+        acc.backward(mse(model, data[k][0]))
+        opt.step()
+    X = plugin.engine.server_parameters()
+    W = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(not torch.equal(X[n], W[n]) for n in X)
+    with plugin.server_model():
+        for n, p in model.named_parameters():
+            assert torch.equal(p, X[n])
+    for n, p in model.named_parameters():
+        assert torch.equal(p, W[n])

@@ -13,6 +13,8 @@ import ef_lightning as efl
 from dist_helpers import (check_ok, engine_mismatch, engine_nan, engine_resume, engine_run, make_data, make_model,
                           make_optimizer, mse, run_distributed)
 
+pytestmark = pytest.mark.slow  # multi-process: the bulk of the suite's time (deselect: -m 'not slow')
+
 STEPS = 8
 CONFIGS = [
     {"topology": t, "uplink": up, "downlink": "identity"}

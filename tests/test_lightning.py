@@ -14,6 +14,8 @@ import torch
 
 import ef_lightning as efl
 
+pytestmark = pytest.mark.slow  # multi-process: the bulk of the suite's time (deselect: -m 'not slow')
+
 HERE = Path(__file__).parent
 TWO_PROC = ["vs_ddp", "topk_csv", "resume", "accumulate", "bf16", "adamw", "vr"]
 
@@ -90,7 +92,8 @@ def test_topk_bits_logged_in_csv_equal_closed_form(runs):
     assert any(r.get("val_loss") for r in rows)  # validation ran (at X: W != X with a top_k downlink)
     assert abs(res["val_logged"] - res["val_at_x"]) <= 1e-6  # validation is reported at the server model X
     assert abs(res["val_at_w"] - res["val_at_x"]) > 1e-6  # ... which differs from W here (compressed downlink)
-    assert res["test_at_x"]  # after fit the module holds X, so test/predict evaluate the server model and res["n_predicted"] == 128  # test and predict loops (256 / 2 ranks)
+    assert res["test_at_x"]  # after fit the module holds X, so test/predict evaluate the server model
+    assert res["test"][0]["test_loss"] > 0 and res["n_predicted"] == 128  # test and predict loops (256 / 2 ranks)
 
 
 def test_resume_from_checkpoint_is_bit_identical(runs):
@@ -162,5 +165,26 @@ def test_strategy_validates_estimator_arguments(runs):
         efl.EF21MuonStrategy(participation=0.5)  # sharded: no partial participation
     with pytest.raises(ValueError, match="p=0"):
         efl.EF21MuonStrategy(estimator="marina", uplink="natural", p=0)
+    with pytest.raises(ValueError, match="contractive"):
+        efl.EF21MuonStrategy(estimator="marina")  # the default uplink is top_k
+    with pytest.raises(ValueError, match="only applies"):
+        efl.EF21MuonStrategy(p=0.5)
     # accumulation is checked when fitting starts (1-process run)
     assert "accumulate_grad_batches=2" in _load(runs, "world_change")["vr_accumulate_error"]
+
+
+def test_monitor_raises_when_a_step_ran_without_the_sync():
+    """A Lightning optimizer step that produced no EF21 record (the strategy's step was bypassed) is an error."""
+    from types import SimpleNamespace
+
+    from ef_lightning.callbacks import CommunicationMonitor
+    from ef_lightning.comm import Ledger
+
+    engine = SimpleNamespace(ledger=Ledger(), layers=[])
+    trainer = SimpleNamespace(strategy=SimpleNamespace(engine=engine), global_step=0)
+    mon = CommunicationMonitor()
+    mon._active = True
+    mon.on_train_start(trainer, None)
+    trainer.global_step = 1  # Lightning counted an optimizer step ...
+    with pytest.raises(RuntimeError, match="without the EF21 sync"):
+        mon.on_train_batch_end(trainer, None, None, None, 0)  # ... but the ledger has no record of it

@@ -24,6 +24,8 @@ sys.path.insert(0, str(RECIPES))
 import config as rc  # noqa: E402
 import text_data  # noqa: E402
 
+pytestmark = pytest.mark.slow  # multi-process: the bulk of the suite's time (deselect: -m 'not slow')
+
 
 def _run(args: list[str], ef21: bool, timeout: int = 300) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
