@@ -110,7 +110,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ef_lightning import compressors as _comp
 from ef_lightning.comm import TOPOLOGIES, Ledger
-from ef_lightning.ef21 import ESTIMATORS, NONFINITE, ROLES, EF21Engine, Simulator
+from ef_lightning.ef21 import (DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK, ESTIMATORS, NONFINITE, ROLES,
+                               EF21Engine, Simulator)
 
 __all__ = ["ENV_PREFIX", "EF21Plugin"]
 
@@ -247,7 +248,9 @@ class EF21Plugin:
                 "Env EF21_PARTICIPATION; default all workers."})
 
     def __post_init__(self) -> None:
-        defaults = {"enabled": False, "uplink": "identity", "downlink": "identity", "topology": "sharded",
+        # the same defaults as the Lightning strategy (ef_lightning.ef21.DEFAULT_*, chosen in docs/benchmarks.md);
+        # the downlink default depends on the topology (allgather has none), so it is resolved after the loop
+        defaults = {"enabled": False, "uplink": dict(DEFAULT_UPLINK), "topology": DEFAULT_TOPOLOGY, "downlink": None,
                     "server_rank": 0, "seed": 0, "on_nonfinite": "skip", "estimator": "ef21", "p": None,
                     "participation": None}
         env_names = {"enabled": "EF21_MUON"}
@@ -262,6 +265,8 @@ class EF21Plugin:
                 else:
                     setattr(self, name, default)
             wheres[name] = where
+            if name == "downlink" and getattr(self, name) is None:
+                self.downlink = "identity" if self.topology == "allgather" else dict(DEFAULT_DOWNLINK)
             setattr(self, name, self._parse(name, getattr(self, name), where))
         self._check_combinations(wheres)
         # runtime state (not configuration, so not dataclass fields)

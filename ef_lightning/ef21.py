@@ -43,11 +43,24 @@ from ef_lightning import compressors as _comp
 from ef_lightning.comm import Ledger, StepRecord, Transport, build_transport
 from ef_lightning.optim import LMO, _classify, momentum_direction_
 
-__all__ = ["ROLES", "EF21Engine", "Simulator", "LayerSpec", "resolve_compressors"]
+__all__ = ["ROLES", "ESTIMATORS", "DEFAULT_UPLINK", "DEFAULT_DOWNLINK", "DEFAULT_TOPOLOGY", "EF21Engine", "Simulator",
+           "LayerSpec", "resolve_compressors"]
 
 #: layer roles a per-role compressor mapping may name (``default`` applies to roles not named)
 ROLES = ("hidden", "embedding", "head", "vector", "conv", "default")
 NONFINITE = ("skip", "raise")
+#: Default compressors of the integrations (Lightning strategy, Accelerate plugin), from the measurements in
+#: docs/benchmarks.md (byte-level Llama, 2 gloo workers, bytes to a target of the uncompressed loss + 1 %): uplink
+#: ``top_k:0.1+natural`` on matrices reaches the target with 11.6x fewer uplink bytes than uncompressed (rank:4 11.0x,
+#: top_k:0.05 9.4x, top_k:0.1 6.0x); a ``top_k:0.5`` downlink halves the server's traffic for ~13 % more steps (total
+#: uplink + downlink 2.1x). Vectors (biases, norm gains) are tiny and stay dense. With ``allgather`` there is no downlink.
+DEFAULT_UPLINK: Mapping[str, str] = {"hidden": "top_k:0.1+natural", "embedding": "top_k:0.1+natural",
+                                     "head": "top_k:0.1+natural", "conv": "top_k:0.1+natural",
+                                     "vector": "identity", "default": "identity"}
+DEFAULT_DOWNLINK: Mapping[str, str] = {"hidden": "top_k:0.5", "embedding": "top_k:0.5", "head": "top_k:0.5",
+                                       "conv": "top_k:0.5", "vector": "identity", "default": "identity"}
+DEFAULT_TOPOLOGY = "sharded"
+
 #: gradient estimators (ALGORITHM.md §2 and §4; arXiv 2604.10689)
 ESTIMATORS = ("ef21", "marina", "ef21_page", "mvr")
 _SERVER = 1 << 20  # "sender id" of the server side in seed derivation (workers are 0..n-1)

@@ -35,20 +35,11 @@ from torch.optim import Optimizer
 
 from ef_lightning import compressors as _comp
 from ef_lightning.comm import TOPOLOGIES
-from ef_lightning.ef21 import ESTIMATORS, NONFINITE, ROLES, EF21Engine
+from ef_lightning.ef21 import (DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK, ESTIMATORS, NONFINITE, ROLES,
+                               EF21Engine)
 
 __all__ = ["EF21MuonStrategy", "DEFAULT_UPLINK", "DEFAULT_DOWNLINK", "DEFAULT_TOPOLOGY"]
 
-#: Default compressors: Top-K on matrices (the paper's headline setting, arXiv 2510.00643 §5); vectors (biases,
-#: norm gains) are tiny and stay dense. Chosen on the demo task (recipes/demo.py: byte-level Llama, 2 CPU workers,
-#: 200 steps, same step budget; validation loss at X, uncompressed 2.348): uplink top_k:0.1 / downlink top_k:0.5
-#: 2.603 (7.6x less uplink, 1.9x less downlink); top_k:0.2 / 0.5 2.513 (4.3x); top_k:0.1 / identity 2.518;
-#: top_k:0.05 / top_k:0.2 2.827 (13.3x). The benchmarks (docs/benchmarks.md) revisit this with step budgets.
-DEFAULT_UPLINK: Mapping[str, str] = {"hidden": "top_k:0.1", "embedding": "top_k:0.1", "head": "top_k:0.1",
-                                     "conv": "top_k:0.1", "vector": "identity", "default": "identity"}
-DEFAULT_DOWNLINK: Mapping[str, str] = {"hidden": "top_k:0.5", "embedding": "top_k:0.5", "head": "top_k:0.5",
-                                       "conv": "top_k:0.5", "vector": "identity", "default": "identity"}
-DEFAULT_TOPOLOGY = "sharded"
 RESUME_POLICIES = ("error", "reinit")
 
 

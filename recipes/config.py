@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ef_lightning.strategy import DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK
+from ef_lightning.ef21 import DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK
 
 __all__ = ["RecipeConfig", "CausalLMConfig", "causal_lm_task", "load_config", "parse_args", "save_resolved",
            "role_specs", "ef21_plugins", "check_world_size", "cpu_threads", "dense_bytes", "plot_loss_vs_uplink",
@@ -227,7 +227,7 @@ def role_specs(spec: str) -> dict[str, str] | str:
     """A matrix compressor spec as the library's per-role mapping: matrices compressed, vectors dense.
 
     Vectors (biases, norm gains) are a tiny share of the bytes and stay dense, as in the library's defaults
-    (``ef_lightning.strategy.DEFAULT_UPLINK``, whose roles this mapping covers). ``"identity"`` stays a string.
+    (``ef_lightning.ef21.DEFAULT_UPLINK``, whose roles this mapping covers). ``"identity"`` stays a string.
     """
     if spec == "identity":
         return spec

@@ -105,7 +105,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     p.add_argument("--devices", type=int, default=2, help="CPU processes (default 2)")
-    p.add_argument("--uplink", default="top_k:0.1", help="uplink compressor spec for matrices (vectors stay dense)")
+    p.add_argument("--uplink", default="top_k:0.1+natural", help="uplink compressor spec for matrices (vectors stay dense)")
     p.add_argument("--downlink", default="top_k:0.5", help="downlink compressor spec for matrices")
     p.add_argument("--topology", default="sharded", choices=["sharded", "server", "allgather"])
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,

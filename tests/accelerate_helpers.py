@@ -168,10 +168,11 @@ def resume_script(rank: int, world: int, ckpt: str, split: int = 3, steps: int =
 # --------------------------------------------------------------------------- variance-reduced estimators (closures)
 #: (estimator, EF21_* settings) of the VR scenarios; the parent builds the same Simulator from these
 VR_CASES: dict[str, dict[str, str]] = {
-    "marina": {"estimator": "marina", "uplink": "rand_k:0.25:unbiased", "topology": "sharded"},
+    "marina": {"estimator": "marina", "uplink": "rand_k:0.25:unbiased", "downlink": "identity", "topology": "sharded"},
     "ef21_page": {"estimator": "ef21_page", "uplink": "top_k:0.2", "downlink": "top_k:0.5", "topology": "sharded",
                   "p": "0.3"},
-    "mvr": {"estimator": "mvr", "uplink": "top_k:0.2", "topology": "server", "participation": "0.5"},
+    "mvr": {"estimator": "mvr", "uplink": "top_k:0.2", "downlink": "identity", "topology": "server",
+            "participation": "0.5"},
 }
 VR_STEPS = 6
 
@@ -246,10 +247,10 @@ def accelerate_scenarios(rank: int, world: int, ckpt: str) -> dict[str, Any]:
     with ef21_env():
         out["plain"] = train_script(rank, world)
         out["plain_accum"] = accumulate_script(rank, world)
-    with ef21_env(muon="1"):
+    with ef21_env(muon="1", uplink="identity", downlink="identity"):  # identity: must equal plain DDP
         out["ef21"] = train_script(rank, world)
         out["ef21_accum"] = accumulate_script(rank, world)
-    with ef21_env(muon="1", uplink="top_k:0.1", topology="sharded"):
+    with ef21_env(muon="1", uplink="top_k:0.1", downlink="identity", topology="sharded"):
         out["topk"] = train_script(rank, world, steps=3)
     with ef21_env(muon="1", uplink="top_k:0.1", downlink="top_k:0.3", topology="sharded"):
         out["resume"] = resume_script(rank, world, ckpt)
@@ -323,7 +324,8 @@ def hf_scenarios(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     with ef21_env():
         out["plain"] = run_hf_trainer(os.path.join(out_dir, "plain"), ef21=False, steps=4, trainer_cls="Trainer",
                                       accumulate=2)
-        out["ef21"] = run_hf_trainer(os.path.join(out_dir, "ef21"), ef21=True, steps=4, accumulate=2)
+        out["ef21"] = run_hf_trainer(os.path.join(out_dir, "ef21"), ef21=True, steps=4, accumulate=2,
+                                     uplink="identity", downlink="identity")
         full_dir = os.path.join(out_dir, "full")
         out["full"] = run_hf_trainer(full_dir, ef21=True, steps=4, save_steps=2, uplink="top_k:0.2",
                                      downlink="top_k:0.5")

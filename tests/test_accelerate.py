@@ -66,7 +66,10 @@ def test_defaults_without_environment(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     p = EF21Plugin()
     assert p.enabled is False and p.ledger is None and p.metrics() == {}
-    assert p.to_kwargs() == {"uplink": "identity", "downlink": "identity", "topology": "sharded", "server_rank": 0,
+    from ef_lightning.ef21 import DEFAULT_DOWNLINK, DEFAULT_UPLINK
+
+    assert p.to_kwargs() == {"uplink": DEFAULT_UPLINK, "downlink": DEFAULT_DOWNLINK, "topology": "sharded",
+                             "server_rank": 0,
                              "seed": 0, "on_nonfinite": "skip", "estimator": "ef21", "p": None,
                              "participation": None}
 
@@ -145,7 +148,7 @@ def test_single_process_with_flag_matches_plain_training():
     from ef_lightning import Simulator
 
     W_plain, lr_plain = _single_process_run(EF21Plugin(enabled=False))
-    plugin = EF21Plugin(enabled=True)
+    plugin = EF21Plugin(enabled=True, uplink="identity", downlink="identity")
     W_ef21, lr_ef21 = _single_process_run(plugin)
     assert isinstance(plugin.engine, Simulator) and plugin.engine.n_workers == 1
     assert max_diff(W_plain, W_ef21) <= 1e-6
@@ -406,7 +409,7 @@ def test_single_process_vr_with_closure_matches_simulator():
     """One process: the plugin's closure path gives the 1-worker Simulator's trajectory and gradient count."""
     from accelerate_helpers import _vr_train
 
-    plugin = EF21Plugin(enabled=True, estimator="ef21_page", uplink="top_k:0.2", p=0.5)
+    plugin = EF21Plugin(enabled=True, estimator="ef21_page", uplink="top_k:0.2", downlink="identity", p=0.5)
     accelerator = fresh_accelerator()
     model = make_model(0)
     model, optimizer = plugin.prepare(accelerator, model, make_optimizer(model))

@@ -173,8 +173,8 @@ def test_precedence_and_conversion(tmp_path):
     defaults = rc.CausalLMConfig()
     saved = rc.save_resolved(cfg, tmp_path)
     assert saved.name == rc.RESOLVED_NAME and rc.load_config(rc.CausalLMConfig, saved) == cfg
-    # the shipped defaults follow the library's (ef_lightning.strategy.DEFAULT_UPLINK / DEFAULT_DOWNLINK)
-    assert (defaults.uplink, defaults.downlink, defaults.topology) == ("top_k:0.1", "top_k:0.5", "sharded")
+    # the shipped defaults follow the library's (ef_lightning.ef21.DEFAULT_UPLINK / DEFAULT_DOWNLINK)
+    assert (defaults.uplink, defaults.downlink, defaults.topology) == ("top_k:0.1+natural", "top_k:0.5", "sharded")
 
 
 def test_shipped_configs_load():

@@ -1,0 +1,479 @@
+"""Shared pieces of the benchmarks (BENCHMARKS.md): the standard CPU-sized NanoGPT task, optimizers of every method,
+deterministic per-worker data shards, evaluation at the server model X, byte accounting for peers, process helpers.
+
+The task: a byte-level Llama causal LM built from a ``transformers.LlamaConfig`` (no download), **untied** input
+embedding and output head, trained on the Python standard library's docstrings (``recipes/text_data.py``: offline,
+identical on every machine with the same Python version). Worker j of n takes, at step s, the training blocks
+``perm[(s*n + j)*B : (s*n + j + 1)*B]`` of one seeded permutation, so every method sees the same samples in the
+same order, and a real process and the Simulator's worker j see the same shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+TMP = Path(os.environ.get("TMPDIR", "/tmp")) / "ef_lightning_bench"  # scratch (per-rank result files)
+sys.path.insert(0, str(ROOT / "recipes"))
+
+
+# ------------------------------------------------------------------------------------------------------ the task
+@dataclasses.dataclass
+class Task:
+    """Model and data sizes of one benchmark task; ``steps`` is the uncompressed run's budget (optimizer steps)."""
+
+    hidden: int = 96
+    layers: int = 2
+    heads: int = 4
+    block: int = 64          # sequence length in bytes (= tokens)
+    batch: int = 8           # sequences per worker per step
+    steps: int = 300         # uncompressed budget
+    warmup: int = 20         # linear warm-up steps, then constant LR (same shape at every budget)
+    val_every: int = 25
+    val_batches: int = 8     # validation batches of ``batch`` sequences, fixed, split across ranks
+    seed: int = 0
+
+    def tokens_per_step(self, n_workers: int) -> int:
+        return self.block * self.batch * n_workers
+
+
+SMOKE = Task(hidden=32, layers=1, heads=2, block=32, batch=4, steps=6, warmup=2, val_every=3, val_batches=2)
+
+
+def build_model(task: Task) -> nn.Module:
+    """The byte-level Llama (untied head), initialised from ``task.seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    cfg = LlamaConfig(vocab_size=256, hidden_size=task.hidden, intermediate_size=4 * task.hidden,
+                      num_hidden_layers=task.layers, num_attention_heads=task.heads, num_key_value_heads=task.heads,
+                      max_position_embeddings=max(512, task.block), tie_word_embeddings=False)
+    torch.manual_seed(task.seed)
+    return LlamaForCausalLM(cfg)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def fp32_bytes(model: nn.Module) -> int:
+    """The model's size in fp32 bytes: the unit of bytes-to-target (BENCHMARKS.md)."""
+    return 4 * n_params(model)
+
+
+class Data:
+    """Deterministic per-worker shards of the training blocks and a fixed validation set."""
+
+    def __init__(self, task: Task) -> None:
+        from text_data import byte_splits
+
+        self.task = task
+        self.train, self.val = byte_splits(block=task.block)
+        g = torch.Generator().manual_seed(1000 + task.seed)
+        self.perm = torch.randperm(len(self.train), generator=g)
+        self.val_idx = list(range(min(len(self.val), task.val_batches * task.batch)))
+
+    def _stack(self, ds: Any, idx: Sequence[int]) -> dict[str, torch.Tensor]:
+        items = [ds[int(i)] for i in idx]
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    def batch(self, step: int, worker: int, n_workers: int) -> dict[str, torch.Tensor]:
+        B = self.task.batch
+        start = ((step * n_workers + worker) * B) % (len(self.perm) - B)
+        return self._stack(self.train, self.perm[start:start + B].tolist())
+
+    def val_batches(self, rank: int = 0, world: int = 1) -> list[dict[str, torch.Tensor]]:
+        B = self.task.batch
+        chunks = [self.val_idx[i:i + B] for i in range(0, len(self.val_idx), B)]
+        return [self._stack(self.val, c) for c in chunks[rank::world]]
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], distributed: bool = False) -> float:
+    """Mean validation loss over ``batches`` (each rank its share when ``distributed``; summed with all_reduce)."""
+    was = model.training
+    model.eval()
+    tot = torch.zeros(2, dtype=torch.float64)
+    for b in batches:
+        tot[0] += float(lm_loss(model, b)) * b["input_ids"].shape[0]
+        tot[1] += b["input_ids"].shape[0]
+    if distributed:
+        dist.all_reduce(tot)
+    model.train(was)
+    return float(tot[0] / tot[1])
+
+
+@torch.no_grad()
+def evaluate_at(model: nn.Module, params: dict[str, torch.Tensor], batches: Sequence[dict[str, torch.Tensor]],
+                distributed: bool = False) -> float:
+    """Validation loss with the module's parameters temporarily replaced by ``params`` (the server model X)."""
+    named = dict(model.named_parameters())
+    saved = {k: named[k].detach().clone() for k in params}
+    for k, v in params.items():
+        named[k].copy_(v)
+    try:
+        return evaluate(model, batches, distributed)
+    finally:
+        for k, v in saved.items():
+            named[k].copy_(v)
+
+
+# ------------------------------------------------------------------------------------------------------ optimizers
+ADAMW_LR = 3e-3     # peers' AdamW learning rate (small model; not tuned per method, stated in the doc)
+MUON_LR = 0.02      # torch.optim.Muon on hidden matrices (Keller's default)
+
+
+def hidden_matrix_names(model: nn.Module) -> set[str]:
+    """Names of the hidden 2-D weights (attention and MLP projections); embedding and head excluded."""
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return {n for n, p in model.named_parameters() if p.ndim == 2 and p is not emb and p is not head}
+
+
+def build_optimizer(model: nn.Module, kind: str, task: Task) -> torch.optim.Optimizer:
+    """``lmo`` (the Gluon preset of ef_lightning, default LR), ``adamw``, or ``muon`` (torch.optim.Muon on hidden
+    matrices + AdamW on the rest, combined in one optimizer object)."""
+    import ef_lightning as efl
+
+    if kind == "lmo":
+        return efl.build_lmo_optimizer(model, preset="gluon", verbose=False)
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=ADAMW_LR, betas=(0.9, 0.95), weight_decay=0.0)
+    if kind == "muon":
+        hidden = hidden_matrix_names(model)
+        named = list(model.named_parameters())
+        return _Combined([
+            torch.optim.Muon([p for n, p in named if n in hidden], lr=MUON_LR, weight_decay=0.0, momentum=0.95,
+                             nesterov=True, adjust_lr_fn="original"),
+            torch.optim.AdamW([p for n, p in named if n not in hidden], lr=ADAMW_LR, betas=(0.9, 0.95),
+                              weight_decay=0.0),
+        ])
+    raise ValueError(f"optimizer kind {kind!r}; valid: lmo, adamw, muon")
+
+
+class _Combined(torch.optim.Optimizer):
+    """Several optimizers stepping together behind one Optimizer (so one LR scheduler drives them all)."""
+
+    def __init__(self, opts: list[torch.optim.Optimizer]) -> None:
+        self.opts = opts
+        self.param_groups = [g for o in opts for g in o.param_groups]
+        self.defaults = {}
+        self.state = {}
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [t for o in self.opts for s in o.state.values() for t in s.values() if torch.is_tensor(t)]
+
+
+def warmup_scheduler(opt: torch.optim.Optimizer, task: Task) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up for ``task.warmup`` steps, then constant: the same shape at every budget (so a stretched
+    budget is the same schedule run longer, and stopping at the target is the prefix of the full run)."""
+    w = max(1, task.warmup)
+    if isinstance(opt, _Combined):
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / w)) for o in opt.opts]
+        return _MultiSched(scheds)  # type: ignore[return-value]
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / w))
+
+
+class _MultiSched:
+    def __init__(self, scheds: list[Any]) -> None:
+        self.scheds = scheds
+
+    def step(self) -> None:
+        for s in self.scheds:
+            s.step()
+
+
+def role_spec(spec: str) -> dict[str, str] | str:
+    """Compressor on every matrix role; vectors (norm gains) stay dense (what the strategy's defaults do)."""
+    if spec == "identity":
+        return "identity"
+    return {"hidden": spec, "embedding": spec, "head": spec, "conv": spec, "vector": "identity",
+            "default": "identity"}
+
+
+# ------------------------------------------------------------------------------------------------------ byte rules
+def ddp_bytes_per_step(model: nn.Module) -> int:
+    """DDP's per-worker send volume per step by the benchmark rule: the dense fp32 gradient, numel·4 bytes."""
+    return fp32_bytes(model)
+
+
+def powersgd_bytes_per_step(model: nn.Module, rank: int, min_compression_rate: float = 2.0) -> int:
+    """PowerSGD (torch hook) per-worker bytes per step: r·(m+n) fp32 values per compressed matrix (the hook views a
+    tensor as shape[0] × rest and compresses it when m·n > r·(m+n)·min_compression_rate), dense fp32 otherwise."""
+    total = 0
+    for p in model.parameters():
+        if p.ndim <= 1:
+            total += 4 * p.numel()
+            continue
+        m, n = p.shape[0], p.numel() // p.shape[0]
+        total += 4 * (rank * (m + n) if m * n > rank * (m + n) * min_compression_rate else m * n)
+    return total
+
+
+def bytes_to_target(curve: Sequence[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    """The first validation point with ``val_loss <= target`` (None: never reached)."""
+    return next((c for c in curve if c["val_loss"] <= target), None)
+
+
+def loss_at_step(curve: Sequence[dict[str, Any]], step: int) -> float | None:
+    """Validation loss at the last evaluation at or before ``step``."""
+    pts = [c for c in curve if c["step"] <= step]
+    return pts[-1]["val_loss"] if pts else None
+
+
+# ------------------------------------------------------------------------------------------------------ processes
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, init: str, fn: Callable[..., Any], out_dir: str, kwargs: dict) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import warnings
+    warnings.filterwarnings("ignore", r".*before `optimizer.step\(\)`.*")
+    warnings.filterwarnings("ignore", ".*all_gather_into_tensor` is deprecated.*")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        res = fn(rank, world, **kwargs)
+        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
+    except BaseException as e:
+        torch.save({"__error__": repr(e), "tb": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def run_processes(fn: Callable[..., Any], world: int, out_dir: Path, **kwargs: Any) -> list[Any]:
+    """``fn(rank, world, **kwargs)`` in ``world`` spawned gloo processes on loopback; each rank's return value."""
+    import torch.multiprocessing as mp
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / f"rank{r}.pt" for r in range(world)]
+    for f in files:
+        f.unlink(missing_ok=True)
+    try:
+        mp.start_processes(_entry, args=(world, f"tcp://127.0.0.1:{free_port()}", fn, str(out_dir), kwargs),
+                           nprocs=world, join=True, start_method="spawn")
+    except mp.ProcessExitedException:
+        if not all(f.exists() for f in files):  # gloo sometimes aborts at exit after the results are written
+            raise
+    res = [torch.load(f, weights_only=False) for f in files]
+    for r, x in enumerate(res):
+        if isinstance(x, dict) and "__error__" in x:
+            raise RuntimeError(f"rank {r} failed:\n{x['tb']}")
+    return res
+
+
+def environment() -> dict[str, Any]:
+    """Machine and versions, for every results file."""
+    import importlib.metadata as md
+
+    vers = {}
+    for pkg in ("torch", "transformers", "lightning", "accelerate", "ef_lightning"):
+        try:
+            vers[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            vers[pkg] = None
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "versions": vers, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "threads_per_process": 1}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, default=float))
+
+
+# ------------------------------------------------------------------------------------------------------ methods
+def method_name(spec: dict[str, Any]) -> str:
+    """``ef21_muon_<topology>`` for ours, ``ddp_<optimizer>`` / ``ddp_powersgd_r<rank>_<optimizer>`` for peers."""
+    if spec["kind"] == "ef21":
+        return f"ef21_muon_{spec['topology']}"
+    if spec.get("psgd_rank"):
+        return f"ddp_powersgd_r{spec['psgd_rank']}_{spec['optimizer']}"
+    return f"ddp_{spec['optimizer']}"
+
+
+def label(spec: dict[str, Any]) -> str:
+    """A unique, readable name of one configuration (method + compressors)."""
+    if spec["kind"] == "ef21":
+        return f"{method_name(spec)} up={spec['uplink']} down={spec['downlink']}"
+    return method_name(spec)
+
+
+class _CountAllReduce:
+    """Counts the bytes of tensors handed to ``torch.distributed.all_reduce`` from Python (the PowerSGD hook's
+    P/Q factors and its uncompressed tensors); DDP's own C++ reducer does not pass through here."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._orig = dist.all_reduce
+
+    def __enter__(self) -> "_CountAllReduce":
+        orig = self._orig
+
+        def wrapped(tensor: torch.Tensor, *a: Any, **k: Any) -> Any:
+            self.bytes += tensor.numel() * tensor.element_size()
+            return orig(tensor, *a, **k)
+
+        dist.all_reduce = wrapped
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        dist.all_reduce = self._orig
+
+
+class Runner:
+    """One method on one rank of a gloo group: model, optimizer, engine or DDP wrapper, and a ``step(batch)``.
+
+    ``step`` returns the training loss; ``last_uplink_bytes``/``last_downlink_bytes`` are that step's per-worker
+    uplink bytes and server-side downlink bytes (EF21: the ledger's wire bytes; DDP: the dense fp32 rule; PowerSGD:
+    r·(m+n) floats per compressed matrix, from the hook's own accounting rule, after its dense warm-up steps)."""
+
+    def __init__(self, spec: dict[str, Any], task: Task) -> None:
+        import ef_lightning as efl
+
+        self.spec, self.task = spec, task
+        self.model = build_model(task)
+        self.opt = build_optimizer(self.model, spec["optimizer"], task)
+        self.sched = warmup_scheduler(self.opt, task)
+        self.engine = self.ddp = self.psgd_state = None
+        self.counter = None
+        self.step_count = 0
+        if spec["kind"] == "ef21":
+            self.engine = efl.EF21Engine(self.model, self.opt, uplink=role_spec(spec["uplink"]),
+                                         downlink=role_spec(spec["downlink"]), topology=spec["topology"],
+                                         seed=task.seed)
+            self.module = self.model
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # one bucket (explicit cap: the default puts a 1 MiB first bucket in front). With two buckets the PowerSGD
+            # hook over gloo aborted here with a collective size mismatch (torch 2.13, see docs/benchmarks.md)
+            self.ddp = DDP(self.model, bucket_cap_mb=25)
+            if spec.get("psgd_rank"):
+                from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as P
+
+                self.psgd_state = P.PowerSGDState(process_group=None, matrix_approximation_rank=spec["psgd_rank"],
+                                                  start_powerSGD_iter=2, use_error_feedback=True, warm_start=True,
+                                                  random_seed=task.seed)
+                self.ddp.register_comm_hook(self.psgd_state, P.powerSGD_hook)
+                self.counter = _CountAllReduce()
+            self.module = self.ddp
+        self.dense = ddp_bytes_per_step(self.model)
+        self.psgd = powersgd_bytes_per_step(self.model, spec["psgd_rank"]) if spec.get("psgd_rank") else None
+        self.measured_hook_bytes = 0
+        self.last_uplink_bytes = self.last_downlink_bytes = 0
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        if self.counter is not None:
+            with self.counter:
+                loss = lm_loss(self.module, batch)
+                loss.backward()
+        else:
+            loss = lm_loss(self.module, batch)
+            loss.backward()
+        if self.engine is not None:
+            self.engine.step()
+            rec = self.engine.ledger.last
+            self.last_uplink_bytes, self.last_downlink_bytes = rec.uplink_wire_bytes, rec.downlink_wire_bytes
+        else:
+            self.opt.step()
+            warm = self.psgd is not None and self.step_count >= self.psgd_state.start_powerSGD_iter
+            self.last_uplink_bytes = self.psgd if warm else self.dense
+            self.last_downlink_bytes = 0
+        self.sched.step()
+        self.step_count += 1
+        return float(loss.detach())
+
+    def server_params(self) -> dict[str, torch.Tensor] | None:
+        """X for evaluation (a collective for sharded/server topologies); None when the module already holds it."""
+        if self.engine is None or self.engine.topology == "allgather":
+            return None
+        return self.engine.gather_server_model()
+
+    def val_loss(self, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+        X = self.server_params()
+        if X is None:
+            return evaluate(self.model, batches, distributed=True)
+        return evaluate_at(self.model, X, batches, distributed=True)
+
+    def final_params(self) -> dict[str, torch.Tensor]:
+        X = self.server_params()
+        return X if X is not None else {k: v.detach().clone() for k, v in self.model.named_parameters()}
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of per-rank training state beyond the model: optimizer state, EF21 state (M_j, G_j, X, G), DDP
+        gradient buckets (dense fp32 copy of the gradients), PowerSGD error-feedback residuals and factors."""
+        def nbytes(ts: Any) -> int:
+            return sum(t.numel() * t.element_size() for t in ts if torch.is_tensor(t))
+
+        opt = self.opt.state_tensors() if isinstance(self.opt, _Combined) else \
+            [t for s in self.opt.state.values() for t in s.values()]
+        out = {"optimizer": nbytes(opt)}
+        if self.engine is not None:
+            w, s = self.engine.worker, self.engine.server
+            out["ef21_worker_M"] = nbytes(w.M.values())
+            out["ef21_worker_G"] = nbytes(w.G.values())
+            out["ef21_server_X"] = nbytes(s.X.values())
+            out["ef21_server_G"] = nbytes(s.G.values())
+        else:
+            out["ddp_buckets"] = self.dense
+            if self.psgd_state is not None:
+                st = self.psgd_state
+                out["powersgd"] = nbytes(list(st.error_dict.values()) + list(st.p_memory_dict.values())
+                                         + list(st.q_memory_dict.values()))
+        out["total"] = sum(out.values())
+        return out
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.detach()
