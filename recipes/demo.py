@@ -83,10 +83,10 @@ def run(args: argparse.Namespace, uplink: str, downlink: str, tag: str) -> dict:
 def report(rows: list[dict]) -> str:
     MB = 1e6
     lines = ["", "EF21-Muon demo — 2 CPU processes (gloo), byte-level Llama on Python stdlib docstrings",
-             f"{'run':<12} {'uplink':<14} {'downlink':<14} {'val loss @X':>11} {'uplink MB/worker':>17} "
+             f"{'run':<12} {'uplink':<18} {'downlink':<14} {'val loss @X':>11} {'uplink MB/worker':>17} "
              f"{'dense MB':>9} {'ratio':>6} {'downlink MB':>12} {'time s':>7}"]
     for r in rows:
-        lines.append(f"{r['tag']:<12} {r['uplink']:<14} {r['downlink']:<14} {r['val_loss']:>11.4f} "
+        lines.append(f"{r['tag']:<12} {r['uplink']:<18} {r['downlink']:<14} {r['val_loss']:>11.4f} "
                      f"{r['uplink_wire_bytes_per_worker'] / MB:>17.2f} {r['dense_bytes_per_worker'] / MB:>9.2f} "
                      f"{r['compression_ratio']:>5.1f}x {r['downlink_wire_bytes'] / MB:>12.2f} {r['seconds']:>7.1f}")
     last = rows[-1]
