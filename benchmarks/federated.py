@@ -237,7 +237,7 @@ def _fmt_bits(b: float | None) -> str:
 
 
 def markdown(results: dict[str, Any], command: str) -> str:
-    """The docs/federated.md section: setup, table per task, verdict, caveats."""
+    """The docs/benchmarks.md section: setup, table per task, verdict, caveats."""
     cfg = results["config"]
     lines = [DOC_BEGIN, "", "## Federated benchmark: compressed Gluon with variance reduction (arXiv 2604.10689)", "",
              f"Command: `{command}` (seeds {results['seeds']}, {results['environment']['date']}, "
@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--participation", type=float, default=None, help="fraction of workers per round in (0, 1]")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (JSON + PNG)")
     ap.add_argument("--doc", type=Path, default=None,
-                    help="markdown file to write the section into (default docs/federated.md; smoke: none)")
+                    help="markdown file to write the section into (default docs/benchmarks.md; smoke: none)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     cfg = dataclasses.replace(SMOKE if args.smoke else Config())
@@ -385,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results["png"] = str(png)
     plot(results, png)
     write_json(args.out / f"{stem}.json", results)
-    doc = args.doc if args.doc is not None else (None if args.smoke else ROOT / "docs" / "federated.md")
+    doc = args.doc if args.doc is not None else (None if args.smoke else ROOT / "docs" / "benchmarks.md")
     if doc is not None:
         write_doc(doc, markdown(results, results["command"]))
     for task, t in results["tasks"].items():
