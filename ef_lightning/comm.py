@@ -20,6 +20,7 @@ The in-process simulation of n workers lives in :class:`ef_lightning.ef21.Simula
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -164,7 +165,7 @@ def assign_owners(sizes: Sequence[int], world_size: int) -> list[int]:
     return owners
 
 
-class Transport:
+class Transport(abc.ABC):
     """Moves packed EF21 buffers between the ranks of a process group.
 
     Subclasses fix who owns (serves) each layer and which collectives carry the two directions. Every method is a
@@ -186,10 +187,12 @@ class Transport:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
 
+    @abc.abstractmethod
     def owners(self, sizes: Sequence[int]) -> list[int]:
         """Owner rank of each layer (``-1`` = every rank)."""
-        raise NotImplementedError  # abstract; each topology overrides
+        ...
 
+    @abc.abstractmethod
     def uplink(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> list[torch.Tensor]:
         """Send this worker's per-owner buffers; return the buffers addressed to this rank, one per worker.
 
@@ -202,11 +205,12 @@ class Transport:
             for each worker ``j`` in rank order, the buffer it sent to this rank (empty list when this rank owns
             no layer). ``wire`` bytes handed to the collective are returned by :meth:`uplink_wire_bytes`.
         """
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:
         """Send this rank's packed S (if it serves layers); return every owner's S buffer, in owner order."""
-        raise NotImplementedError
+        ...
 
     def uplink_wire_bytes(self, lengths: Sequence[int]) -> int:
         """Bytes one worker hands to the uplink collective."""

@@ -33,6 +33,7 @@ low-rank / PowerSGD (Vogels, Karimireddy, Jaggi 2019, arXiv 1905.13727).
 
 from __future__ import annotations
 
+import abc
 import math
 import operator
 from dataclasses import dataclass
@@ -161,7 +162,7 @@ class Message:
         return sum(t.numel() * t.element_size() for t in self.payload)
 
 
-class Compressor:
+class Compressor(abc.ABC):
     """Base class: a subclass defines ``layout``, ``bits``, ``constant``, ``_encode`` and ``_decode``.
 
     Attributes:
@@ -180,24 +181,29 @@ class Compressor:
         return f"{type(self).__name__}({self.spec!r})"
 
     # -- per compressor ------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def constant(self, shape: ShapeLike) -> float:
         """α (contractive, worst case over inputs of this shape), ω (unbiased) or 1.0 (identity)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def layout(self, shape: ShapeLike, dtype: torch.dtype) -> list[tuple[int, torch.dtype]]:
         """(numel, dtype) of each payload tensor: a function of shape and dtype only, never of the values."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def bits(self, shape: ShapeLike, dtype: torch.dtype) -> int:
         """Theoretical message size in bits (ALGORITHM.md §3), equal to ``message.bits``."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _encode(self, x: Tensor, seed: int) -> list[Tensor]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _decode(self, payload: list[Tensor], shape: torch.Size, dtype: torch.dtype, seed: int) -> Tensor:
         """Any float tensor with numel d; the base class reshapes and casts."""
-        raise NotImplementedError
+        ...
 
     def value_numels(self, shape: ShapeLike) -> list[int]:
         """Value carriers: numel of each value tensor (after the ``n_aux`` auxiliary ones)."""
