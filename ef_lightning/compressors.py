@@ -85,7 +85,9 @@ def pack_bits(values: Tensor, width: int) -> Tensor:
     n = v.numel()
     nbytes = (n * width + 7) // 8
     bits = torch.zeros(nbytes * 8, dtype=torch.uint8, device=v.device)
-    if n and width:
+    if n and width == 1:  # bitmaps (top-k masks, signs): the values are the bits
+        bits[:n] = v.to(torch.uint8) & 1
+    elif n and width:
         shifts = torch.arange(width, device=v.device)
         bits[: n * width] = ((v.unsqueeze(1) >> shifts) & 1).reshape(-1).to(torch.uint8)
     weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=v.device)
@@ -102,6 +104,8 @@ def unpack_bits(buf: Tensor, width: int, n: int) -> Tensor:
         return torch.zeros(n, dtype=torch.int64, device=buf.device)
     buf = buf.reshape(-1)[:need]
     bits = (buf.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=buf.device)) & 1  # (need, 8), LSB first
+    if width == 1:
+        return bits.reshape(-1)[:n].to(torch.int64)
     B = bits.reshape(-1)[: n * width].view(n, width).to(torch.int64)
     return (B << torch.arange(width, device=buf.device)).sum(1)
 
@@ -318,11 +322,15 @@ class _Sparsifier(Compressor):
     def __init__(self, r: Fraction, is_count: bool) -> None:
         self.r, self.is_count = r, is_count
         self.spec = f"{self.name}:{_fmt_ratio(r, is_count)}"
+        self._k_cache: dict[int, int] = {}
 
     def k(self, shape: ShapeLike) -> int:
-        """Number of kept entries for this shape."""
+        """Number of kept entries for this shape (memoised: exact Fraction arithmetic is slow in a hot path)."""
         d = _numel(shape)
-        return min(int(self.r), d) if self.is_count else min(math.ceil(self.r * d), d)
+        K = self._k_cache.get(d)
+        if K is None:
+            K = self._k_cache[d] = min(int(self.r), d) if self.is_count else min(math.ceil(self.r * d), d)
+        return K
 
 
 class TopK(_Sparsifier):
@@ -357,22 +365,22 @@ class TopK(_Sparsifier):
     def _encode(self, x, seed):
         v = x.reshape(-1)
         d, K = v.numel(), self.k(x.shape)
-        idx = torch.topk(v.abs(), K, sorted=False).indices.sort().values
+        idx = torch.topk(v.abs(), K, sorted=False).indices
         if self._bitmap(d, K):
-            mask = torch.zeros(d, dtype=torch.uint8, device=v.device)
-            mask[idx] = 1
-            return [pack_bits(mask, 1), v[idx]]
+            mask = torch.zeros(d, dtype=torch.bool, device=v.device)
+            mask[idx] = True
+            return [pack_bits(mask, 1), v[mask]]  # boolean indexing yields the values in ascending index order
+        idx = idx.sort().values  # ascending indices: a canonical message, identical for equal inputs
         return [pack_bits(idx, _index_bits(d)), v[idx]]
 
     def _decode(self, payload, shape, dtype, seed):
         aux, vals = payload
         d, K = _numel(shape), self.k(shape)
-        if self._bitmap(d, K):
-            idx = unpack_bits(aux, 1, d).nonzero().squeeze(1)
-        else:
-            idx = unpack_bits(aux, _index_bits(d), K)
         out = vals.new_zeros(d)
-        out[idx] = vals
+        if self._bitmap(d, K):
+            out[unpack_bits(aux, 1, d).bool()] = vals
+        else:
+            out[unpack_bits(aux, _index_bits(d), K)] = vals
         return out
 
 
