@@ -358,22 +358,11 @@ class EF21Plugin:
             with plugin.server_model():
                 val_loss = evaluate(model, val_loader)
         """
-        engine = self.engine
-        if engine is None or all(L.down.kind == "identity" for L in engine.layers):
+        if self.engine is None:
             yield
             return
-        X = engine.gather_server_model() if isinstance(engine, EF21Engine) else engine.server_parameters()
-        params = {L.name: L.param for L in engine.layers}
-        W = {n: params[n].detach().clone() for n in X}
-        with torch.no_grad():
-            for n, x in X.items():
-                params[n].copy_(x)
-        try:
+        with self.engine.at_server_model():
             yield
-        finally:
-            with torch.no_grad():
-                for n, w in W.items():
-                    params[n].copy_(w)
 
     @staticmethod
     def _check_accelerator(accelerator: Accelerator) -> None:

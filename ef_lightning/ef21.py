@@ -447,19 +447,50 @@ class _Core:
             for L in self.layers:
                 self._W_prev[L.index] = L.param.detach().clone()
 
-    @contextlib.contextmanager
-    def at_previous_point(self) -> Iterator[None]:
-        """Temporarily load the previous step's W into the parameters (for the VR estimators' second gradient)."""
-        current = {L.index: L.param.detach().clone() for L in self.layers}
+    def load_parameters(self, values: Mapping[str, Tensor]) -> None:
+        """Copy tensors keyed by parameter name into the parameters (cast to their dtype); names not given keep
+        their values."""
         with torch.no_grad():
             for L in self.layers:
-                L.param.copy_(self._W_prev[L.index])
+                if L.name in values:
+                    L.param.copy_(values[L.name])
+
+    @contextlib.contextmanager
+    def _params_loaded(self, values: Mapping[str, Tensor]) -> Iterator[None]:
+        """Inside the block the parameters hold ``values`` (by name); afterwards their current values again."""
+        current = {L.name: L.param.detach().clone() for L in self.layers if L.name in values}
+        self.load_parameters(values)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for L in self.layers:
-                    L.param.copy_(current[L.index])
+            self.load_parameters(current)
+
+    def at_previous_point(self) -> contextlib.AbstractContextManager[None]:
+        """Temporarily load the previous step's W into the parameters (for the VR estimators' second gradient)."""
+        return self._params_loaded({L.name: self._W_prev[L.index] for L in self.layers})
+
+    def whole_server_model(self) -> dict[str, Tensor]:
+        """X for every layer on this process (the engine gathers it: a collective), keyed by parameter name."""
+        return self.server_parameters()
+
+    def _w_is_x(self) -> bool:
+        return all(L.down.kind == "identity" for L in self.layers)  # an identity downlink sets W = X every step
+
+    @contextlib.contextmanager
+    def at_server_model(self) -> Iterator[None]:
+        """Evaluate at the server model X (ALGORITHM.md §2: validation loss is reported at X): inside the block the
+        parameters hold X, afterwards W again. With an identity downlink W == X and nothing is gathered; otherwise
+        the engine gathers X from its owners, a collective every rank must enter."""
+        if self._w_is_x():
+            yield
+            return
+        with self._params_loaded(self.whole_server_model()):
+            yield
+
+    def load_server_model(self) -> None:
+        """Leave X in the parameters for good (e.g. when training ends: X is the model training produced)."""
+        if not self._w_is_x():
+            self.load_parameters(self.whole_server_model())
 
     @staticmethod
     def _nonfinite(grads: Sequence[Tensor]) -> bool:
@@ -700,6 +731,9 @@ class EF21Engine(_Core):
         """X for the layers this rank serves (``allgather``: all layers), keyed by parameter name."""
         return {L.name: (self.server.X[L.index] if L.index in self.server.X else L.param.detach()).clone()
                 for L in self.served}
+
+    def whole_server_model(self) -> dict[str, Tensor]:
+        return self.gather_server_model()
 
     @torch.no_grad()
     def gather_server_model(self) -> dict[str, Tensor]:

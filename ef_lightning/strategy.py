@@ -21,6 +21,7 @@ compression (as in DDP it would apply to the averaged gradient: with EF21 the av
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Mapping
@@ -153,7 +154,7 @@ class EF21MuonStrategy(DDPStrategy):
         self.evaluate_at_server_model = evaluate_at_server_model
         self.estimator, self.p, self.participation = estimator, p, participation
         self.engines: dict[int, EF21Engine] = {}  # id(optimizer) -> engine
-        self._stashed_w: dict[str, torch.Tensor] | None = None
+        self._at_x: contextlib.ExitStack | None = None  # open while validation runs at X
 
     # ------------------------------------------------------------------------------------------------ setup
     def configure_ddp(self) -> None:
@@ -253,34 +254,21 @@ class EF21MuonStrategy(DDPStrategy):
     # ------------------------------------------------------------------------------------------------ evaluation at X
     def _swap_in_x(self) -> None:
         engine = self.engine
-        if engine is None or not self.evaluate_at_server_model or self._stashed_w is not None:
+        if engine is None or not self.evaluate_at_server_model or self._at_x is not None:
             return
-        if all(L.down.kind == "identity" for L in engine.layers):
-            return  # W == X after every step
-        X = engine.gather_server_model()
-        params = dict(self.lightning_module.named_parameters())
-        self._stashed_w = {n: params[n].detach().clone() for n in X}
-        self._copy_into_module(X)
+        self._at_x = contextlib.ExitStack()
+        self._at_x.enter_context(engine.at_server_model())  # left in on_validation_end (or teardown)
 
     def _restore_w(self) -> None:
-        if self._stashed_w is None:
-            return
-        self._copy_into_module(self._stashed_w)
-        self._stashed_w = None
+        if self._at_x is not None:
+            self._at_x.close()
+            self._at_x = None
 
     def on_train_end(self) -> None:
         """Leave the server model X in the module: it is the model training produced."""
         super().on_train_end()
-        engine = self.engine
-        if engine is None or all(L.down.kind == "identity" for L in engine.layers):
-            return
-        self._copy_into_module(engine.gather_server_model())
-
-    def _copy_into_module(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        params = dict(self.lightning_module.named_parameters())
-        with torch.no_grad():
-            for n, x in tensors.items():
-                params[n].copy_(x)
+        if self.engine is not None:
+            self.engine.load_server_model()
 
     def on_validation_start(self) -> None:
         super().on_validation_start()
@@ -331,7 +319,7 @@ class EF21MuonStrategy(DDPStrategy):
         X: dict[str, torch.Tensor] = {}
         for s in saved:
             X.update(s["server"]["X"])
-        self._copy_into_module(X)  # allgather with fp32 keeps X in the parameters: already loaded
+        engine.load_parameters(X)  # allgather with fp32 keeps X in the parameters: already loaded
         engine.detach()  # the old engine lets go of the optimizer before the new one takes it
         self.engines[id(engine.optimizer)] = self._new_engine(engine.optimizer)
         warnings.warn(f"EF21 state from {len(saved)} process(es) re-initialised for {self.world_size}: "
