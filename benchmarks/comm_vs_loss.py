@@ -188,7 +188,7 @@ def train_sim(methods: list[dict[str, Any]], task: C.Task, n: int, budget_mult: 
             up += sim.ledger.last.uplink_wire_bytes
             down += sim.ledger.last.downlink_wire_bytes
             if (s + 1) % task.val_every == 0 or s + 1 == budget:
-                v = C.evaluate_at(model, sim.server_parameters(), val)
+                v = C.evaluate_at(model, sim.server_model(), val)
                 curve.append(_curve_point(s + 1, up, down, v, t0))
                 bar.set_postfix(val=f"{v:.3f}")
                 if early_stop and target is not None and v <= target and s + 1 >= task.steps:

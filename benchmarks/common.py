@@ -438,7 +438,7 @@ class Runner:
         """X for evaluation (a collective for sharded/server topologies); None when the module already holds it."""
         if self.engine is None or self.engine.topology == "allgather":
             return None
-        return self.engine.gather_server_model()
+        return self.engine.server_model()
 
     def val_loss(self, batches: Sequence[dict[str, torch.Tensor]]) -> float:
         X = self.server_params()

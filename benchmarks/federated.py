@@ -1,4 +1,4 @@
-"""Federated benchmark of the seed paper's setting at small scale (ALGORITHM.md §4, arXiv 2604.10689).
+"""Federated benchmark of the seed paper's setting at small scale (docs/algorithm.md §4, arXiv 2604.10689).
 
 Compressed Gluon with variance reduction (MARINA / EF21-PAGE / MVR estimators) against the compressed baselines
 without it, on REAL offline data: scikit-learn's ``load_digits`` (1797 8×8 images, 10 classes, shipped inside the
@@ -11,7 +11,7 @@ n = 8 simulated workers with heterogeneous shards: the training set sorted by la
 pieces (each worker sees 1–2 digits). Every step every participating worker draws a minibatch of ``batch`` samples
 from its own shard with a generator seeded by (seed, step, worker), so every method sees the same samples.
 Everything runs through :class:`ef_lightning.Simulator` (the algorithms are never re-implemented here); uplink bits
-are the ledger's theoretical bits per worker (ALGORITHM.md §3), the x axis of every curve.
+are the ledger's theoretical bits per worker (docs/algorithm.md §3), the x axis of every curve.
 
 Methods (uplink ratio r, default 0.1; contractive/unbiased pairs send the same number K = ⌈r·d⌉ of values):
 
@@ -173,12 +173,13 @@ def run_method(task: str, name: str, spec: dict[str, Any], data: Data, cfg: Conf
 
     model = build_model(task, seed)
     opt = build_lmo_optimizer(model, "gluon", lr=cfg.lr, momentum=spec["momentum"], verbose=False)
-    sim = Simulator(model, opt, n_workers=cfg.n_workers, uplink=spec["uplink"], estimator=spec["estimator"],
+    sim = Simulator(model, opt, n_workers=cfg.n_workers, uplink=spec["uplink"], downlink="identity",
+                    estimator=spec["estimator"],
                     participation=cfg.participation, seed=seed)
     curve = []
 
     def record(step: int) -> None:
-        loss, _ = evaluate(model, sim.server_parameters(), data.x_train, data.y_train)
+        loss, _ = evaluate(model, sim.server_model(), data.x_train, data.y_train)
         s = sim.ledger.summary() if sim.ledger.records else {"uplink_bits_per_worker": 0,
                                                                "gradient_evaluations_per_worker": 0}
         curve.append({"step": step, "uplink_bits_per_worker": int(s["uplink_bits_per_worker"]),
@@ -194,7 +195,7 @@ def run_method(task: str, name: str, spec: dict[str, Any], data: Data, cfg: Conf
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record(step)
             bar.set_postfix(loss=f"{curve[-1]['train_loss']:.3f}")
-    test_loss, test_acc = evaluate(model, sim.server_parameters(), data.x_test, data.y_test)
+    test_loss, test_acc = evaluate(model, sim.server_model(), data.x_test, data.y_test)
     return {"spec": spec, "p": sim.p, "curve": curve, "test_loss": test_loss, "test_accuracy": test_acc,
             "final_train_loss": curve[-1]["train_loss"], "ledger": sim.ledger.summary(),
             "seconds": time.perf_counter() - t0}
@@ -245,7 +246,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
              f"{cfg['n_workers']} workers with label-sorted shards, minibatch {cfg['batch']} per worker, "
              f"{cfg['steps']} steps per method, uplink ratio r = {cfg['ratio']}, LMO lr {cfg['lr']:g} "
              f"(preset gluon radii), participation {cfg['participation'] or 1.0}. Bits are the ledger's theoretical "
-             "uplink bits per worker (ALGORITHM.md §3). Target: the uncompressed Gluon's training loss after "
+             "uplink bits per worker (docs/algorithm.md §3). Target: the uncompressed Gluon's training loss after "
              f"{cfg['target_frac']:.0%} of its steps. Methods: see the table in `benchmarks/federated.py`; "
              "\"compressed Gluon without VR\" is `ef21_nomom` (EF21 on the raw stochastic gradient, momentum 0); "
              "pairs with the same compressor: marina ↔ ef21_randk (rand_k unbiased), ef21_page / mvr ↔ "

@@ -1,17 +1,19 @@
 """ef_lightning: communication-efficient non-Euclidean optimizers (EF21-Muon, Gluon, Scion) for PyTorch,
 Lightning, Accelerate and Hugging Face.
 
-Public surface (ARCHITECTURE.md)::
+Public surface (docs/architecture.md)::
 
     import ef_lightning as efl
     efl.compressors.build("top_k:0.05")                       # compressors with exact bit accounting
     efl.build_lmo_optimizer(model, preset="gluon", lr=0.02)    # layer-wise LMO optimizer (efl.LMO)
     efl.Simulator(model, opt, n_workers=4, uplink="top_k:0.05") # n workers in one process
-    efl.EF21Engine(model, opt, uplink=..., topology="sharded")  # one worker of a torch.distributed group
+    efl.EF21Config(uplink="top_k:0.05", topology="sharded")     # every option, checked once
+    efl.EF21Engine(model, opt, uplink=..., topology="sharded")  # one worker: optimizer.step() is the EF21 step
 """
 
 from ef_lightning import compressors, lmo, smoothness
 from ef_lightning.comm import Ledger, assign_owners
+from ef_lightning.config import EF21Config
 from ef_lightning.ef21 import EF21Engine, Simulator
 from ef_lightning.optim import LMO, build_lmo_optimizer, param_groups
 
@@ -31,6 +33,7 @@ __all__ = [
     "LMO",
     "build_lmo_optimizer",
     "param_groups",
+    "EF21Config",
     "EF21Engine",
     "EF21MuonStrategy",
     "Simulator",

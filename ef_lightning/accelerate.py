@@ -14,7 +14,7 @@ A stock Accelerate script swaps one call::
             optimizer.zero_grad()
         accelerator.log(plugin.metrics(), step=step)   # {} without the flag
 
-The variance-reduced estimators of ALGORITHM.md §4 (``EF21_ESTIMATOR=marina|ef21_page|mvr``, arXiv 2604.10689)
+The variance-reduced estimators of docs/algorithm.md §4 (``EF21_ESTIMATOR=marina|ef21_page|mvr``, arXiv 2604.10689)
 need a second gradient on the SAME minibatch at the previous point; the loop hands over a closure the torch way::
 
         loss = loss_fn(model, batch)
@@ -36,11 +36,10 @@ is exactly ``accelerator.prepare``. With it:
   the DDP-wrapped model, so ``param.grad`` keeps this worker's own gradient g_j.
 * The optimizer step *is* the EF21 sync. ``AcceleratedOptimizer.step`` is left as it is: it steps only when
   ``accelerator.sync_gradients`` is True, so under ``accelerator.accumulate`` the sync runs once per optimizer step.
-  What it calls, the inner optimizer's ``step`` (patched on that instance only), runs
-  :meth:`~ef_lightning.EF21Engine.step`; the engine's own call of the inner ``step`` for the server update
-  (ALGORITHM.md §2 step 5) runs the original update. A step skipped for a non-finite gradient sets
-  ``optimizer.step_was_skipped``, so ``accelerator.optimizer_step_was_skipped`` is True and a scheduler prepared by
-  Accelerate does not advance, as after an fp16 overflow.
+  What it calls, the inner optimizer's ``step``, is the engine's (:class:`~ef_lightning.EF21Engine` takes the
+  optimizer over; its server update, docs/algorithm.md §2 step 5, runs the original one). A step skipped for a
+  non-finite gradient sets ``optimizer.step_was_skipped``, so ``accelerator.optimizer_step_was_skipped`` is True
+  and a scheduler prepared by Accelerate does not advance, as after an fp16 overflow.
 * ``accelerator.save_state`` / ``load_state`` keep every rank's own EF21 state (M_j and G_j differ per worker; X and
   G live on their owner): a save pre-hook writes ``ef21_rank{r}.pt`` into the checkpoint folder on every rank; the
   load pre-hook reads this rank's file and a ``load_state_dict`` post-hook of the optimizer applies it right after
@@ -48,31 +47,20 @@ is exactly ``accelerator.prepare``. With it:
 * The ledger of bits and wire bytes is :attr:`EF21Plugin.ledger` (the engine's, same ``summary()``);
   :meth:`EF21Plugin.metrics` gives per-step and cumulative numbers ready for ``accelerator.log``.
 
-One process with the flag set (``python train.py``, a debug run): there is no process group to talk over, so the
-plugin runs a one-worker :class:`~ef_lightning.Simulator` instead of :class:`~ef_lightning.EF21Engine`: the same
-compressors, EF21 state and ledger, with W and X kept exactly as a one-rank run would. ``topology`` and
-``server_rank`` have no meaning there and are ignored.
+One process with the flag set (``python train.py``, a debug run): there is no process group to talk over, and
+the engine runs as the only worker of its topology: the same compressors, EF21 state and ledger, with W and X
+kept exactly as a one-rank run would.
 
-Environment variables (explicit constructor arguments win, like Accelerate's own plugins):
-
-==================== ============================================================ ==============
-variable             meaning                                                      default
-==================== ============================================================ ==============
-EF21_MUON            1/true/yes/on: run EF21-Muon; 0/false/no/off/unset: plain     off
-EF21_UPLINK          compressor spec, or ``role=spec,role=spec`` per layer role    identity
-EF21_DOWNLINK        the same for server -> workers (identity with allgather)      identity
-EF21_TOPOLOGY        sharded, allgather or server                                  sharded
-EF21_SERVER_RANK     the server's rank for topology=server                         0
-EF21_SEED            base seed of the compressors' shared generators               0
-EF21_ON_NONFINITE    skip (warn, skip the step everywhere) or raise                skip
-EF21_ESTIMATOR       ef21, marina, ef21_page or mvr (ALGORITHM.md §2, §4)           ef21
-EF21_P               refresh probability in (0, 1] (marina, ef21_page only)        bits(Q)/dense
-EF21_PARTICIPATION   fraction of workers per round in (0, 1] (topology=server)     all workers
-==================== ============================================================ ==============
+Environment variables (explicit constructor arguments win, like Accelerate's own plugins): ``EF21_MUON`` switches
+EF21-Muon on (1/true/yes/on); every :class:`~ef_lightning.config.EF21Config` option ``name`` is read from
+``EF21_<NAME>`` (``EF21_UPLINK``, ``EF21_DOWNLINK``, ``EF21_TOPOLOGY``, ``EF21_SERVER_RANK``, ``EF21_SEED``,
+``EF21_ON_NONFINITE``, ``EF21_ESTIMATOR``, ``EF21_P``, ``EF21_PARTICIPATION``); a per-role compressor mapping is
+written ``role=spec,role=spec``. Each field's ``help`` (``EF21Plugin.__dataclass_fields__[name].metadata``) says
+its default, generated from the library's constants.
 
 Invalid values fail when the plugin is created, with a ValueError naming the variable, the value and the valid
 choices; so do combinations the engine would reject later (``p`` with ``ef21``/``mvr``, ``participation`` < 1
-without ``topology=server``).
+without ``topology=server``): :class:`~ef_lightning.config.EF21Config` checks them all.
 
 Closures. With ``estimator=ef21`` a closure passed to ``optimizer.step(closure)`` keeps torch's meaning: it is called
 once at the current point and its loss is returned. With a variance-reduced estimator the closure is *required*
@@ -93,11 +81,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import glob
 import os
-import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -108,10 +94,10 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from ef_lightning import compressors as _comp
 from ef_lightning.comm import TOPOLOGIES, Ledger
-from ef_lightning.ef21 import (DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK, ESTIMATORS, NONFINITE, ROLES,
-                               EF21Engine, Simulator)
+from ef_lightning.config import (COMPRESSOR_ROLES, DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK, ESTIMATORS,
+                                 NONFINITE, EF21Config, EF21ConfigError)
+from ef_lightning.ef21 import EF21Engine
 
 __all__ = ["ENV_PREFIX", "EF21Plugin"]
 
@@ -121,199 +107,119 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 # Accelerate modes that do not wrap the model in DDP (EF21 replaces DDP's all-reduce, nothing else)
 _UNSUPPORTED = (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM, DistributedType.XLA)
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(EF21Config))
 
 
-# ---------------------------------------------------------------------------------------------------- value parsing
-def _parse_flag(value: Any, where: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE or text in _FALSE:
-        return text in _TRUE
-    raise ValueError(f"{where}={value!r} is not a flag; valid values: {', '.join(_TRUE)} (on) or "
-                     f"{', '.join(v for v in _FALSE if v)} or empty (off)")
+def _spec_text(spec: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in spec.items()) if isinstance(spec, Mapping) else str(spec)
 
 
-def _parse_int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"{where} must be an int, got {type(value).__name__} ({value!r})")
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"{where}={value!r} is not an integer; valid values: integers >= 0") from None
-    if n < 0:
-        raise ValueError(f"{where}={value!r} is negative; valid values: integers >= 0")
-    return n
+# -------------------------------------------------------------------------------------- environment strings -> values
+def _flag(text: str, where: str) -> bool:
+    t = text.strip().lower()
+    if t not in _TRUE + _FALSE:
+        raise ValueError(f"{where}={text!r} is not a flag; valid values: {', '.join(_TRUE)} (on) or "
+                         f"{', '.join(v for v in _FALSE if v)} or empty (off)")
+    return t in _TRUE
 
 
-def _parse_choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{where}={value!r}; valid choices: {', '.join(choices)}")
-    return value
-
-
-def _parse_fraction(value: Any, where: str) -> float | None:
-    """A number in (0, 1], or None (the engine's default). Strings come from the environment."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise TypeError(f"{where} must be a number in (0, 1], got {type(value).__name__} ({value!r})")
-    try:
-        x = float(value)
-    except ValueError:
-        raise ValueError(f"{where}={value!r} is not a number; valid values: numbers in (0, 1]") from None
-    if not 0.0 < x <= 1.0:  # also rejects nan
-        raise ValueError(f"{where}={value!r} is out of range; valid values: numbers in (0, 1]")
-    return x
-
-
-def _check_spec(spec: Any, where: str) -> str:
-    if not isinstance(spec, str):
-        raise TypeError(f"{where} must be a compressor spec string such as 'top_k:0.05', got {type(spec).__name__}")
-    try:
-        _comp.build(spec)
-    except ValueError as e:
-        raise ValueError(f"{where}={spec!r} is not a valid compressor spec: {e}") from None
-    return spec
-
-
-def _parse_compressor(value: Any, where: str) -> str | dict[str, str]:
-    """A compressor spec, or a per-role mapping given as a Mapping or as the string ``role=spec,role=spec``."""
-    mapping = value
-    if isinstance(value, str) and "=" in value:
-        pairs = [p.strip() for p in value.split(",") if p.strip()]
+def _from_env(name: str, text: str, where: str) -> Any:
+    """An ``EF21_*`` string as the typed value :class:`EF21Config` checks (ranges and choices are its job)."""
+    if name in ("server_rank", "seed"):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{where}={text!r} is not an integer; valid values: integers >= 0") from None
+    if name in ("p", "participation"):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{where}={text!r} is not a number; valid values: numbers in (0, 1]") from None
+    if name in ("uplink", "downlink") and "=" in text:
+        pairs = [p.strip() for p in text.split(",") if p.strip()]
         if not all(p.count("=") == 1 for p in pairs):
-            raise ValueError(f"{where}={value!r}: a per-role value is 'role=spec,role=spec' "
-                             f"(e.g. 'hidden=top_k:0.05,default=identity'); roles: {', '.join(ROLES)}")
-        mapping = dict(tuple(s.strip() for s in p.split("=")) for p in pairs)
-    if isinstance(mapping, Mapping):
-        bad = [k for k in mapping if k not in ROLES]
-        if bad:
-            raise ValueError(f"{where}={value!r} names unknown role(s) {bad}; valid roles: {', '.join(ROLES)}")
-        return {role: _check_spec(spec, f"{where}[{role!r}]") for role, spec in mapping.items()}
-    return _check_spec(value, where)
+            raise ValueError(f"{where}={text!r}: a per-role value is 'role=spec,role=spec' (e.g. "
+                             f"'hidden=top_k:0.05,default=identity'); roles: {', '.join(COMPRESSOR_ROLES)}")
+        return dict(tuple(s.strip() for s in p.split("=")) for p in pairs)
+    return text
+
+
+def _field(env: str, help: str) -> Any:
+    return dataclasses.field(default=None, metadata={"help": f"{help} Env {env}."})
 
 
 @dataclasses.dataclass
 class EF21Plugin:
-    """EF21-Muon for an Accelerate script, configured by arguments or ``EF21_*`` environment variables.
+    """EF21-Muon for an Accelerate script: an :class:`~ef_lightning.config.EF21Config` filled from ``EF21_*``
+    environment variables, Accelerate's own plugin pattern.
 
-    Every field defaults to ``None``, meaning "read ``EF21_<FIELD>`` from the environment, else the default in the
-    field's help"; an explicit argument wins. The runtime objects exist after :meth:`prepare` (or :meth:`attach`):
-    :attr:`engine`, :attr:`ledger`.
+    Every field defaults to ``None``: read ``EF21_<FIELD>`` from the environment (``EF21_MUON`` for ``enabled``),
+    else the default in the field's help; an explicit argument wins. :attr:`config` is the resolved, checked
+    configuration. The runtime objects exist after :meth:`prepare` (or :meth:`attach`): :attr:`engine`,
+    :attr:`ledger`.
 
     Args:
-        enabled: run EF21-Muon (env ``EF21_MUON``); False makes :meth:`prepare` plain ``accelerator.prepare``.
-        uplink: compressor spec for worker -> server messages, or a mapping role -> spec (env ``EF21_UPLINK``).
-        downlink: compressor spec for server -> worker messages (env ``EF21_DOWNLINK``).
-        topology: ``sharded``, ``allgather`` or ``server`` (env ``EF21_TOPOLOGY``; see :mod:`ef_lightning.comm`).
-        server_rank: the server's rank with ``topology="server"`` (env ``EF21_SERVER_RANK``).
-        seed: base seed of the compressors' shared generators, same on every rank (env ``EF21_SEED``).
-        on_nonfinite: ``skip`` or ``raise`` on a non-finite gradient on any rank (env ``EF21_ON_NONFINITE``).
-        estimator: gradient estimator, one of ``ef21``, ``marina``, ``ef21_page``, ``mvr`` (env ``EF21_ESTIMATOR``;
-            ALGORITHM.md §2/§4, arXiv 2604.10689). The last three need ``optimizer.step(closure)`` (module docstring).
-        p: refresh probability of ``marina``/``ef21_page`` in (0, 1] (env ``EF21_P``); ``None``: the engine's
-            default bits(Q)/bits(dense) (MARINA, arXiv 2102.07845 Cor. 2.1).
-        participation: fraction of workers per round in (0, 1], ``topology=server`` only (env
-            ``EF21_PARTICIPATION``); ``None``: every worker every round.
+        enabled: run EF21-Muon; False makes :meth:`prepare` plain ``accelerator.prepare``.
+        uplink, downlink, topology, server_rank, seed, on_nonfinite, estimator, p, participation: the
+            :class:`~ef_lightning.config.EF21Config` options of the same names. The variance-reduced estimators need
+            ``optimizer.step(closure)`` (module docstring).
     """
 
-    enabled: bool | None = dataclasses.field(default=None, metadata={
-        "help": "Run EF21-Muon instead of plain DDP. Env EF21_MUON (1/true/yes/on); default off."})
-    uplink: str | Mapping[str, str] | None = dataclasses.field(default=None, metadata={
-        "help": "Uplink compressor spec ('top_k:0.05', 'top_k:0.05+natural', 'rank:4', ...) or a mapping "
-                f"role -> spec with roles {', '.join(ROLES)}. Env EF21_UPLINK ('role=spec,role=spec' for a "
-                "mapping); default 'identity'."})
-    downlink: str | Mapping[str, str] | None = dataclasses.field(default=None, metadata={
-        "help": "Downlink compressor spec or role mapping (must be identity with topology allgather). "
-                "Env EF21_DOWNLINK; default 'identity'."})
-    topology: str | None = dataclasses.field(default=None, metadata={
-        "help": f"Who serves which layer: {', '.join(TOPOLOGIES)}. Env EF21_TOPOLOGY; default 'sharded'."})
-    server_rank: int | None = dataclasses.field(default=None, metadata={
-        "help": "Rank of the parameter server with topology 'server'. Env EF21_SERVER_RANK; default 0."})
-    seed: int | None = dataclasses.field(default=None, metadata={
-        "help": "Base seed of the compressors' shared random generators (rand_k, natural, ...), identical on every "
-                "rank. Env EF21_SEED; default 0."})
-    on_nonfinite: str | None = dataclasses.field(default=None, metadata={
-        "help": f"On a non-finite gradient on any rank: {', '.join(NONFINITE)}. Env EF21_ON_NONFINITE; "
-                "default 'skip'."})
-    estimator: str | None = dataclasses.field(default=None, metadata={
-        "help": f"Gradient estimator: {', '.join(ESTIMATORS)} (the last three are variance-reduced and need "
-                "optimizer.step(closure)). Env EF21_ESTIMATOR; default 'ef21'."})
-    p: float | None = dataclasses.field(default=None, metadata={
-        "help": "Refresh probability in (0, 1] of estimators marina / ef21_page. Env EF21_P; default "
-                "bits(uplink)/bits(dense)."})
-    participation: float | None = dataclasses.field(default=None, metadata={
-        "help": "Fraction of workers in (0, 1] that take part in each round (topology 'server' only). "
-                "Env EF21_PARTICIPATION; default all workers."})
+    enabled: bool | None = _field("EF21_MUON", "Run EF21-Muon instead of plain DDP (1/true/yes/on); default off.")
+    uplink: str | Mapping[str, str] | None = _field(
+        "EF21_UPLINK", "Uplink compressor spec ('top_k:0.05', 'top_k:0.05+natural', 'rank:4', ...) or a mapping "
+        f"role -> spec ('role=spec,role=spec' in the environment; roles {', '.join(COMPRESSOR_ROLES)}); "
+        f"default {_spec_text(DEFAULT_UPLINK)!r}.")
+    downlink: str | Mapping[str, str] | None = _field(
+        "EF21_DOWNLINK", "Downlink compressor spec or role mapping (identity with topology allgather); default "
+        f"{_spec_text(DEFAULT_DOWNLINK)!r} ('identity' with allgather).")
+    topology: str | None = _field("EF21_TOPOLOGY", f"Who serves which layer: {', '.join(TOPOLOGIES)}; default "
+                                  f"{DEFAULT_TOPOLOGY!r}.")
+    server_rank: int | None = _field("EF21_SERVER_RANK", "Rank of the parameter server with topology 'server'; "
+                                     "default 0.")
+    seed: int | None = _field("EF21_SEED", "Base seed of the compressors' shared random generators (rand_k, "
+                              "natural, ...), identical on every rank; default 0.")
+    on_nonfinite: str | None = _field("EF21_ON_NONFINITE", f"On a non-finite gradient on any rank: "
+                                      f"{', '.join(NONFINITE)}; default {NONFINITE[0]!r}.")
+    estimator: str | None = _field("EF21_ESTIMATOR", f"Gradient estimator: {', '.join(ESTIMATORS)} (all but "
+                                   f"{ESTIMATORS[0]!r} are variance-reduced and need optimizer.step(closure)); "
+                                   f"default {ESTIMATORS[0]!r}.")
+    p: float | None = _field("EF21_P", "Refresh probability in (0, 1] of estimators marina / ef21_page; default "
+                             "bits(uplink)/bits(dense).")
+    participation: float | None = _field("EF21_PARTICIPATION", "Fraction of workers in (0, 1] that take part in "
+                                         "each round (topology 'server' only); default every worker.")
 
     def __post_init__(self) -> None:
-        # the same defaults as the Lightning strategy (ef_lightning.ef21.DEFAULT_*, chosen in docs/benchmarks.md);
-        # the downlink default depends on the topology (allgather has none), so it is resolved after the loop
-        defaults = {"enabled": False, "uplink": dict(DEFAULT_UPLINK), "topology": DEFAULT_TOPOLOGY, "downlink": None,
-                    "server_rank": 0, "seed": 0, "on_nonfinite": "skip", "estimator": "ef21", "p": None,
-                    "participation": None}
-        env_names = {"enabled": "EF21_MUON"}
-        wheres: dict[str, str] = {}
-        for name, default in defaults.items():
-            env = env_names.get(name, ENV_PREFIX + name.upper())
-            where = name
-            if getattr(self, name) is None:
-                if env in os.environ:
-                    setattr(self, name, os.environ[env])
-                    where = env
-                else:
-                    setattr(self, name, default)
-            wheres[name] = where
-            if name == "downlink" and getattr(self, name) is None:
-                self.downlink = "identity" if self.topology == "allgather" else dict(DEFAULT_DOWNLINK)
-            setattr(self, name, self._parse(name, getattr(self, name), where))
-        self._check_combinations(wheres)
-        # runtime state (not configuration, so not dataclass fields)
-        self.engine: EF21Engine | Simulator | None = None
-        self._accelerator: Accelerator | None = None
-        self._optimizer: AcceleratedOptimizer | None = None
-        self._pending: dict[str, Any] | None = None
-        self._in_server_step = False
+        if self.enabled is None:
+            self.enabled = _flag(os.environ.get("EF21_MUON", ""), "EF21_MUON")
+        elif not isinstance(self.enabled, bool):
+            self.enabled = _flag(str(self.enabled), "enabled")
+        options: dict[str, Any] = {}
+        raw: dict[str, tuple[str, str]] = {}  # option -> (environment variable, its text)
+        for name in _CONFIG_FIELDS:
+            value, env = getattr(self, name), ENV_PREFIX + name.upper()
+            if value is None and env in os.environ:
+                raw[name] = (env, os.environ[env])
+                value = _from_env(name, os.environ[env], env)
+            if value is not None:
+                options[name] = value
+        try:
+            self.config = EF21Config(**options)
+        except EF21ConfigError as e:
+            named = [f"{raw[f][0]}={raw[f][1]!r}" for f in e.fields if f in raw]
+            if not named:
+                raise
+            raise ValueError(f"{', '.join(named)}: {e}") from None
+        for name in _CONFIG_FIELDS:  # the fields show the resolved values
+            setattr(self, name, getattr(self.config, name))
+        self._runtime: _Runtime | None = None
 
-    @staticmethod
-    def _parse(name: str, value: Any, where: str) -> Any:
-        if name == "enabled":
-            return _parse_flag(value, where)
-        if name in ("uplink", "downlink"):
-            return _parse_compressor(value, where)
-        if name == "topology":
-            return _parse_choice(value, where, TOPOLOGIES)
-        if name == "on_nonfinite":
-            return _parse_choice(value, where, NONFINITE)
-        if name == "estimator":
-            return _parse_choice(value, where, ESTIMATORS)
-        if name in ("p", "participation"):
-            return _parse_fraction(value, where)
-        return _parse_int(value, where)
-
-    def _check_combinations(self, wheres: Mapping[str, str]) -> None:
-        """Fail at start-up on settings the engine would only reject at ``prepare`` (or on every rank at once)."""
-        if self.p is not None and self.estimator not in ("marina", "ef21_page"):
-            raise ValueError(f"{wheres['p']}={self.p!r} only applies to estimator 'marina' or 'ef21_page'; "
-                             f"{wheres['estimator']}={self.estimator!r} (valid choices with p: marina, ef21_page)")
-        if self.participation not in (None, 1.0) and self.topology != "server":
-            raise ValueError(f"{wheres['participation']}={self.participation!r} needs topology 'server' (a server "
-                             f"and a subset of clients per round); {wheres['topology']}={self.topology!r} "
-                             "(valid choice with participation < 1: server)")
-
+    # ------------------------------------------------------------------------------------------------- runtime
     @property
-    def variance_reduced(self) -> bool:
-        """True for the estimators that need a second gradient per step (``marina``, ``ef21_page``, ``mvr``)."""
-        return self.estimator != "ef21"
+    def engine(self) -> EF21Engine | None:
+        """The engine after :meth:`prepare`/:meth:`attach` with EF21 enabled, else None."""
+        return self._runtime.engine if self._runtime is not None else None
 
-    def to_kwargs(self) -> dict[str, Any]:
-        """The resolved keyword arguments of :class:`~ef_lightning.EF21Engine` (``EF21Engine(model, opt, **kw)``)."""
-        return {"uplink": self.uplink, "downlink": self.downlink, "topology": self.topology,
-                "server_rank": self.server_rank, "seed": self.seed, "on_nonfinite": self.on_nonfinite,
-                "estimator": self.estimator, "p": self.p, "participation": self.participation}
-
-    # ------------------------------------------------------------------------------------------------- wiring
     @property
     def ledger(self) -> Ledger | None:
         """The engine's ledger of bits and wire bytes (``None`` until :meth:`prepare`, and when disabled)."""
@@ -341,7 +247,7 @@ class EF21Plugin:
         if len(models) != 1 or len(optims) != 1:
             raise ValueError(f"EF21Plugin.prepare needs exactly one model and one optimizer among the objects, got "
                              f"{len(models)} model(s) and {len(optims)} optimizer(s)")
-        self._check_accelerator(accelerator)
+        _check_accelerator(accelerator)
         out = accelerator.prepare(*objects)
         prepared = out if len(objects) > 1 else (out,)
         self.attach(accelerator, prepared[models[0]], prepared[optims[0]])
@@ -350,8 +256,8 @@ class EF21Plugin:
     @contextlib.contextmanager
     def server_model(self) -> Iterator[None]:
         """Evaluate at the server model X: inside the block the model's parameters hold X (gathered to every rank,
-        a collective), afterwards W again. ALGORITHM.md §2 reports validation loss at X; with an identity downlink
-        W == X and nothing is gathered. Without EF21 (flag off) it does nothing.
+        a collective), afterwards W again. Validation loss is reported at X (docs/algorithm.md §2); with an identity
+        downlink W == X and nothing is gathered. Without EF21 (flag off) it does nothing.
 
         Example::
 
@@ -363,17 +269,6 @@ class EF21Plugin:
             return
         with self.engine.at_server_model():
             yield
-
-    @staticmethod
-    def _check_accelerator(accelerator: Accelerator) -> None:
-        if accelerator.distributed_type in _UNSUPPORTED:
-            raise ValueError(f"EF21-Muon replaces DDP's gradient all-reduce and needs plain data parallelism (or one "
-                             f"process); got distributed_type={accelerator.distributed_type.value}. Supported: NO, "
-                             f"MULTI_CPU, MULTI_GPU and the other MULTI_* (DDP) types")
-        if accelerator.scaler is not None:
-            raise ValueError(f"mixed_precision={accelerator.mixed_precision!r} uses a GradScaler, whose per-rank "
-                             "overflow check would skip the collective EF21 step on some ranks only; valid choices "
-                             "with EF21: 'no', 'bf16'")
 
     def attach(self, accelerator: Accelerator, model: nn.Module, optimizer: AcceleratedOptimizer) -> None:
         """Turn a model and optimizer already prepared by ``accelerator`` into an EF21-Muon pair.
@@ -389,109 +284,62 @@ class EF21Plugin:
         if not isinstance(optimizer, AcceleratedOptimizer):
             raise TypeError(f"optimizer must be the AcceleratedOptimizer returned by accelerator.prepare, "
                             f"got {type(optimizer).__name__}")
-        if self.engine is not None:
-            if optimizer is self._optimizer:
+        if self._runtime is not None:
+            if optimizer is self._runtime.optimizer:
                 return  # a second train() call on the same prepared objects
             raise ValueError("this EF21Plugin is already attached to another optimizer; use one plugin per run")
-        self._check_accelerator(accelerator)
-        if self.variance_reduced and accelerator.gradient_accumulation_steps > 1:
-            raise ValueError(f"estimator={self.estimator!r} with gradient_accumulation_steps="
+        _check_accelerator(accelerator)
+        if self.config.variance_reduced and accelerator.gradient_accumulation_steps > 1:
+            raise ValueError(f"estimator={self.config.estimator!r} with gradient_accumulation_steps="
                              f"{accelerator.gradient_accumulation_steps}: the closure would recompute the second "
                              "gradient on the last micro-batch only, not on the accumulated minibatch; valid choices: "
                              "gradient_accumulation_steps=1 (use a larger batch), or estimator='ef21'")
-        module = accelerator.unwrap_model(model, keep_torch_compile=False)
         if accelerator.num_processes > 1:
             ddp = _find_ddp(model)
             if ddp is None:
                 raise ValueError(f"with {accelerator.num_processes} processes the prepared model must be wrapped in "
                                  f"DistributedDataParallel, got {type(model).__name__}")
             ddp.register_comm_hook(state=None, hook=noop_hook)  # param.grad keeps g_j; EF21 does the exchange
-            self.engine = EF21Engine(module, optimizer.optimizer, **self.to_kwargs())
-        else:
-            self.engine = Simulator(module, optimizer.optimizer, n_workers=1, uplink=self.uplink,
-                                    downlink=self.downlink, seed=self.seed, on_nonfinite=self.on_nonfinite,
-                                    estimator=self.estimator, p=self.p, participation=self.participation)
-        self._accelerator, self._optimizer = accelerator, optimizer
-        self._patch_step(optimizer.optimizer)
-        optimizer.optimizer.register_load_state_dict_post_hook(lambda _: self._apply_pending())
+        module = accelerator.unwrap_model(model, keep_torch_compile=False)
+        # the loop has run backward before optimizer.step(closure): the closure re-evaluates the previous point
+        engine = EF21Engine(module, optimizer.optimizer, self.config, backward_done=True,
+                            on_step=lambda applied: _report_skipped(optimizer, not applied))
+        self._runtime = _Runtime(accelerator, optimizer, engine)
+        optimizer.optimizer.register_load_state_dict_post_hook(lambda _: self._runtime.apply_pending())
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: self.save(output_dir))
-        accelerator.register_load_state_pre_hook(self._stage_load)
-
-    # ------------------------------------------------------------------------------------------------- the step
-    def _patch_step(self, inner: torch.optim.Optimizer) -> None:
-        """Make the inner optimizer's ``step`` the EF21 sync, keeping its own update for the engine's server step.
-
-        ``AcceleratedOptimizer.step`` stays untouched and keeps deciding *whether* to step (``sync_gradients``); it
-        calls ``inner.step``, which becomes :meth:`_sync_step`. The engine was given ``inner`` and calls
-        ``inner.step()`` for ALGORITHM.md §2 step 5: that re-entrant call runs the original update. Patching below
-        the AcceleratedOptimizer keeps LR schedulers working whichever object they wrapped, and when: torch's
-        schedulers wrap ``optimizer.step`` of the optimizer they were built on (the raw one before ``prepare``, the
-        AcceleratedOptimizer after it, as the transformers Trainer does) and call the wrapped method's function.
-        """
-        update = inner.step  # bound method, possibly already wrapped by an LR scheduler built before prepare
-        plugin = self
-
-        def step(opt: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
-            if plugin._in_server_step:
-                return update(closure)
-            return plugin._sync_step(closure)
-
-        # It wraps the optimizer's step, and says so: an LR scheduler's "step() is patched" mark carries over.
-        functools.update_wrapper(step, update)
-        inner.step = types.MethodType(step, inner)  # a bound method, as torch's scheduler wrapper expects
-
-    def _sync_step(self, closure: Callable[[], Any] | None) -> Any:
-        """EF21-Muon steps 2-7 on this worker's gradients; reports a skipped step like an fp16 overflow.
-
-        ``ef21``: a closure is torch's (called here at the current point, its loss returned). Variance-reduced
-        estimators: the closure is the engine's second-gradient callback (called with the previous W loaded, from
-        the second step on); the current gradient is already in ``param.grad``; returns ``None``.
-        """
-        loss = None
-        if self.variance_reduced:
-            if closure is None:  # fail on the first step, not only on the second when the engine needs it
-                raise ValueError(f"estimator={self.estimator!r} needs optimizer.step(closure): a closure that calls "
-                                 "optimizer.zero_grad(), recomputes the loss on the SAME batch and calls "
-                                 "accelerator.backward(loss); it is evaluated at the previous point (valid estimator "
-                                 "without a closure: 'ef21')")
-        elif closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._in_server_step = True
-        try:
-            if isinstance(self.engine, Simulator):
-                grads = [L.param.grad.detach().clone() if L.param.grad is not None else torch.zeros_like(L.param)
-                         for L in self.engine.layers]
-                prev = None
-                if self.engine.needs_previous_gradient:
-                    with self.engine.at_previous_point(), torch.enable_grad():
-                        closure()
-                    prev = [[L.param.grad.detach().clone() if L.param.grad is not None else torch.zeros_like(L.param)
-                             for L in self.engine.layers]]
-                applied = self.engine.apply([grads], prev)
-            else:
-                applied = self.engine.step(closure if self.variance_reduced else None)
-        finally:
-            self._in_server_step = False
-        # what step_was_skipped reports: AcceleratedScheduler and accelerator.optimizer_step_was_skipped read it
-        self._optimizer._is_overflow = not applied
-        return loss
+        accelerator.register_load_state_pre_hook(lambda models, input_dir: self._runtime.stage(input_dir))
 
     # ------------------------------------------------------------------------------------------------- checkpoints
-    def _path(self, directory: str | os.PathLike) -> str:
-        return os.path.join(os.fspath(directory), f"ef21_rank{self._accelerator.process_index}.pt")
-
     def save(self, directory: str | os.PathLike) -> str:
         """Write this rank's EF21 state to ``directory/ef21_rank{r}.pt`` (every rank calls it); returns the path."""
-        if self.engine is None:
+        if self._runtime is None:
             raise ValueError("EF21Plugin.save: nothing to save before prepare()/attach() with EF21 enabled")
         os.makedirs(directory, exist_ok=True)
-        path = self._path(directory)
-        torch.save({"config": self.to_kwargs(), "engine": self.engine.state_dict()}, path)
+        path = self._runtime.path(directory)
+        torch.save({"config": self.config.to_dict(), "engine": self._runtime.engine.state_dict()}, path)
         return path
 
-    def _read(self, directory: str | os.PathLike) -> dict[str, Any]:
-        path = self._path(directory)
+    def load(self, directory: str | os.PathLike) -> None:
+        """Restore this rank's EF21 state from ``directory`` now (after the model and optimizer state are loaded)."""
+        if self._runtime is None:
+            raise ValueError("EF21Plugin.load: nothing to load into before prepare()/attach() with EF21 enabled")
+        self._runtime.engine.load_state_dict(self._runtime.read(directory))
+
+
+@dataclasses.dataclass
+class _Runtime:
+    """What exists once the plugin is attached: the prepared objects, the engine, a staged checkpoint."""
+
+    accelerator: Accelerator
+    optimizer: AcceleratedOptimizer
+    engine: EF21Engine
+    pending: dict[str, Any] | None = None
+
+    def path(self, directory: str | os.PathLike) -> str:
+        return os.path.join(os.fspath(directory), f"ef21_rank{self.accelerator.process_index}.pt")
+
+    def read(self, directory: str | os.PathLike) -> dict[str, Any]:
+        path = self.path(directory)
         if not os.path.isfile(path):
             found = sorted(os.path.basename(f) for f in glob.glob(os.path.join(os.fspath(directory), "ef21_rank*.pt")))
             raise ValueError(f"{path} does not exist (EF21 files in {os.fspath(directory)!r}: {found or 'none'}); "
@@ -500,19 +348,37 @@ class EF21Plugin:
         device = self.engine.layers[0].param.device if self.engine.layers else "cpu"
         return torch.load(path, map_location=device, weights_only=True)["engine"]
 
-    def load(self, directory: str | os.PathLike) -> None:
-        """Restore this rank's EF21 state from ``directory`` now (after the model and optimizer state are loaded)."""
-        self.engine.load_state_dict(self._read(directory))
-
-    def _stage_load(self, models: list[nn.Module], input_dir: str) -> None:
+    def stage(self, directory: str) -> None:
         # load_state's pre-hook runs before Accelerate loads the optimizer from rank 0's file, which would overwrite
         # the optimizer state of the layers this rank serves: read now, apply after optimizer.load_state_dict.
-        self._pending = self._read(input_dir)
+        self.pending = self.read(directory)
 
-    def _apply_pending(self) -> None:
-        if self._pending is not None:
-            state, self._pending = self._pending, None
+    def apply_pending(self) -> None:
+        if self.pending is not None:
+            state, self.pending = self.pending, None
             self.engine.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------------- Accelerate facts
+def _check_accelerator(accelerator: Accelerator) -> None:
+    if accelerator.distributed_type in _UNSUPPORTED:
+        raise ValueError(f"EF21-Muon replaces DDP's gradient all-reduce and needs plain data parallelism (or one "
+                         f"process); got distributed_type={accelerator.distributed_type.value}. Supported: NO, "
+                         f"MULTI_CPU, MULTI_GPU and the other MULTI_* (DDP) types")
+    if accelerator.scaler is not None:
+        raise ValueError(f"mixed_precision={accelerator.mixed_precision!r} uses a GradScaler, whose per-rank "
+                         "overflow check would skip the collective EF21 step on some ranks only; valid choices "
+                         "with EF21: 'no', 'bf16'")
+
+
+def _report_skipped(optimizer: AcceleratedOptimizer, skipped: bool) -> None:
+    """Make ``optimizer.step_was_skipped`` (read by ``AcceleratedScheduler`` and
+    ``accelerator.optimizer_step_was_skipped``) report a skipped EF21 step, as after an fp16 overflow.
+
+    Accelerate has no public setter: ``step_was_skipped`` returns the private ``_is_overflow`` (accelerate 1.15).
+    tests/test_compat.py fails loudly if an upgrade changes that.
+    """
+    optimizer._is_overflow = skipped
 
 
 def _find_ddp(model: nn.Module) -> DistributedDataParallel | None:

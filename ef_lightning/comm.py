@@ -1,7 +1,7 @@
 """Transports and the ledger of communicated bits.
 
 A transport moves the EF21-Muon messages between processes with torch.distributed collectives. Every layer's
-message travels in ONE flat ``uint8`` buffer per direction per step (ARCHITECTURE.md: on gloo one large collective
+message travels in ONE flat ``uint8`` buffer per direction per step (docs/architecture.md: on gloo one large collective
 is far cheaper than one per parameter). The three real topologies:
 
 ========== ========================================= ================================= ==========================
@@ -30,12 +30,13 @@ import torch.distributed as dist
 
 TOPOLOGIES = ("sharded", "allgather", "server")
 
-__all__ = ["TOPOLOGIES", "Ledger", "StepRecord", "Transport", "build_transport", "assign_owners"]
+__all__ = ["TOPOLOGIES", "Ledger", "StepRecord", "Transport", "LocalTransport", "build_transport", "assign_owners",
+           "broadcast_module_"]
 
 
 @dataclasses.dataclass
 class StepRecord:
-    """What one optimizer step communicated. Bits are theoretical (ALGORITHM.md §3), bytes are wire bytes.
+    """What one optimizer step communicated. Bits are theoretical (docs/algorithm.md §3), bytes are wire bytes.
 
     Attributes:
         step: engine step index (0-based, counts skipped steps too).
@@ -115,7 +116,7 @@ class Ledger:
             step (uplink per worker, downlink for the whole server side); the same four with ``_total``, and
             ``dense_bytes_total`` (the uncompressed baseline per worker), cumulative; ``compression_ratio``: cumulative
             dense bytes / uplink wire bytes (left out while nothing was sent); ``steps`` and ``skipped_steps``. Bits are
-            theoretical (ALGORITHM.md §3); bytes are the wire bytes handed to the collectives.
+            theoretical (docs/algorithm.md §3); bytes are the wire bytes handed to the collectives.
         """
         if self.last is None:
             return {}
@@ -181,7 +182,8 @@ class Transport(abc.ABC):
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError(
                 f"topology {self.topology!r} needs an initialised torch.distributed process group; "
-                "call torch.distributed.init_process_group first, or use ef_lightning.Simulator for one process"
+                "call torch.distributed.init_process_group first (one process needs no group: build_transport gives a "
+                "LocalTransport)"
             )
         self.group = group
         self.rank = dist.get_rank(group)
@@ -351,11 +353,77 @@ class ShardedTransport(Transport):
         return max(lengths) * self.world_size
 
 
+class LocalTransport(Transport):
+    """One process and no process group: the only worker of ``topology``, with nothing to send.
+
+    The ownership rules are the topology's (``allgather``: X is the parameters; otherwise this process serves every
+    layer and applies its own downlink), so a one-process run keeps the same state, arithmetic and ledger as one
+    rank of a group (a debug run under ``accelerate launch`` with one process, a notebook).
+    """
+
+    def __init__(self, topology: str, server_rank: int = 0) -> None:  # noqa: D107  (no super(): no process group)
+        if server_rank != 0:
+            raise ValueError(f"server_rank={server_rank} is not a rank of a one-process run (valid: 0)")
+        self.topology = topology
+        self.replicated = topology == "allgather"
+        self.group = None
+        self.rank, self.world_size, self.server_rank = 0, 1, 0
+
+    def owners(self, sizes: Sequence[int]) -> list[int]:
+        return [-1 if self.replicated else 0] * len(sizes)
+
+    def uplink(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> list[torch.Tensor]:
+        return [parts[0]]
+
+    def uplink_from(self, buf: torch.Tensor | None, participants: Sequence[int],
+                    lengths: Sequence[int]) -> list[torch.Tensor]:
+        return [buf] if buf is not None else []
+
+    def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:
+        if self.replicated:
+            return []
+        return [mine if mine is not None else torch.empty(0, dtype=torch.uint8)]
+
+    def downlink_wire_bytes(self, lengths: Sequence[int]) -> int:
+        return 0 if self.replicated else sum(lengths)
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
 _TRANSPORTS = {"allgather": AllGatherTransport, "server": ServerTransport, "sharded": ShardedTransport}
 
 
-def build_transport(topology: str, group: dist.ProcessGroup | None = None, **kwargs: Any) -> Transport:
-    """Create the transport for ``topology`` (one of :data:`TOPOLOGIES`) on ``group`` (default: WORLD)."""
+def build_transport(topology: str, group: dist.ProcessGroup | None = None, server_rank: int = 0) -> Transport:
+    """The transport for ``topology`` (one of :data:`TOPOLOGIES`) on ``group`` (default: WORLD); without an
+    initialised process group, a :class:`LocalTransport` (one process, the only worker)."""
     if topology not in _TRANSPORTS:
         raise ValueError(f"unknown topology {topology!r}; valid choices: {', '.join(TOPOLOGIES)}")
-    return _TRANSPORTS[topology](group, **kwargs)
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return LocalTransport(topology, server_rank)
+    if topology == "server":
+        return ServerTransport(group, server_rank=server_rank)
+    return _TRANSPORTS[topology](group)
+
+
+@torch.no_grad()
+def broadcast_module_(module: torch.nn.Module, src: int = 0, group: dist.ProcessGroup | None = None) -> None:
+    """Copy rank ``src``'s parameters and buffers into every rank's ``module`` (in place; a collective).
+
+    What DDP does at construction, with public torch.distributed calls only: one broadcast per tensor.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    root = dist.get_global_rank(group, src) if group is not None else src
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src=root, group=group)

@@ -1,4 +1,4 @@
-"""Compressors for the EF21 / EF21-P messages, with exact bit accounting and real packing (ALGORITHM.md §3).
+"""Compressors for the EF21 / EF21-P messages, with exact bit accounting and real packing (docs/algorithm.md §3).
 
 ``build(spec)`` parses a spec string into a :class:`Compressor`::
 
@@ -149,7 +149,7 @@ class Message:
 
     Attributes:
         payload: the tensors that travel, each contiguous and 1-D (bit-packed uint8 indices/codes, values, ...).
-        bits: theoretical size in bits, the closed form of ALGORITHM.md §3 (seeds are not counted).
+        bits: theoretical size in bits, the closed form of docs/algorithm.md §3 (seeds are not counted).
         shape, dtype: of the original tensor.
         seed: the shared seed compress used; not sent (every rank knows it), needed by rand_k to decompress.
     """
@@ -197,7 +197,7 @@ class Compressor(abc.ABC):
 
     @abc.abstractmethod
     def bits(self, shape: ShapeLike, dtype: torch.dtype) -> int:
-        """Theoretical message size in bits (ALGORITHM.md §3), equal to ``message.bits``."""
+        """Theoretical message size in bits (docs/algorithm.md §3), equal to ``message.bits``."""
         ...
 
     @abc.abstractmethod
@@ -657,7 +657,7 @@ class Composed(Compressor):
       - outer contractive, inner a cast: α = α_a·(1 − ε²), ε = Π(1 + u) − 1 over the value tensors
         (= α_a·α_cast for sparsifiers; first-order for rank);
       - outer contractive, inner unbiased: ω_b' = Π(1 + ω_b) − 1 over the value tensors; if ω_b' < 1 the values are
-        used unscaled and α = α_a·(1 − ω_b') (ALGORITHM.md §3: top_k + natural has α = 7K/(8d)); otherwise each
+        used unscaled and α = α_a·(1 − ω_b') (docs/algorithm.md §3: top_k + natural has α = 7K/(8d)); otherwise each
         value tensor is scaled by 1/(1 + ω_b) on decode and α = α_a/(1 + ω_b');
       - outer unbiased (rand_k:unbiased), inner unbiased: unbiased, ω = (ω_a + 1)(ω_b + 1) − 1.
     """

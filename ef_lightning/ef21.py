@@ -1,7 +1,7 @@
 """EF21-Muon: compressed data-parallel LMO training with error feedback in both directions.
 
-The algorithm of Gruntkowska, Gaponov, Tovmasyan and Richtárik, *EF21-Muon* (arXiv 2510.00643), as fixed in
-ALGORITHM.md §2. Server state: exact model X, aggregate G; worker j: momentum M_j, EF21 estimate G_j; every rank
+The algorithm of Gruntkowska, Gaponov, Tovmasyan and Richtárik, *EF21-Muon* (arXiv 2510.00643); docs/algorithm.md
+§2 writes it out. Server state: exact model X, aggregate G; worker j: momentum M_j, EF21 estimate G_j; every rank
 holds the shadow model W in the module's parameters. One step::
 
     1. g_j = grad f_j(W)                                      (the framework's backward)
@@ -12,27 +12,36 @@ holds the shadow model W in the module's parameters. One step::
     6. server: S = C_down(X - W) ; W <- W + S ; send S          (EF21-P, arXiv 2209.15218)
     7. workers: W <- W + S
 
-With identity compressors this is data-parallel Muon/Scion/Gluon with momentum (step 2 is linear). The momentum
-and Nesterov flag come from the optimizer's groups; the optimizer's own momentum is switched off
-(``LMO.external_momentum``) so the hyperparameters mean the same with and without compression. Any other torch
-optimizer works too: then there is no worker momentum and it receives G as its gradient.
+Where things live: the per-layer kernels of each step are free functions in :mod:`ef_lightning.kernels`; the
+state and its state_dicts in :mod:`ef_lightning.state`; a line-by-line pure-PyTorch version of the whole step, the
+reference the tests hold this against, in :mod:`ef_lightning.reference`; the options in
+:class:`~ef_lightning.config.EF21Config`. This module orchestrates one step (:meth:`_EF21Base._sync`, shared by
+both classes) and drives the optimizer:
 
-Everything here is plain PyTorch (no Lightning, no Accelerate). :class:`EF21Engine` runs one worker of a real
-process group through a :class:`~ef_lightning.comm.Transport`; :class:`Simulator` runs n workers in one process.
-Both share the per-layer kernels below, so their arithmetic is identical operation for operation.
+* :class:`EF21Engine` runs one worker (and its share of the server) of a torch.distributed process group through a
+  :class:`~ef_lightning.comm.Transport`; without a process group it runs as the only worker. Once built, the
+  optimizer's ``step()`` *is* the EF21 step (below).
+* :class:`Simulator` runs n workers and the server in one process (research, tests), same kernels and ledger.
 
-Per-rank state: M_j and G_j differ between workers by design, and in ``sharded``/``server`` topologies X and G live
-only on their owner. ``state_dict()`` therefore returns this rank's own state; frameworks must save one per rank.
-All EF21 state (M_j, G_j, G, X) is float32 whatever the training dtype.
+Driving the optimizer (one mechanism for every integration): the engine takes the optimizer over. Its ``step``
+becomes :meth:`EF21Engine.optimizer_step` (a bound method, so torch's LR schedulers keep wrapping it), the engine's
+own server update (step 5) calls the optimizer's original ``step``, and a step pre-hook makes any other route to
+the original update (``type(opt).step(opt)``, a stale bound method) an error instead of a silent un-synced step.
+A second engine on the same optimizer takes it over from the first; :meth:`detach` hands it back.
+
+The momentum and Nesterov flag come from an :class:`~ef_lightning.LMO`'s groups; the optimizer's own momentum is
+switched off (``LMO.external_momentum``) so the hyperparameters mean the same with and without compression. Any
+other torch optimizer works too: then there is no worker momentum and it receives G as its gradient.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import hashlib
-import math
+import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -40,62 +49,21 @@ import torch
 from torch import Tensor, nn
 
 from ef_lightning import compressors as _comp
+from ef_lightning import kernels as K
 from ef_lightning.comm import Ledger, StepRecord, Transport, build_transport
-from ef_lightning.optim import LMO, _classify, momentum_direction_
+from ef_lightning.config import (COMPRESSOR_ROLES, DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK, ESTIMATORS,
+                                 NONFINITE, EF21Config)
+from ef_lightning.optim import LMO, _classify
+from ef_lightning.state import (LayerSpec, ServerState, WorkerState, load_optimizer_state, optimizer_state,
+                                tensors_state)
 
-__all__ = ["ROLES", "ESTIMATORS", "DEFAULT_UPLINK", "DEFAULT_DOWNLINK", "DEFAULT_TOPOLOGY", "EF21Engine", "Simulator",
-           "LayerSpec", "resolve_compressors"]
+__all__ = ["EF21Engine", "Simulator", "EF21Config", "LayerSpec", "COMPRESSOR_ROLES", "ESTIMATORS", "NONFINITE",
+           "DEFAULT_UPLINK", "DEFAULT_DOWNLINK", "DEFAULT_TOPOLOGY"]
 
-#: layer roles a per-role compressor mapping may name (``default`` applies to roles not named)
-ROLES = ("hidden", "embedding", "head", "vector", "conv", "default")
-NONFINITE = ("skip", "raise")
-#: Default compressors of the integrations (Lightning strategy, Accelerate plugin), from the measurements in
-#: docs/benchmarks.md (byte-level Llama, 2 gloo workers, bytes to a target of the uncompressed loss + 1 %): uplink
-#: ``top_k:0.1+natural`` on matrices reaches the target with 11.6x fewer uplink bytes than uncompressed (rank:4 11.0x,
-#: top_k:0.05 9.4x, top_k:0.1 6.0x); a ``top_k:0.5`` downlink halves the server's traffic for ~13 % more steps (total
-#: uplink + downlink 2.1x). Vectors (biases, norm gains) are tiny and stay dense. With ``allgather`` there is no downlink.
-DEFAULT_UPLINK: Mapping[str, str] = {"hidden": "top_k:0.1+natural", "embedding": "top_k:0.1+natural",
-                                     "head": "top_k:0.1+natural", "conv": "top_k:0.1+natural",
-                                     "vector": "identity", "default": "identity"}
-DEFAULT_DOWNLINK: Mapping[str, str] = {"hidden": "top_k:0.5", "embedding": "top_k:0.5", "head": "top_k:0.5",
-                                       "conv": "top_k:0.5", "vector": "identity", "default": "identity"}
-DEFAULT_TOPOLOGY = "sharded"
-
-#: gradient estimators (ALGORITHM.md §2 and §4; arXiv 2604.10689)
-ESTIMATORS = ("ef21", "marina", "ef21_page", "mvr")
-_SERVER = 1 << 20  # "sender id" of the server side in seed derivation (workers are 0..n-1)
-_COIN = _SERVER + 1  # stream of the shared Bernoulli(p) refresh coin
-_SUBSET = _SERVER + 2  # stream of the partial-participation subsets
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*xs: int) -> int:
-    """SplitMix64 over a tuple of ints: per-(step, layer, sender) seeds, identical on every rank."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (x & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 29
-    return h & ((1 << 63) - 1)
-
-
-@dataclasses.dataclass
-class LayerSpec:
-    """Static description of one parameter tensor (one EF21 "layer")."""
-
-    index: int
-    name: str
-    param: nn.Parameter
-    role: str
-    up: _comp.Compressor
-    down: _comp.Compressor
-    owner: int  # rank serving this layer; -1 = every rank (allgather)
-    momentum: float  # worker momentum mu (0 = none)
-    nesterov: bool
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.param.shape
+_IDENTITY = _comp.build("identity")
+Closure = Callable[[], Any]
+# optimizer -> the engine driving it (weakly: a dropped engine stops guarding)
+_DRIVERS: weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.ref[_EF21Base]] = weakref.WeakKeyDictionary()
 
 
 def _role_of(group: Mapping[str, Any], p: Tensor, classified: Mapping[int, str]) -> str:
@@ -107,166 +75,153 @@ def _role_of(group: Mapping[str, Any], p: Tensor, classified: Mapping[int, str])
     return "hidden" if p.ndim >= 2 else "vector"
 
 
-def resolve_compressors(spec: str | Mapping[str, str], role: str, shape: torch.Size, *, what: str) -> _comp.Compressor:
-    """The compressor for one tensor from a spec string or a role -> spec mapping.
-
-    Args:
-        spec: a compressor spec applied to every tensor, or a mapping from roles (:data:`ROLES`) to specs.
-        role: the tensor's role (``hidden``, ``embedding``, ``head``, ``vector``, ``conv``).
-        shape: the tensor's shape; a compressor that cannot handle it (``rank`` on a vector) falls back to
-            ``identity`` (ALGORITHM.md §3).
-        what: ``"uplink"`` or ``"downlink"``, for error messages.
-    """
-    if isinstance(spec, Mapping):
-        bad = [k for k in spec if k not in ROLES]
-        if bad:
-            raise ValueError(f"{what} mapping has unknown role(s) {bad}; valid roles: {', '.join(ROLES)}")
-        spec = spec.get(role, spec.get("default", "identity"))
-    if not isinstance(spec, str):
-        raise TypeError(f"{what} must be a compressor spec string or a mapping role -> spec, got {type(spec).__name__}")
-    comp = _comp.build(spec)
-    if not comp.supports(shape):
-        comp = _comp.build("identity")
-    return comp
+def _grads_of(layers: Sequence[LayerSpec], clone: bool) -> list[Tensor]:
+    return [(L.param.grad.detach().clone() if clone else L.param.grad.detach()) if L.param.grad is not None
+            else torch.zeros_like(L.param) for L in layers]
 
 
-def _decode(comp: _comp.Compressor, msg: Any, scale_unbiased: bool = True) -> Tensor:
-    """Decompress to float32; an unbiased Q(omega) under EF21 is scaled by 1/(omega+1) (ALGORITHM.md §3).
-
-    MARINA uses Q unscaled (its estimator needs E Q(x) = x), hence ``scale_unbiased=False`` there.
-    """
-    x = comp.decompress(msg).float()
-    if scale_unbiased and comp.kind == "unbiased":
-        x.mul_(1.0 / (1.0 + comp.constant(msg.shape)))
-    return x
+def _nonfinite(grads: Sequence[Tensor]) -> bool:
+    return not all(bool(torch.isfinite(g).all()) for g in grads)
 
 
-@dataclasses.dataclass
-class WorkerState:
-    """One worker's memory, keyed by layer index: momentum M_j (``ef21`` with mu > 0), the EF21 estimate G_j
-    (not ``marina``), and the variance-reduced estimator V_j (``ef21_page``, ``mvr``)."""
+class _EF21Base:
+    """What the engine and the Simulator share: the layer table, state layout, one step's orchestration, the
+    ledger, evaluation at X, checkpoint helpers, and the hold on the optimizer."""
 
-    M: dict[int, Tensor] = dataclasses.field(default_factory=dict)
-    G: dict[int, Tensor] = dataclasses.field(default_factory=dict)
-    V: dict[int, Tensor] = dataclasses.field(default_factory=dict)
+    replicated = False  # every process computes X for every layer (allgather): no downlink
+    _step_hint = ""  # how to step instead, for the guard's error
 
-
-@dataclasses.dataclass
-class ServerState:
-    """Server memory for the layers this process serves: X (unless it *is* the parameter) and G."""
-
-    X: dict[int, Tensor] = dataclasses.field(default_factory=dict)
-    G: dict[int, Tensor] = dataclasses.field(default_factory=dict)
-
-
-_IDENTITY = _comp.build("identity")
-
-
-def _zeros32(p: Tensor) -> Tensor:
-    return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-
-
-class _Core:
-    """What the real engine and the Simulator share: layers, state layout, the per-layer kernels, the ledger."""
-
-    def __init__(
-        self,
-        model: nn.Module | Sequence[tuple[str, nn.Parameter]],
-        optimizer: torch.optim.Optimizer,
-        *,
-        uplink: str | Mapping[str, str],
-        downlink: str | Mapping[str, str],
-        owners: Callable[[list[int]], list[int]],
-        seed: int,
-        on_nonfinite: str,
-        estimator: str = "ef21",
-        p: float | None = None,
-        participation: float | None = None,
-    ) -> None:
-        refresh_p = p  # (``p`` is reused for parameters below)
+    def __init__(self, model: nn.Module | Sequence[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+                 config: EF21Config, owners: Callable[[list[int]], list[int]], route_step: bool) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if on_nonfinite not in NONFINITE:
-            raise ValueError(f"on_nonfinite={on_nonfinite!r}; valid choices: {', '.join(NONFINITE)}")
+        self.config = config
+        self.optimizer = optimizer
         named = list(model.named_parameters()) if isinstance(model, nn.Module) else list(model)
         names = {id(p): n for n, p in named}
-        self.optimizer = optimizer
-        self.seed = int(seed)
-        self.on_nonfinite = on_nonfinite
-        self.uplink_spec, self.downlink_spec = uplink, downlink
-        is_lmo = isinstance(optimizer, LMO)
-        params: list[tuple[nn.Parameter, dict[str, Any]]] = []
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    params.append((p, group))
+        params = [(p, g) for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         unknown = [tuple(p.shape) for p, _ in params if id(p) not in names]
         if unknown:
             raise ValueError(f"optimizer holds {len(unknown)} parameter(s) not in the model (shapes {unknown[:3]})")
-        own = owners([p.numel() for p, _ in params])
         classified = {id(q): role for _, q, role, *_ in _classify(model)} if isinstance(model, nn.Module) else {}
+        is_lmo = isinstance(optimizer, LMO)
         self.layers: list[LayerSpec] = []
-        for i, ((p, group), o) in enumerate(zip(params, own)):
+        for i, ((p, group), owner) in enumerate(zip(params, owners([p.numel() for p, _ in params]))):
             role = _role_of(group, p, classified)
-            worker_mom = is_lmo and group.get("norm") != "adamw"
+            worker_momentum = is_lmo and group.get("norm") != "adamw"
             self.layers.append(LayerSpec(
-                index=i, name=names[id(p)], param=p, role=role,
-                up=resolve_compressors(uplink, role, p.shape, what="uplink"),
-                down=resolve_compressors(downlink, role, p.shape, what="downlink"),
-                owner=o,
-                momentum=float(group.get("momentum", 0.0)) if worker_mom else 0.0,
-                nesterov=bool(group.get("nesterov", False)) if worker_mom else False,
+                index=i, name=names[id(p)], param=p, role=role, owner=owner,
+                up=config.compressor("uplink", role, p.shape), down=config.compressor("downlink", role, p.shape),
+                momentum=float(group.get("momentum", 0.0)) if worker_momentum else 0.0,
+                nesterov=bool(group.get("nesterov", False)) if worker_momentum else False,
             ))
-        if is_lmo:  # momentum lives on the workers (step 2): switch the optimizer's off and free its buffers
-            optimizer.external_momentum = True
-            for p, _ in params:
-                optimizer.state.get(p, {}).pop("momentum_buffer", None)
-        # A step of the raw optimizer outside the engine would train without the EF21 sync (PEERS.md: DeepSpeed Muon
-        # once trained plain SGD silently). The hook makes that an error instead of a silent fallback.
-        self._in_step = False
-        self._hook = optimizer.register_step_pre_hook(self._guard)
-        self.step_count = 0
-        self.applied = 0  # applied (not skipped) steps: the first one of a VR estimator is a full refresh
-        self.ledger = Ledger()
-        self.dense_bytes = sum(L.param.numel() * L.param.element_size() for L in self.layers)
-        self.estimator, self.p = self._check_estimator(estimator, refresh_p)
-        if participation is not None and not (isinstance(participation, (int, float)) and 0 < participation <= 1):
-            raise ValueError(f"participation={participation!r}; must be a fraction of workers in (0, 1] or None")
-        self.participation = None if participation in (None, 1, 1.0) else float(participation)
-        self._W_prev: dict[int, Tensor] = {}  # W where the last gradient was taken (VR estimators only)
-
-    def _check_estimator(self, estimator: str, p: float | None) -> tuple[str, float | None]:
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator={estimator!r}; valid choices: {', '.join(ESTIMATORS)}")
-        if estimator == "marina":
+        if config.estimator == "marina":  # per tensor, after fallbacks (the config checked the specs)
             bad = [(L.name, L.up.spec) for L in self.layers if L.up.kind == "contractive"]
             if bad:
-                raise ValueError(f"estimator='marina' needs unbiased compressors (rand_k:<r>:unbiased, natural, "
-                                 f"qsgd:<s>) or identity; uplink {bad[0][1]!r} for {bad[0][0]!r} is contractive — use "
-                                 "estimator='ef21_page' or 'mvr' for contractive compressors")
-        if estimator in ("marina", "ef21_page"):
-            if p is None:  # MARINA's choice p = (bits of Q) / (bits of a dense message) (arXiv 2102.07845, Cor. 2.1)
-                dense = sum(32 * L.param.numel() for L in self.layers)
-                p = min(1.0, max(1e-6, self._bits(self.layers, "up") / dense))
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-                raise ValueError(f"p={p!r}: the refresh probability of estimator {estimator!r} must be in (0, 1]")
-            return estimator, float(p)
-        if p is not None:
-            raise ValueError(f"p={p!r} only applies to estimator 'marina' or 'ef21_page', not {estimator!r}")
-        return estimator, None
+                raise ValueError(f"estimator='marina' needs unbiased compressors; uplink {bad[0][1]!r} for "
+                                 f"{bad[0][0]!r} is contractive (valid estimators for it: ef21_page, mvr)")
+        self.p = config.p
+        if self.p is None and config.estimator in ("marina", "ef21_page"):
+            # MARINA's choice p = (bits of Q) / (bits of a dense message) (arXiv 2102.07845, Cor. 2.1)
+            dense = sum(32 * L.param.numel() for L in self.layers)
+            self.p = min(1.0, max(1e-6, self._bits(self.layers, "up") / dense))
+        self.step_count = 0  # steps taken, skipped ones included (seeds use it)
+        self.applied = 0  # applied steps: the first one of a VR estimator is a full refresh
+        self.ledger = Ledger()
+        self.dense_bytes = sum(L.param.numel() * L.param.element_size() for L in self.layers)
+        self._W_prev: dict[int, Tensor] = {}  # W where the last gradient was taken (VR estimators only)
+        self._take_over(optimizer, route_step)
+
+    # --------------------------------------------------------------------------------------------- options
+    @property
+    def estimator(self) -> str:
+        return self.config.estimator
+
+    @property
+    def participation(self) -> float | None:
+        return self.config.participation
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
 
     @property
     def needs_previous_gradient(self) -> bool:
         """True when the next step needs a second gradient on the same minibatch at the previous point."""
-        return self.estimator != "ef21" and self.applied > 0
+        return self.config.variance_reduced and self.applied > 0
 
+    # --------------------------------------------------------------------------------------------- the optimizer
+    def _take_over(self, optimizer: torch.optim.Optimizer, route_step: bool) -> None:
+        previous = _DRIVERS.get(optimizer)
+        if previous is not None and previous() is not None:
+            previous().detach()  # a notebook re-running a cell: the new engine takes over
+        if isinstance(optimizer, LMO):  # momentum lives on the workers (step 2): switch the optimizer's off
+            optimizer.external_momentum = True
+            for L in self.layers:
+                optimizer.state.get(L.param, {}).pop("momentum_buffer", None)
+        self._own_step = optimizer.__dict__.get("step")  # an instance-level step (an LR scheduler's wrapper) or None
+        self._update = optimizer.step  # step 5 runs this: the optimizer's own update
+        self._in_update = False
+        me = weakref.ref(self)
+
+        def guard(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            engine = me()
+            if engine is not None and not engine._in_update:
+                raise RuntimeError(f"the optimizer's own step() ran while an EF21 {type(engine).__name__} drives "
+                                   f"it: that step would skip the compressed sync. {engine._step_hint} or call "
+                                   "detach() to hand the optimizer back")
+
+        self._hook = optimizer.register_step_pre_hook(guard)
+        self._routed = route_step
+        if route_step:
+            engine = self
+
+            def step(opt: torch.optim.Optimizer, closure: Closure | None = None, **kwargs: Any) -> Any:
+                return engine.optimizer_step(closure)  # (extra keyword arguments of a framework's call: unused)
+
+            # says what it wraps: an LR scheduler's "step() is patched" mark carries over, and torch's scheduler
+            # wrapper (which calls ``step.__func__``) needs a bound method
+            functools.update_wrapper(step, self._update)
+            optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
+        _DRIVERS[optimizer] = me
+
+    def detach(self) -> None:
+        """Hand the optimizer back: its own ``step()`` works again, with its own momentum. Idempotent."""
+        if self._hook is None:
+            return
+        self._hook.remove()
+        self._hook = None
+        if self._routed:
+            if self._own_step is None:
+                self.optimizer.__dict__.pop("step", None)
+            else:
+                self.optimizer.step = self._own_step  # type: ignore[method-assign]
+        if isinstance(self.optimizer, LMO):
+            self.optimizer.external_momentum = False
+        if _DRIVERS.get(self.optimizer) is not None and _DRIVERS[self.optimizer]() is self:
+            del _DRIVERS[self.optimizer]
+
+    def _server_update(self) -> None:
+        """Step 5: the optimizer's own rule on the served parameters (pointed at X, with grad G)."""
+        params = [L.param for L in self.layers]
+        served = {L.index for L in self.served}
+        X = [self.server.X.get(L.index) if L.index in served else None for L in self.layers]
+        G = [self.server.G[L.index] if L.index in served else None for L in self.layers]
+        with K.server_view(params, X, G):
+            self._in_update = True
+            try:
+                self._update()
+            finally:
+                self._in_update = False
+
+    # --------------------------------------------------------------------------------------------- one step
     def _refresh(self) -> bool:
-        """The shared Bernoulli(p) coin of ``marina``/``ef21_page`` (always heads on the first step)."""
+        """The shared Bernoulli(p) coin of ``marina`` / ``ef21_page`` (always heads on the first applied step)."""
         if self.estimator not in ("marina", "ef21_page"):
             return False
         if self.applied == 0:
             return True
-        g = torch.Generator().manual_seed(_mix(self.seed, self.step_count, _COIN))
+        g = torch.Generator().manual_seed(K.seed_for(self.seed, self.step_count, K.COIN))
         return bool(torch.rand((), generator=g) < self.p)
 
     def _participants(self, n: int) -> list[int]:
@@ -274,7 +229,7 @@ class _Core:
         if self.participation is None:
             return list(range(n))
         k = max(1, round(self.participation * n))
-        g = torch.Generator().manual_seed(_mix(self.seed, self.step_count, _SUBSET))
+        g = torch.Generator().manual_seed(K.seed_for(self.seed, self.step_count, K.SUBSET))
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
     def _up_comp(self, L: LayerSpec, refresh: bool) -> _comp.Compressor:
@@ -285,150 +240,107 @@ class _Core:
         # identity sends the value itself (not a difference) only when every worker reports every step
         return comp.kind == "identity" and self.participation is None
 
-    def _guard(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self._in_step:
-            raise RuntimeError("optimizer.step() was called directly on an optimizer driven by EF21: that step would "
-                               "skip the compressed sync. Call engine.step() (Lightning/Accelerate do this for you), "
-                               "or engine.detach() to hand the optimizer back")
-
-    def detach(self) -> None:
-        """Stop guarding the optimizer (its own ``step()`` works again) and restore its own momentum."""
-        self._hook.remove()
-        if isinstance(self.optimizer, LMO):
-            self.optimizer.external_momentum = False
-
-    # ----------------------------------------------------------------- configuration
-    def config(self) -> dict[str, Any]:
-        """The fields every rank must agree on (checked at start-up)."""
-        return {
-            "layers": [(L.name, tuple(L.shape)) for L in self.layers],
-            "uplink": [L.up.spec for L in self.layers],
-            "downlink": [L.down.spec for L in self.layers],
-            "norms": [str(g.get("norm", type(self.optimizer).__name__)) for g in self.optimizer.param_groups],
-            "momentum": [(L.momentum, L.nesterov) for L in self.layers],
-            "seed": self.seed,
-            "estimator": (self.estimator, self.p, self.participation),
-        }
-
-    # ----------------------------------------------------------------- kernels (ALGORITHM.md §2)
-    def _new_worker(self) -> WorkerState:
-        ws = WorkerState()
-        for L in self.layers:
-            if L.momentum > 0 and self.estimator == "ef21":
-                ws.M[L.index] = _zeros32(L.param)
-            if self.estimator != "marina":
-                ws.G[L.index] = _zeros32(L.param)
-            if self.estimator in ("ef21_page", "mvr"):
-                ws.V[L.index] = _zeros32(L.param)
-        return ws
-
     def _uplink_messages(self, ws: WorkerState, grads: Sequence[Tensor], prev: Sequence[Tensor] | None,
                          worker: int, refresh: bool) -> list[Tensor]:
-        """Steps 2-3 for one worker; return each layer's packed message (uint8).
-
-        ``grads`` are g_j at the current W, ``prev`` the gradients on the same minibatch at the previous W (VR
-        estimators after their first step). Estimators (ALGORITHM.md §4):
-
-        * ``ef21``: D_j = momentum(g_j); R_j = C(D_j - G_j); G_j += R_j.
-        * ``marina``: refresh round: send g_j (dense); otherwise send Q(g_j - g_j_prev), Q unbiased, unscaled.
-        * ``ef21_page``: V_j = g_j on refresh, else V_j += g_j - g_j_prev; then EF21 on V_j.
-        * ``mvr`` (STORM): V_j = g_j + (1 - a) (V_j - g_j_prev) with a = 1 - mu (first step V_j = g_j); then EF21.
-        """
+        """Steps 2-3 for one worker: each layer's packed message (uint8). ``prev``: the gradients on the same
+        minibatch at the previous W (VR estimators after their first step; docs/algorithm.md §4)."""
         out = []
         for L in self.layers:
             i = L.index
             g = grads[i].float()
+            g_prev = prev[i].float() if prev is not None else None
             comp = self._up_comp(L, refresh)
-            seed = _mix(self.seed, self.step_count, i, worker)
+            seed = K.seed_for(self.seed, self.step_count, i, worker)
             if self.estimator == "marina":
-                msg = comp.compress(g) if refresh else comp.compress(g - prev[i].float(), seed=seed)
-                out.append(comp.pack(msg))
+                out.append(K.uplink_marina(comp, g, g_prev, refresh, seed))
                 continue
             if self.estimator == "ef21":
-                D = momentum_direction_(ws.M[i], g, L.momentum, L.nesterov) if i in ws.M else g
+                D = K.ef21_direction(ws.M.get(i), g, L.momentum, L.nesterov)
             elif self.estimator == "ef21_page":
-                D = ws.V[i].copy_(g) if refresh else ws.V[i].add_(g).sub_(prev[i].float())
-            else:  # mvr
-                D = ws.V[i].copy_(g) if prev is None else ws.V[i].sub_(prev[i].float()).mul_(L.momentum).add_(g)
-            if self._exact_identity(comp):  # send D_j itself: same bits, and G_j = D_j exactly (no rounding drift)
-                msg = comp.compress(D)
-                ws.G[i].copy_(D)
+                D = K.page_direction(ws.V[i], g, g_prev, refresh)
             else:
-                msg = comp.compress(D - ws.G[i], seed=seed)
-                ws.G[i].add_(_decode(comp, msg))
-            out.append(comp.pack(msg))
+                D = K.mvr_direction(ws.V[i], g, g_prev, L.momentum)
+            out.append(K.uplink_ef21(comp, D, ws.G[i], seed, self._exact_identity(comp)))
         return out
 
-    def _aggregate(self, ss: ServerState, L: LayerSpec, packed: Sequence[Tensor], senders: Sequence[int],
-                   n_workers: int, refresh: bool) -> None:
-        """Step 4 for one served layer: G <- G + (1/n) * sum_j R_j, senders summed in rank order.
-
-        With an identity uplink (everyone reporting) the messages are the D_j themselves and G = (1/n) sum_j D_j:
-        the same value as G + (1/n) sum_j (D_j - G_j), but bit-exact data-parallel averaging. Non-participants of a
-        partial-participation round contribute R_j = 0, which keeps G = mean_j G_j. ``marina``: G = mean of the
-        participants' full gradients on a refresh round, else G += mean of their Q(gradient differences).
-        """
+    def _aggregate(self, L: LayerSpec, bufs: Sequence[Tensor], senders: Sequence[int], n_workers: int,
+                   refresh: bool) -> None:
+        """Step 4 for one served layer; MARINA: the mean of the senders' full gradients on a refresh round, else
+        G += the mean of their Q(gradient differences)."""
         comp = self._up_comp(L, refresh)
         marina = self.estimator == "marina"
-        acc = None
-        for j, buf in zip(senders, packed):
-            R = _decode(comp, comp.unpack(buf, L.shape, torch.float32, seed=_mix(self.seed, self.step_count, L.index, j)),
-                        scale_unbiased=not marina)
-            acc = R if acc is None else acc.add_(R)
-        acc.div_(len(senders) if marina else n_workers)
-        if (marina and refresh) or (not marina and self._exact_identity(comp)):
-            ss.G[L.index].copy_(acc)
-        else:
-            ss.G[L.index].add_(acc)
+        K.aggregate_(self.server.G[L.index], comp, bufs,
+                     [K.seed_for(self.seed, self.step_count, L.index, j) for j in senders],
+                     divisor=len(senders) if marina else n_workers,
+                     replace=(marina and refresh) or (not marina and self._exact_identity(comp)),
+                     scale_unbiased=not marina)
 
-    @contextlib.contextmanager
-    def _server_view(self, ss: ServerState, served: Sequence[LayerSpec]) -> Iterator[None]:
-        """Point served parameters at X with grad G (others: no grad) so ``optimizer.step()`` is step 5."""
-        saved = []
-        served_ids = {L.index for L in served}
-        for L in self.layers:
-            p = L.param
-            saved.append((p, p.data, p.grad))
-            if L.index in served_ids:
-                if L.index in ss.X:
-                    p.data = ss.X[L.index]
-                p.grad = ss.G[L.index] if p.dtype == torch.float32 else ss.G[L.index].to(p.dtype)
-            else:
-                p.grad = None
-        try:
-            yield
-        finally:
-            for p, data, grad in saved:
-                p.data = data
-                p.grad = None
+    @torch.no_grad()
+    def _sync(self, grads: Mapping[int, Sequence[Tensor]], prev: Mapping[int, Sequence[Tensor]] | None,
+              n_workers: int) -> bool:
+        """Steps 2-7 for the workers this process runs (``grads[j][i]``: worker j, layer i) and the layers it
+        serves. Returns False when the step was skipped for a non-finite gradient (then no state changed)."""
+        participants = self._participants(n_workers)
+        refresh = self._refresh()
+        local = [j for j in participants if j in grads]
+        bad = [j for j in local if _nonfinite(grads[j]) or (prev is not None and _nonfinite(prev[j]))]
+        if self._anywhere(bool(bad)):
+            self._skip(bad)
+            return False
+        if self.config.variance_reduced:  # remember W, where these gradients were taken
+            self._W_prev = {L.index: L.param.detach().clone() for L in self.layers}
+        # 2-3: each local worker's messages
+        messages = {j: self._uplink_messages(self._workers[j], grads[j], prev[j] if prev is not None else None, j,
+                                             refresh) for j in local}
+        # 4-5: aggregate and step the served layers
+        received = self._exchange_uplink(messages, participants, refresh)
+        for L in self.served:
+            self._aggregate(L, received[L.index], participants, n_workers, refresh)
+        if self.served:
+            self._server_update()
+        # 6-7: downlink
+        if not self.replicated:
+            seeds = {L.index: K.seed_for(self.seed, self.step_count, L.index, K.SERVER) for L in self.layers}
+            down = {L.index: K.downlink_message(L.down, self.server.X[L.index], L.param, seeds[L.index])
+                    for L in self.served}
+            for L, buf in zip(self.layers, self._exchange_downlink(down)):
+                K.apply_downlink_(L.param, L.down, buf, seeds[L.index])
+        elif any(L.param.dtype != torch.float32 for L in self.layers):
+            for L in self.layers:  # replicated in a low-precision dtype: W is X cast to the training dtype
+                L.param.data.copy_(self.server.X[L.index])
+        self.ledger.record(self._record(refresh, participants, local, prev is not None))
+        self.step_count += 1
+        self.applied += 1
+        return True
 
-    def _downlink_message(self, ss: ServerState, L: LayerSpec) -> Tensor:
-        """Step 6 for one served layer: S = C_down(X - W), packed. Identity sends X itself (same bits, W = X exactly)."""
-        X = ss.X[L.index]
-        if L.down.kind == "identity":
-            return L.down.pack(L.down.compress(X))
-        seed = _mix(self.seed, self.step_count, L.index, _SERVER)
-        return L.down.pack(L.down.compress(X - L.param.detach().float(), seed=seed))
+    def _skip(self, bad: Sequence[int]) -> None:
+        msg = f"EF21 step {self.step_count}: non-finite gradient on {self._where(bad)}; step skipped on every worker"
+        if self.config.on_nonfinite == "raise":
+            raise FloatingPointError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        self.ledger.record(StepRecord(step=self.step_count, skipped=True))
+        self.step_count += 1
 
-    def _apply_downlink(self, L: LayerSpec, buf: Tensor) -> None:
-        """Step 7 for one layer: W <- W + S (or W <- X for identity)."""
-        with torch.no_grad():
-            if L.down.kind == "identity":
-                L.param.copy_(L.down.decompress(L.down.unpack(buf, L.shape, torch.float32)))
-            else:
-                seed = _mix(self.seed, self.step_count, L.index, _SERVER)
-                S = _decode(L.down, L.down.unpack(buf, L.shape, torch.float32, seed=seed))
-                L.param.add_(S.to(L.param.dtype))
+    # what differs between one process of a group and n simulated workers
+    def _anywhere(self, flag: bool) -> bool:
+        raise NotImplementedError
 
-    def _optimizer_step(self) -> None:
-        """Step 5: the optimizer's own rule on the served parameters (pointed at X, grad G)."""
-        self._in_step = True
-        try:
-            self.optimizer.step()
-        finally:
-            self._in_step = False
+    def _where(self, bad: Sequence[int]) -> str:
+        raise NotImplementedError
 
-    # ----------------------------------------------------------------- helpers
+    def _exchange_uplink(self, messages: Mapping[int, list[Tensor]], participants: Sequence[int],
+                         refresh: bool) -> dict[int, list[Tensor]]:
+        """Move the workers' messages; return, for each served layer, the senders' buffers in participant order."""
+        raise NotImplementedError
+
+    def _exchange_downlink(self, down: Mapping[int, Tensor]) -> list[Tensor]:
+        """Move the served layers' S; return every layer's S buffer in layer order."""
+        raise NotImplementedError
+
+    def _record(self, refresh: bool, participants: Sequence[int], local: Sequence[int], vr: bool) -> StepRecord:
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------------------------- bits
     def _comp(self, L: LayerSpec, which: str, refresh: bool) -> _comp.Compressor:
         return self._up_comp(L, refresh) if which == "up" else L.down
 
@@ -441,11 +353,14 @@ class _Core:
             lengths[max(L.owner, 0)] += self._comp(L, which, refresh).wire_nbytes(L.shape, torch.float32)
         return lengths
 
-    def _snapshot_w(self) -> None:
-        """Remember W (where this step's gradients were taken) for the next step's second gradient."""
-        if self.estimator != "ef21":
-            for L in self.layers:
-                self._W_prev[L.index] = L.param.detach().clone()
+    # --------------------------------------------------------------------------------------------- the server model X
+    def server_model(self) -> dict[str, Tensor]:
+        """The server model X, every layer, keyed like ``model.named_parameters()`` (float32 copies).
+
+        :class:`EF21Engine` with ``sharded``/``server``: X lives on the layers' owners and is gathered to every rank
+        (one broadcast per owner): a collective every rank must call.
+        """
+        raise NotImplementedError
 
     def load_parameters(self, values: Mapping[str, Tensor]) -> None:
         """Copy tensors keyed by parameter name into the parameters (cast to their dtype); names not given keep
@@ -457,7 +372,6 @@ class _Core:
 
     @contextlib.contextmanager
     def _params_loaded(self, values: Mapping[str, Tensor]) -> Iterator[None]:
-        """Inside the block the parameters hold ``values`` (by name); afterwards their current values again."""
         current = {L.name: L.param.detach().clone() for L in self.layers if L.name in values}
         self.load_parameters(values)
         try:
@@ -466,136 +380,99 @@ class _Core:
             self.load_parameters(current)
 
     def at_previous_point(self) -> contextlib.AbstractContextManager[None]:
-        """Temporarily load the previous step's W into the parameters (for the VR estimators' second gradient)."""
+        """Inside the block the parameters hold the previous step's W (the VR estimators' second gradient)."""
         return self._params_loaded({L.name: self._W_prev[L.index] for L in self.layers})
-
-    def whole_server_model(self) -> dict[str, Tensor]:
-        """X for every layer on this process (the engine gathers it: a collective), keyed by parameter name."""
-        return self.server_parameters()
 
     def _w_is_x(self) -> bool:
         return all(L.down.kind == "identity" for L in self.layers)  # an identity downlink sets W = X every step
 
     @contextlib.contextmanager
     def at_server_model(self) -> Iterator[None]:
-        """Evaluate at the server model X (ALGORITHM.md §2: validation loss is reported at X): inside the block the
-        parameters hold X, afterwards W again. With an identity downlink W == X and nothing is gathered; otherwise
-        the engine gathers X from its owners, a collective every rank must enter."""
+        """Evaluate at X (validation loss is reported at X, docs/algorithm.md §2): inside the block the parameters
+        hold X, afterwards W again. With an identity downlink W == X and nothing moves; otherwise the engine
+        gathers X, a collective every rank must enter."""
         if self._w_is_x():
             yield
             return
-        with self._params_loaded(self.whole_server_model()):
+        with self._params_loaded(self.server_model()):
             yield
 
     def load_server_model(self) -> None:
-        """Leave X in the parameters for good (e.g. when training ends: X is the model training produced)."""
+        """Leave X in the parameters for good (when training ends: X is the model training produced)."""
         if not self._w_is_x():
-            self.load_parameters(self.whole_server_model())
+            self.load_parameters(self.server_model())
 
-    @staticmethod
-    def _nonfinite(grads: Sequence[Tensor]) -> bool:
-        return not all(bool(torch.isfinite(g).all()) for g in grads)
+    # --------------------------------------------------------------------------------------------- checkpoints
+    def _common_state(self) -> dict[str, Any]:
+        return {"step": self.step_count, "applied": self.applied,
+                "W_prev": tensors_state(self._W_prev, self.layers),
+                "server": self.server.state_dict(self.served),
+                "optimizer": optimizer_state(self.optimizer, self.served),
+                "ledger": self.ledger.state_dict()}
 
-    def _skip(self, where: str) -> None:
-        msg = f"EF21 step {self.step_count}: non-finite gradient on {where}; step skipped on every worker"
-        if self.on_nonfinite == "raise":
-            raise FloatingPointError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        self.ledger.record(StepRecord(step=self.step_count, skipped=True))
-        self.step_count += 1
-
-    @staticmethod
-    def _tensors_state(d: Mapping[int, Tensor], layers: Sequence[LayerSpec]) -> dict[str, Tensor]:
-        return {L.name: d[L.index].clone() for L in layers if L.index in d}
-
-    @staticmethod
-    def _load_tensors(dst: dict[int, Tensor], src: Mapping[str, Tensor], layers: Sequence[LayerSpec], what: str) -> None:
-        for L in layers:
-            if L.index in dst:
-                if L.name not in src:
-                    raise ValueError(f"EF21 state is missing {what}[{L.name!r}]")
-                dst[L.index].copy_(src[L.name])
-
-    def _worker_state(self, ws: WorkerState) -> dict[str, dict[str, Tensor]]:
-        return {k: self._tensors_state(getattr(ws, k), self.layers) for k in ("M", "G", "V")}
-
-    def _load_worker(self, ws: WorkerState, state: Mapping[str, Mapping[str, Tensor]]) -> None:
-        for k in ("M", "G", "V"):
-            self._load_tensors(getattr(ws, k), state.get(k, {}), self.layers, f"worker.{k}")
-
-    def _load_w_prev(self, state: Mapping[str, Any]) -> None:
+    def _load_common(self, state: Mapping[str, Any]) -> None:
+        self.step_count = int(state["step"])
         self.applied = int(state.get("applied", state["step"]))
-        self._W_prev = {L.index: state["W_prev"][L.name].clone() for L in self.layers if L.name in state.get("W_prev", {})}
-
-    def _optimizer_state(self, served: Sequence[LayerSpec]) -> dict[str, Any]:
-        st = self.optimizer.state
-        return {L.name: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st[L.param].items()}
-                for L in served if L.param in st}
-
-    def _load_optimizer_state(self, state: Mapping[str, Any], served: Sequence[LayerSpec]) -> None:
-        for L in served:
-            if L.name in state:
-                self.optimizer.state[L.param] = {k: (v.clone() if isinstance(v, Tensor) else v)
-                                                 for k, v in state[L.name].items()}
+        saved_prev = state.get("W_prev", {})
+        self._W_prev = {L.index: saved_prev[L.name].clone() for L in self.layers if L.name in saved_prev}
+        self.server.load_state_dict(state["server"], self.served)
+        load_optimizer_state(self.optimizer, state["optimizer"], self.served)
+        self.ledger.load_state_dict(state["ledger"])
 
 
-class EF21Engine(_Core):
+class EF21Engine(_EF21Base):
     """One worker (and its share of the server) of EF21-Muon in a torch.distributed process group.
 
-    The framework runs forward/backward as usual so that each parameter's ``.grad`` holds this worker's
-    gradient g_j at W; then :meth:`step` runs steps 2-7 and leaves the updated W in the parameters. Call it
-    instead of ``optimizer.step()``; ``optimizer.zero_grad()`` is still the caller's.
+    Building the engine takes the optimizer over: from then on ``optimizer.step()`` runs EF21-Muon steps 2-7 on the
+    gradients in ``param.grad`` and leaves the updated W in the parameters (see :meth:`optimizer_step`); the
+    framework's forward, backward and ``zero_grad`` stay as they are. Without an initialised process group the
+    engine is the only worker (one process: same compressors, state and ledger, no collectives).
 
     Args:
         model: the module (or its ``named_parameters()``) whose parameters hold W; names key the state dict.
         optimizer: an :class:`~ef_lightning.LMO` (worker momentum from its groups) or any torch optimizer.
-        uplink: compressor spec for worker -> server messages, or a mapping role -> spec (roles: :data:`ROLES`).
-        downlink: compressor spec for server -> worker messages (must be identity with ``allgather``).
-        topology: ``"sharded"`` (default), ``"allgather"`` or ``"server"`` (see :mod:`ef_lightning.comm`).
+        config: an :class:`~ef_lightning.config.EF21Config`; ``None``: one built from ``options``.
         group: process group (default WORLD).
-        server_rank: the server's rank for ``topology="server"``.
-        seed: base seed of the compressors' shared generators (same on every rank).
-        on_nonfinite: ``"skip"`` (warn, count, leave all state untouched) or ``"raise"``.
         sync_initial: broadcast rank 0's parameters first so every rank starts from the same W = X.
-        estimator: ``"ef21"`` (default) or a variance-reduced estimator (``"marina"``, ``"ef21_page"``, ``"mvr"``;
-            ALGORITHM.md §4, arXiv 2604.10689); the VR ones need ``step(closure)``.
-        p: refresh probability of ``marina``/``ef21_page`` in (0, 1]; default bits(compressed) / bits(dense)
-            (MARINA's choice, arXiv 2102.07845).
-        participation: fraction of workers that send each round (``topology="server"`` only): a subset seeded
-            per step, identical on every rank; the others send nothing and keep their state.
+        backward_done: how :meth:`optimizer_step` reads a closure: False (torch's convention, Lightning) — the
+            closure computes the gradient at the current point; True (an Accelerate loop) — the loop already ran
+            backward, and with a variance-reduced estimator the closure only re-evaluates the previous point.
+        quiet: wraps the closure for its run at the previous point (e.g. to keep it from logging); ``None``: as is.
+        on_step: called with True/False (applied/skipped) after every EF21 step that :meth:`optimizer_step` ran.
+        **options: :class:`~ef_lightning.config.EF21Config` fields (``uplink``, ``downlink``, ``topology``, ...),
+            applied over ``config``.
+
+    Example::
+
+        engine = EF21Engine(model, build_lmo_optimizer(model, "gluon"), uplink="top_k:0.05", topology="sharded")
+        for batch in loader:
+            loss_fn(model, batch).backward()
+            optimizer.step()          # the EF21 step
+            optimizer.zero_grad()
     """
+
+    _step_hint = "Call optimizer.step() itself (it is the EF21 step)"
 
     def __init__(
         self,
         model: nn.Module | Sequence[tuple[str, nn.Parameter]],
         optimizer: torch.optim.Optimizer,
+        config: EF21Config | None = None,
         *,
-        uplink: str | Mapping[str, str] = "identity",
-        downlink: str | Mapping[str, str] = "identity",
-        topology: str = "sharded",
         group: Any = None,
-        server_rank: int = 0,
-        seed: int = 0,
-        on_nonfinite: str = "skip",
         sync_initial: bool = True,
-        estimator: str = "ef21",
-        p: float | None = None,
-        participation: float | None = None,
+        backward_done: bool = False,
+        quiet: Callable[[Closure], Closure] | None = None,
+        on_step: Callable[[bool], None] | None = None,
+        **options: Any,
     ) -> None:
-        kwargs = {"server_rank": server_rank} if topology == "server" else {}
-        self.transport: Transport = build_transport(topology, group, **kwargs)
+        config = EF21Config.build(config, **options)
+        self.transport: Transport = build_transport(config.topology, group, server_rank=config.server_rank)
         t = self.transport
-        if participation not in (None, 1, 1.0) and topology != "server":
-            raise ValueError(f"participation={participation!r} needs topology 'server' (partial participation is the "
-                             f"federated setting: a server and a subset of clients per round), got {topology!r}")
-        super().__init__(model, optimizer, uplink=uplink, downlink=downlink, owners=t.owners, seed=seed,
-                         on_nonfinite=on_nonfinite, estimator=estimator, p=p, participation=participation)
-        if t.replicated:
-            bad = sorted({L.down.spec for L in self.layers if L.down.kind != "identity"})
-            if bad:
-                raise ValueError(f"downlink={bad[0]!r} needs topology 'server' or 'sharded': with 'allgather' every "
-                                 "rank already holds X, so there is no downlink; use downlink='identity'")
-        self._check_config()
+        self.replicated = t.replicated
+        super().__init__(model, optimizer, config, owners=t.owners, route_step=True)
+        self.backward_done, self.quiet, self.on_step = backward_done, quiet, on_step
+        self._check_agreement()
         self.served = [L for L in self.layers if L.owner in (-1, t.rank)]
         n_owners = 1 if t.replicated else t.world_size
         self.up_lengths = {r: self._lengths(self.layers, "up", n_owners, r) for r in (False, True)}  # by refresh
@@ -604,26 +481,36 @@ class EF21Engine(_Core):
             with torch.no_grad():
                 for L in self.layers:
                     t.broadcast_(L.param.data, 0)
-        self.worker = self._new_worker()
-        self.server = ServerState()
-        for L in self.served:
-            self.server.G[L.index] = _zeros32(L.param)
-            if not (t.replicated and L.param.dtype == torch.float32):
-                self.server.X[L.index] = L.param.detach().float().clone()
+        self._workers = {t.rank: WorkerState.new(self.layers, self.estimator)}
+        self.server = ServerState.new(self.served, x_is_param=t.replicated)
 
     @property
     def topology(self) -> str:
         """The transport's topology name."""
         return self.transport.topology
 
-    def config(self) -> dict[str, Any]:
-        c = super().config()
-        c.update(topology=self.transport.topology, world_size=self.transport.world_size,
-                 server_rank=getattr(self.transport, "server_rank", None))
-        return c
+    @property
+    def worker(self) -> WorkerState:
+        """This rank's worker state (M_j, G_j, V_j)."""
+        return self._workers[self.transport.rank]
 
-    def _check_config(self) -> None:
-        mine = self.config()
+    def agreement(self) -> dict[str, Any]:
+        """The fields every rank must agree on (checked at start-up)."""
+        return {
+            "layers": [(L.name, tuple(L.shape)) for L in self.layers],
+            "uplink": [L.up.spec for L in self.layers],
+            "downlink": [L.down.spec for L in self.layers],
+            "norms": [str(g.get("norm", type(self.optimizer).__name__)) for g in self.optimizer.param_groups],
+            "momentum": [(L.momentum, L.nesterov) for L in self.layers],
+            "seed": self.seed,
+            "estimator": (self.estimator, self.p, self.participation),
+            "topology": self.transport.topology,
+            "world_size": self.transport.world_size,
+            "server_rank": getattr(self.transport, "server_rank", None),
+        }
+
+    def _check_agreement(self) -> None:
+        mine = self.agreement()
         digest = {k: hashlib.sha256(repr(v).encode()).hexdigest()[:16] for k, v in mine.items()}
         everyone = self.transport.all_gather_object((digest, {k: repr(v)[:200] for k, v in mine.items()}))
         for r, (d, shown) in enumerate(everyone):
@@ -633,118 +520,125 @@ class EF21Engine(_Core):
                 raise ValueError(f"EF21 configuration differs between ranks in field {k!r}: rank {self.transport.rank} "
                                  f"has {repr(mine[k])[:200]}, rank {r} has {shown[k]} (fields differing: {diff})")
 
-    def step(self, closure: Callable[[], Any] | None = None) -> bool:
-        """Run EF21-Muon steps 2-7 on the gradients in ``param.grad``.
+    # --------------------------------------------------------------------------------------------- stepping
+    def optimizer_step(self, closure: Closure | None = None) -> Any:
+        """What ``optimizer.step(closure)`` runs while the engine drives the optimizer. Returns the closure's loss.
+
+        With ``backward_done=False`` (torch's convention) a closure zeroes the gradients, computes the loss at the
+        current point, calls ``backward()`` and returns the loss; a variance-reduced estimator runs it once more,
+        first, at the previous point (wrapped by ``quiet``), so the current point's run is the last one. Without a
+        closure the gradients must already be in ``param.grad``. With ``backward_done=True`` see :meth:`step`.
+        """
+        me = self.transport.rank in self._participants(self.transport.world_size)
+        if self.config.variance_reduced and closure is None:
+            raise ValueError(f"estimator={self.estimator!r} needs optimizer.step(closure): a closure that zeroes the "
+                             "gradients, recomputes the loss on the SAME batch and calls backward(); it is also "
+                             "evaluated at the previous point (valid estimator without a closure: 'ef21')")
+        loss = None
+        if self.backward_done and self.config.variance_reduced:
+            applied = self.step(closure)
+        else:
+            prev = None
+            if self.needs_previous_gradient and me:
+                prev = self._previous_gradients(self.quiet(closure) if self.quiet else closure)  # type: ignore[arg-type]
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            applied = self._sync_mine(_grads_of(self.layers, clone=False), prev)
+        if self.on_step is not None:
+            self.on_step(applied)
+        return loss
+
+    def step(self, closure: Closure | None = None) -> bool:
+        """EF21-Muon steps 2-7 on the gradients already in ``param.grad``.
 
         Args:
             closure: needed by the variance-reduced estimators (``marina``, ``ef21_page``, ``mvr``) from their second
-                step on: it must zero the gradients, recompute the loss on the SAME minibatch and call
-                ``backward()`` (torch's ``optimizer.step(closure)`` convention). The engine calls it once with the
-                previous step's W loaded into the parameters: one extra forward/backward per step, counted in the
-                ledger (``gradient_evaluations_per_worker``).
+                step on: it zeroes the gradients, recomputes the loss on the SAME minibatch and calls ``backward()``.
+                The engine calls it once with the previous step's W loaded: one extra forward/backward per step,
+                counted in the ledger (``gradient_evaluations_per_worker``).
 
         Returns:
             True if the step was applied; False if it was skipped because some worker's gradient was non-finite
             (then no state changed anywhere).
         """
-        # a worker outside this round's participants sends nothing: no second gradient either
         vr = self.needs_previous_gradient and self.transport.rank in self._participants(self.transport.world_size)
-        # the closure below overwrites .grad, so only then are the current gradients copied
-        grads = [(L.param.grad.detach().clone() if vr else L.param.grad.detach()) if L.param.grad is not None
-                 else torch.zeros_like(L.param) for L in self.layers]
+        grads = _grads_of(self.layers, clone=vr)  # the closure below overwrites .grad
         prev = None
         if vr:
             if closure is None:
                 raise ValueError(f"estimator {self.estimator!r} needs a second gradient on the same minibatch at the "
-                                 "previous point: call engine.step(closure) with a closure that zeroes the gradients, "
-                                 "recomputes the loss on the same batch and calls backward()")
+                                 "previous point: pass a closure that zeroes the gradients, recomputes the loss on "
+                                 "the same batch and calls backward()")
             prev = self._previous_gradients(closure)
-        with torch.no_grad():
-            return self._step(grads, prev)
+        return self._sync_mine(grads, prev)
 
-    def _previous_gradients(self, closure: Callable[[], Any]) -> list[Tensor]:
+    def _sync_mine(self, grads: list[Tensor], prev: list[Tensor] | None) -> bool:
+        r = self.transport.rank
+        return self._sync({r: grads}, {r: prev} if prev is not None else None, self.transport.world_size)
+
+    def _previous_gradients(self, closure: Closure) -> list[Tensor]:
         with self.at_previous_point(), torch.enable_grad():
             closure()
-        return [L.param.grad.detach().clone() if L.param.grad is not None else torch.zeros_like(L.param)
-                for L in self.layers]
+        return _grads_of(self.layers, clone=True)
 
-    def _step(self, grads: list[Tensor], prev: list[Tensor] | None) -> bool:
+    def _anywhere(self, flag: bool) -> bool:
+        return self.transport.any(flag)
+
+    def _where(self, bad: Sequence[int]) -> str:
+        return f"rank {self.transport.rank}" if bad else "another rank"
+
+    def _exchange_uplink(self, messages: Mapping[int, list[Tensor]], participants: Sequence[int],
+                         refresh: bool) -> dict[int, list[Tensor]]:
         t = self.transport
-        refresh = self._refresh()
-        participants = self._participants(t.world_size)
-        me = t.rank in participants
-        bad = me and (self._nonfinite(grads) or (prev is not None and self._nonfinite(prev)))
-        if t.any(bad):
-            self._skip(f"rank {t.rank}" if bad else "another rank")
-            return False
-        self._snapshot_w()
-        up_lengths = self.up_lengths[refresh]
-        # 2-3: worker messages, grouped by owner in layer order
-        empty = torch.empty(0, dtype=torch.uint8, device=grads[0].device if grads else "cpu")
-        if me:
-            packed = self._uplink_messages(self.worker, grads, prev, t.rank, refresh)
-            parts = [[] for _ in range(len(up_lengths))]
-            for L, buf in zip(self.layers, packed):
-                parts[max(L.owner, 0)].append(buf)
-            parts = [torch.cat(p) if p else empty for p in parts]
+        lengths = self.up_lengths[refresh]
+        parts = None
+        if t.rank in messages:  # grouped by owner in layer order: one buffer per owner, one collective
+            empty = torch.empty(0, dtype=torch.uint8, device=t.device)
+            grouped: list[list[Tensor]] = [[] for _ in lengths]
+            for L, buf in zip(self.layers, messages[t.rank]):
+                grouped[max(L.owner, 0)].append(buf)
+            parts = [torch.cat(g) if g else empty for g in grouped]
         if self.participation is None:
-            received = t.uplink(parts, up_lengths)
+            received = t.uplink(parts, lengths)
         else:  # server topology: only this round's participants send (point to point)
-            received = t.uplink_from(parts[t.server_rank] if me else None, participants, up_lengths)
-        # 4-5: aggregate and step the layers this rank serves
-        if self.served:
-            offset = 0
-            for L in self.served:
-                n = self._up_comp(L, refresh).wire_nbytes(L.shape, torch.float32)
-                self._aggregate(self.server, L, [b[offset:offset + n] for b in received], participants,
-                                t.world_size, refresh)
-                offset += n
-            with self._server_view(self.server, self.served):
-                self._optimizer_step()
-        # 6-7: downlink
-        if not t.replicated:
-            mine = [self._downlink_message(self.server, L) for L in self.served]
-            bufs = t.downlink(torch.cat(mine) if mine else None, self.down_lengths)
-            offsets = [0] * len(bufs)
-            for L in self.layers:
-                o, n = L.owner, L.down.wire_nbytes(L.shape, torch.float32)
-                self._apply_downlink(L, bufs[o][offsets[o]:offsets[o] + n])
-                offsets[o] += n
-        elif any(L.param.dtype != torch.float32 for L in self.layers):
-            for L in self.layers:  # replicated: W is X in the training dtype
-                if L.index in self.server.X:
-                    L.param.data.copy_(self.server.X[L.index])
-        self.ledger.record(StepRecord(
+            received = t.uplink_from(parts[t.server_rank] if parts is not None else None, participants, lengths)
+        out, offset = {}, 0
+        for L in self.served:
+            n = self._up_comp(L, refresh).wire_nbytes(L.shape, torch.float32)
+            out[L.index] = [b[offset:offset + n] for b in received]
+            offset += n
+        return out
+
+    def _exchange_downlink(self, down: Mapping[int, Tensor]) -> list[Tensor]:
+        mine = [down[L.index] for L in self.served]
+        bufs = self.transport.downlink(torch.cat(mine) if mine else None, self.down_lengths)
+        offsets = [0] * len(bufs)
+        out = []
+        for L in self.layers:
+            o, n = L.owner, L.down.wire_nbytes(L.shape, torch.float32)
+            out.append(bufs[o][offsets[o]:offsets[o] + n])
+            offsets[o] += n
+        return out
+
+    def _record(self, refresh: bool, participants: Sequence[int], local: Sequence[int], vr: bool) -> StepRecord:
+        t, me = self.transport, bool(local)
+        return StepRecord(
             step=self.step_count,
             uplink_bits=self._bits(self.layers, "up", refresh) if me else 0,
-            uplink_wire_bytes=t.uplink_wire_bytes(up_lengths) if me else 0,
+            uplink_wire_bytes=t.uplink_wire_bytes(self.up_lengths[refresh]) if me else 0,
             downlink_bits=0 if t.replicated else self._bits(self.layers, "down"),
             downlink_wire_bytes=t.downlink_wire_bytes(self.down_lengths),
             dense_bytes=self.dense_bytes,
-            gradient_evals=(1 + (prev is not None)) if me else 0,
-        ))
-        self.step_count += 1
-        self.applied += 1
-        return True
+            gradient_evals=(1 + vr) if me else 0,
+        )
 
-    def server_parameters(self) -> dict[str, Tensor]:
-        """X for the layers this rank serves (``allgather``: all layers), keyed by parameter name."""
-        return {L.name: (self.server.X[L.index] if L.index in self.server.X else L.param.detach()).clone()
-                for L in self.served}
-
-    def whole_server_model(self) -> dict[str, Tensor]:
-        return self.gather_server_model()
-
+    # --------------------------------------------------------------------------------------------- X and state
     @torch.no_grad()
-    def gather_server_model(self) -> dict[str, Tensor]:
-        """The whole X on every rank, keyed by parameter name (a collective: every rank must call it).
-
-        One broadcast per owner of its layers packed in one float32 buffer; used to evaluate at X when the downlink
-        is compressed (W != X). ``allgather``: X is already everywhere, nothing is sent.
-        """
+    def server_model(self) -> dict[str, Tensor]:
         t = self.transport
         if t.replicated:
-            return self.server_parameters()
+            return {L.name: self.server.X.get(L.index, L.param.detach()).float().clone() for L in self.layers}
         out: dict[str, Tensor] = {}
         for o in range(t.world_size):
             layers = [L for L in self.layers if L.owner == o]
@@ -760,20 +654,10 @@ class EF21Engine(_Core):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's own EF21 state: M_j, G_j, served X and G, the optimizer state of served layers, ledger."""
-        return {
-            "rank": self.transport.rank,
-            "world_size": self.transport.world_size,
-            "topology": self.transport.topology,
-            "step": self.step_count,
-            "applied": self.applied,
-            "worker": self._worker_state(self.worker),
-            "W_prev": self._tensors_state(self._W_prev, self.layers),
-            "server": {"X": self._tensors_state(self.server.X, self.served),
-                       "G": self._tensors_state(self.server.G, self.served)},
-            "optimizer": self._optimizer_state(self.served),
-            "ledger": self.ledger.state_dict(),
-        }
+        """This rank's own EF21 state: M_j, G_j (V_j), served X and G, the optimizer state of served layers, ledger."""
+        t = self.transport
+        return {"rank": t.rank, "world_size": t.world_size, "topology": t.topology,
+                "worker": self.worker.state_dict(self.layers), **self._common_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` on the same rank of the same topology and world size."""
@@ -782,35 +666,29 @@ class EF21Engine(_Core):
             if state.get(key) != mine:
                 raise ValueError(f"EF21 state was saved with {key}={state.get(key)!r}, this process has {key}={mine!r}; "
                                  "each rank must load its own state from a run with the same world size and topology")
-        self.step_count = int(state["step"])
-        self._load_worker(self.worker, state["worker"])
-        self._load_w_prev(state)
-        self._load_tensors(self.server.X, state["server"]["X"], self.served, "server.X")
-        self._load_tensors(self.server.G, state["server"]["G"], self.served, "server.G")
-        self._load_optimizer_state(state["optimizer"], self.served)
+        self.worker.load_state_dict(state["worker"], self.layers)
+        self._load_common(state)
         served = {id(L.param) for L in self.served}
         for L in self.layers:  # a framework may have loaded rank 0's optimizer state everywhere: keep only ours
             if id(L.param) not in served:
                 self.optimizer.state.pop(L.param, None)
-        self.ledger.load_state_dict(state["ledger"])
 
 
-class Simulator(_Core):
-    """n EF21-Muon workers and the server in one process: same math and ledger as the real transports.
+class Simulator(_EF21Base):
+    """n EF21-Muon workers and the server in one process: same kernels, math and ledger as :class:`EF21Engine`.
 
-    The model's parameters hold W (the point where gradients are evaluated); X is kept separately and returned by
-    :meth:`server_parameters`. Randomness and summation order match :class:`EF21Engine`, so a Simulator and n real
-    processes fed the same shards produce the same X and W.
+    The model's parameters hold W (where gradients are evaluated); X is kept separately (:meth:`server_model`).
+    Randomness and summation order match the engine, so a Simulator and n real processes fed the same shards
+    produce the same X and W. The optimizer is held like the engine holds it, but its ``step()`` is not routed
+    (there is no single worker's gradient): call :meth:`step` or :meth:`apply`.
 
     Args:
         model: the module whose parameters hold W.
         optimizer: an :class:`~ef_lightning.LMO` or any torch optimizer over ``model``'s parameters.
         n_workers: number of simulated workers (>= 1).
-        uplink, downlink: compressor specs or role -> spec mappings (see :class:`EF21Engine`).
-        seed: base seed of the compressors' shared generators.
-        on_nonfinite: ``"skip"`` or ``"raise"``.
-        estimator, p: as for :class:`EF21Engine`; :meth:`step` takes the second gradient itself.
-        participation: fraction of workers per round (partial participation, the federated setting).
+        config: an :class:`~ef_lightning.config.EF21Config`; ``None``: one built from ``options`` with
+            ``topology="server"`` (the topology only decides which options are allowed: one process serves all).
+        **options: :class:`~ef_lightning.config.EF21Config` fields, applied over ``config``.
 
     Example::
 
@@ -819,38 +697,28 @@ class Simulator(_Core):
         print(sim.ledger.summary())
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        n_workers: int,
-        uplink: str | Mapping[str, str] = "identity",
-        downlink: str | Mapping[str, str] = "identity",
-        seed: int = 0,
-        on_nonfinite: str = "skip",
-        estimator: str = "ef21",
-        p: float | None = None,
-        participation: float | None = None,
-    ) -> None:
+    _step_hint = "Call simulator.step(loss_fn, batches) or simulator.apply(grads)"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, n_workers: int,
+                 config: EF21Config | None = None, **options: Any) -> None:
         if not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 1:
             raise ValueError(f"n_workers={n_workers!r}; must be an integer >= 1")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        super().__init__(model, optimizer, uplink=uplink, downlink=downlink,
-                         owners=lambda sizes: [0] * len(sizes), seed=seed, on_nonfinite=on_nonfinite,
-                         estimator=estimator, p=p, participation=participation)
+        if config is None:
+            options.setdefault("topology", "server")
+        config = EF21Config.build(config, **options)
+        super().__init__(model, optimizer, config, owners=lambda sizes: [0] * len(sizes), route_step=False)
         self.model = model
         self.n_workers = n_workers
-        self.workers = [self._new_worker() for _ in range(n_workers)]
-        self.server = ServerState()
-        for L in self.layers:
-            self.server.G[L.index] = _zeros32(L.param)
-            self.server.X[L.index] = L.param.detach().float().clone()
+        self.served = self.layers
+        self._workers = {j: WorkerState.new(self.layers, self.estimator) for j in range(n_workers)}
+        self.server = ServerState.new(self.layers, x_is_param=False)
 
-    def config(self) -> dict[str, Any]:
-        c = super().config()
-        c.update(topology="simulated", world_size=self.n_workers)
-        return c
+    @property
+    def workers(self) -> list[WorkerState]:
+        """Every simulated worker's state, in worker order."""
+        return [self._workers[j] for j in range(self.n_workers)]
 
     def step(self, loss_fn: Callable[[nn.Module, Any], Tensor], batches: Sequence[Any]) -> list[float]:
         """One EF21-Muon step: each participating worker's gradient at W on its batch, then steps 2-7.
@@ -867,22 +735,14 @@ class Simulator(_Core):
         if len(batches) != self.n_workers:
             raise ValueError(f"got {len(batches)} batches for n_workers={self.n_workers}; pass one batch per worker")
         participants = set(self._participants(self.n_workers))
-        losses: list[float] = []
-        grads: list[list[Tensor] | None] = []
-        prev: list[list[Tensor] | None] | None = [] if self.needs_previous_gradient else None
-        for j, batch in enumerate(batches):
-            if j not in participants:
-                losses.append(float("nan"))
-                grads.append(None)
-                if prev is not None:
-                    prev.append(None)
-                continue
-            loss, g = self._gradient(loss_fn, batch)
-            losses.append(loss)
-            grads.append(g)
+        losses = [float("nan")] * self.n_workers
+        grads: list[list[Tensor] | None] = [None] * self.n_workers
+        prev: list[list[Tensor] | None] | None = [None] * self.n_workers if self.needs_previous_gradient else None
+        for j in sorted(participants):
+            losses[j], grads[j] = self._gradient(loss_fn, batches[j])
             if prev is not None:
                 with self.at_previous_point():
-                    prev.append(self._gradient(loss_fn, batch)[1])
+                    prev[j] = self._gradient(loss_fn, batches[j])[1]
         self.optimizer.zero_grad(set_to_none=True)
         self.apply(grads, prev)
         return losses
@@ -892,76 +752,58 @@ class Simulator(_Core):
         with torch.enable_grad():
             loss = loss_fn(self.model, batch)
             loss.backward()
-        return float(loss.detach()), [L.param.grad.detach().clone() if L.param.grad is not None
-                                      else torch.zeros_like(L.param) for L in self.layers]
+        return float(loss.detach()), _grads_of(self.layers, clone=True)
 
-    @torch.no_grad()
     def apply(self, grads: Sequence[Sequence[Tensor] | None],
               prev: Sequence[Sequence[Tensor] | None] | None = None) -> bool:
         """Steps 2-7 given each worker's gradients (``grads[j][i]`` = worker j, layer i in optimizer order).
 
         ``prev[j]``: worker j's gradients on the same batch at the previous W (VR estimators after their first step).
-        Workers not participating this round may pass ``None``.
+        Workers not participating this round may pass ``None``. Returns False if the step was skipped.
         """
         if self.needs_previous_gradient and prev is None:
             raise ValueError(f"estimator {self.estimator!r} needs the previous point's gradients (prev=...)")
-        participants = self._participants(self.n_workers)
-        refresh = self._refresh()
-        bad = [j for j in participants if self._nonfinite(grads[j]) or (prev is not None and self._nonfinite(prev[j]))]
-        if bad:
-            self._skip(f"worker(s) {bad}")
-            return False
-        self._snapshot_w()
-        packed = {j: self._uplink_messages(self.workers[j], grads[j], prev[j] if prev is not None else None, j, refresh)
-                  for j in participants}
-        for L in self.layers:
-            self._aggregate(self.server, L, [packed[j][L.index] for j in participants], participants,
-                            self.n_workers, refresh)
-        with self._server_view(self.server, self.layers):
-            self._optimizer_step()
-        for L in self.layers:
-            self._apply_downlink(L, self._downlink_message(self.server, L))
+        local = {j: g for j, g in enumerate(grads) if g is not None}
+        before = {j: p for j, p in enumerate(prev) if p is not None} if prev is not None else None
+        return self._sync(local, before, self.n_workers)
+
+    def _anywhere(self, flag: bool) -> bool:
+        return flag
+
+    def _where(self, bad: Sequence[int]) -> str:
+        return f"worker(s) {list(bad)}"
+
+    def _exchange_uplink(self, messages: Mapping[int, list[Tensor]], participants: Sequence[int],
+                         refresh: bool) -> dict[int, list[Tensor]]:
+        return {L.index: [messages[j][L.index] for j in participants] for L in self.layers}
+
+    def _exchange_downlink(self, down: Mapping[int, Tensor]) -> list[Tensor]:
+        return [down[L.index] for L in self.layers]
+
+    def _record(self, refresh: bool, participants: Sequence[int], local: Sequence[int], vr: bool) -> StepRecord:
         share = len(participants) / self.n_workers  # per-worker counts are averages over all n workers
-        self.ledger.record(StepRecord(
+        return StepRecord(
             step=self.step_count,
             uplink_bits=round(self._bits(self.layers, "up", refresh) * share),
             uplink_wire_bytes=round(sum(self._lengths(self.layers, "up", 1, refresh)) * share),
             downlink_bits=self._bits(self.layers, "down"),
             downlink_wire_bytes=sum(self._lengths(self.layers, "down", 1)),
             dense_bytes=self.dense_bytes,
-            gradient_evals=1 + (prev is not None),
-        ))
-        self.step_count += 1
-        self.applied += 1
-        return True
+            gradient_evals=1 + vr,
+        )
 
-    def server_parameters(self) -> dict[str, Tensor]:
-        """X, the server's exact model, keyed like ``model.named_parameters()``."""
+    def server_model(self) -> dict[str, Tensor]:
         return {L.name: self.server.X[L.index].clone() for L in self.layers}
 
     def state_dict(self) -> dict[str, Any]:
         """Every simulated worker's state, the server state, the optimizer state and the ledger."""
-        return {
-            "n_workers": self.n_workers,
-            "step": self.step_count,
-            "applied": self.applied,
-            "workers": [self._worker_state(w) for w in self.workers],
-            "W_prev": self._tensors_state(self._W_prev, self.layers),
-            "server": {"X": self._tensors_state(self.server.X, self.layers),
-                       "G": self._tensors_state(self.server.G, self.layers)},
-            "optimizer": self._optimizer_state(self.layers),
-            "ledger": self.ledger.state_dict(),
-        }
+        return {"n_workers": self.n_workers, "workers": [w.state_dict(self.layers) for w in self.workers],
+                **self._common_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` (same model and n_workers). W is the model's own state."""
         if state.get("n_workers") != self.n_workers:
             raise ValueError(f"state has n_workers={state.get('n_workers')!r}, this Simulator has {self.n_workers}")
-        self.step_count = int(state["step"])
         for w, s in zip(self.workers, state["workers"]):
-            self._load_worker(w, s)
-        self._load_w_prev(state)
-        self._load_tensors(self.server.X, state["server"]["X"], self.layers, "server.X")
-        self._load_tensors(self.server.G, state["server"]["G"], self.layers, "server.G")
-        self._load_optimizer_state(state["optimizer"], self.layers)
-        self.ledger.load_state_dict(state["ledger"])
+            w.load_state_dict(s, self.layers)
+        self._load_common(state)

@@ -1,4 +1,4 @@
-"""Per-layer norms, their LMO directions and dual norms, and Newton–Schulz (ALGORITHM.md §1).
+"""Per-layer norms, their LMO directions and dual norms, and Newton–Schulz (docs/algorithm.md §1).
 
 Convention: every function here returns the *positive* direction d(G) = −lmo(G), so an LMO step with radius t is
 ``X ← X − t·d(G)``, and ⟨G, d(G)⟩ = ‖G‖_* (the dual norm). Shapes follow ``nn.Linear.weight``: a matrix is
@@ -23,14 +23,12 @@ K = prod(kernel size) (k² for a k×k Conv2d, k for Conv1d: Scion's ``SpectralCo
 ``scion.py`` (norm classes; Pethick et al., arXiv 2502.07529), Gluon (Riabinin et al., arXiv 2505.13416), Muon
 (Keller Jordan 2024, https://kellerjordan.github.io/posts/muon/), ``torch/optim/_muon.py``.
 
-Discrepancy with ALGORITHM.md §1 (table, dual-norm column): it lists sqrt(d_in/d_out)·‖G‖_nuclear (spectral),
-Σ_j‖G[:,j]‖/sqrt(d_out) (col_norm) and sqrt(d_in)·Σ_i‖G[i,:]‖ (row_norm). Those are not ⟨G, d(G)⟩ for the
-directions in the same table (which match Scion's code); the duals above are, and :func:`dual_norm` returns them.
-The directions themselves agree with ALGORITHM.md and with Scion.
+The directions are Scion's; each dual norm is ⟨G, d(G)⟩ for its direction, which :func:`dual_norm` returns. The
+same table, with the primal norms, is docs/algorithm.md §1.1.
 
 With NS in place of the exact polar factor, spectral directions are only approximate: after 5 quintic steps every
-singular value of G larger than ~0.003·‖G‖_F maps into [0.68, 1.14] (not to 1; Keller Jordan 2024), so
-⟨G, d(G)⟩ approximates the dual norm within that band.
+singular value of G of at least ~0.006·‖G‖_F maps into [0.68, 1.14], and down to ~0.002·‖G‖_F into [0.68, 1.21]
+(not to 1; Keller Jordan 2024; docs/algorithm.md §1.2), so ⟨G, d(G)⟩ approximates the dual norm within that band.
 """
 
 from __future__ import annotations
@@ -96,7 +94,8 @@ def newton_schulz(G: Tensor, steps: int = 5, dtype: torch.dtype | str | None = N
 
     Returns:
         US'Vᵀ in ``dtype`` with the shape of G, where the singular values S' of the result lie in about
-        [0.68, 1.14] for every singular value of G above ~0.003·‖G‖_F (after 5 steps).
+        [0.68, 1.14] for every singular value of G above ~0.006·‖G‖_F, [0.68, 1.21] above ~0.002·‖G‖_F (after 5
+        steps; docs/algorithm.md §1.2).
     """
     if G.ndim != 2:
         raise ValueError(f"newton_schulz needs a 2-D matrix, got shape {tuple(G.shape)}")

@@ -1,4 +1,4 @@
-"""The LMO optimizer (Scion / Gluon / Muon family) and presets that give every parameter a norm (ALGORITHM.md §1).
+"""The LMO optimizer (Scion / Gluon / Muon family) and presets that give every parameter a norm (docs/algorithm.md §1).
 
 Three layers, each usable alone:
 
@@ -178,7 +178,7 @@ def _check_group(group: dict[str, Any]) -> None:
 
 
 class LMO(Optimizer):
-    """Layer-wise LMO optimizer: Scion, Gluon and Muon in one class, plus AdamW groups (ALGORITHM.md §1).
+    """Layer-wise LMO optimizer: Scion, Gluon and Muon in one class, plus AdamW groups (docs/algorithm.md §1.3).
 
     Per group, for each parameter X with gradient g (units: ``lr·scale`` is the step length in the group's norm —
     for ``spectral``, "spectral norm per update" in RMS→RMS units, Keller's phrase for Muon's lr):
@@ -389,7 +389,7 @@ def _classify(model: nn.Module) -> list[tuple[str, Tensor, str, bool, list[str]]
         own = owners.get(id(p), [(name, None, name)])
         transposed = False
         if p is head:
-            role = "head"  # tied head/embedding land here: ALGORITHM.md §1, tied → sign
+            role = "head"  # a tied head/embedding lands here: sign in scion/gluon (docs/algorithm.md §1.4)
         elif p is input_weight or any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for _, m, _ in own):
             role, transposed = "embedding", p.ndim == 2  # stored (vocab, dim): d on the (dim, vocab) map
         elif p.ndim <= 1:

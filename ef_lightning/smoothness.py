@@ -1,7 +1,7 @@
-"""Estimate layer-wise (L0, L1)-smoothness constants for Gluon's adaptive radius (ALGORITHM.md §1).
+"""Estimate layer-wise (L0, L1)-smoothness constants for Gluon's adaptive radius (docs/algorithm.md §1.3).
 
-Gluon (Riabinin, Kovalev, Richtárik et al., arXiv 2505.13416) assumes layer-wise (L0, L1)-smoothness: for every
-layer i and points X, Y,
+Gluon (Riabinin, Shulgin, Gruntkowska, Richtárik, arXiv 2505.13416) assumes layer-wise (L0, L1)-smoothness: for
+every layer i and points X, Y,
 
     ‖∇_i f(X) − ∇_i f(Y)‖_(i)*  ≤  (L0_i + L1_i·‖∇_i f(X)‖_(i)*) · ‖X_i − Y_i‖_(i),
 
@@ -15,10 +15,9 @@ hinge-penalised envelope
 This module does the same (:func:`estimate_smoothness` = :func:`collect_samples` + :func:`fit_l0_l1`), with the
 gradient pair of each step taken on the SAME minibatch, so r_k measures curvature, not minibatch noise.
 
-Norms. ‖·‖_* is :func:`ef_lightning.lmo.dual_norm` (exact; the duals of the optimizer's directions, which
-lmo.py's docstring lists and which differ from ALGORITHM.md §1's dual-norm column for spectral/col_norm/row_norm —
-see the discrepancy note there). The primal norm ‖·‖ is the norm whose unit ball the direction d(G) spans, i.e.
-the dual of that dual, so that ‖d(G)‖ = 1 and ⟨G, Z⟩ ≤ ‖G‖_*·‖Z‖ (:func:`primal_norm`; M = the (d_out, d_in)
+Norms. ‖·‖_* is :func:`ef_lightning.lmo.dual_norm` (exact; ⟨G, d(G)⟩ for the optimizer's directions, as lmo.py's
+docstring and docs/algorithm.md §1.1 list them). The primal norm ‖·‖ is the norm whose unit ball the direction d(G)
+spans, i.e. the dual of that dual, so that ‖d(G)‖ = 1 and ⟨G, Z⟩ ≤ ‖G‖_*·‖Z‖ (:func:`primal_norm`; M = the (d_out, d_in)
 matrix view of :func:`ef_lightning.lmo.as_matrix`, with ``transpose`` as in the optimizer's group):
 
     name           primal ‖X‖                                    dual ‖G‖_* (lmo.dual_norm)
@@ -30,7 +29,7 @@ matrix view of :func:`ef_lightning.lmo.as_matrix`, with ``transpose`` as in the 
     row_norm       sqrt(d_in)·max_i ‖M[i,:]‖                      Σ_i ‖M[i,:]‖/sqrt(d_in)
     bias_rms       ‖x‖₂/sqrt(n) = RMS(x)                          sqrt(n)·‖x‖₂
 
-The ``sign`` row agrees with ALGORITHM.md §1 (direction sign(G)/d_in, dual Σ|G|/d_in, so primal d_in·max|x|).
+For example ``sign``: direction sign(G)/d_in, dual Σ|G|/d_in, so primal d_in·max|x| (docs/algorithm.md §1.1).
 Units: L0 has the units of (dual norm of a gradient) / (primal norm of a step); L1 is dimensionless·1/(primal
 norm of a step). They are exactly what ``param_groups(..., overrides=smoothness_overrides(est))`` expects.
 

@@ -118,7 +118,7 @@ def accumulate_script(rank: int, world: int, micro_batches: int = 8) -> dict[str
 
 
 def _ef21_snapshot(model: nn.Module, plugin: Any) -> dict[str, Any]:
-    return {"W": _params(model), "X": plugin.engine.server_parameters(), "ef21": plugin.engine.state_dict()}
+    return {"W": _params(model), "X": plugin.engine.server_model(), "ef21": plugin.engine.state_dict()}
 
 
 def resume_script(rank: int, world: int, ckpt: str, split: int = 3, steps: int = 6) -> dict[str, Any]:
@@ -207,7 +207,7 @@ def vr_script(rank: int, world: int, steps: int = VR_STEPS) -> dict[str, Any]:
     plugin = EF21Plugin()
     model, optimizer = plugin.prepare(accelerator, model, optimizer)
     losses = _vr_train(model, optimizer, accelerator, make_data(world, steps), rank, 0, steps)
-    return {"W": _params(accelerator.unwrap_model(model)), "X": plugin.engine.gather_server_model(),
+    return {"W": _params(accelerator.unwrap_model(model)), "X": plugin.engine.server_model(),
             "losses": losses, "ledger": plugin.ledger.summary(), "p": plugin.engine.p}
 
 

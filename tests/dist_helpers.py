@@ -132,7 +132,7 @@ class CollectiveCounter:
 
 def _state_snapshot(model: nn.Module, engine: Any) -> dict[str, Any]:
     return {
-        "X": engine.server_parameters(),
+        "X": engine.server_model(),
         "W": {n: p.detach().clone() for n, p in model.named_parameters()},
         "served": [L.name for L in engine.served],
         "ledger": engine.ledger.summary(),

@@ -126,7 +126,7 @@ def s_topk_csv(out: Path, devices: int) -> None:
 
     import torch.distributed as dist
 
-    X = eng.gather_server_model()
+    X = eng.server_model()
     probe = copy.deepcopy(model.net)
     with torch.no_grad():
         for n, p in probe.named_parameters():

@@ -1,7 +1,7 @@
 """Accelerate plugin and transformers integration.
 
 References: plain Accelerate DDP with the same optimizer (identity compressors must match it), the top_k bit formula
-of ALGORITHM.md §3, an uninterrupted run (resume), and plain single-process training. Multi-process cases run in 2
+of docs/algorithm.md §3, an uninterrupted run (resume), and plain single-process training. Multi-process cases run in 2
 gloo processes started once per module (tests/accelerate_helpers.py); single-process cases run in this process.
 """
 
@@ -20,7 +20,7 @@ from ef_lightning.accelerate import EF21Plugin
 
 
 def topk_bits(d: int, ratio: float, f: int = 32) -> int:
-    """ALGORITHM.md §3: K = ceil(r*d) values and indices, or values plus a d-bit mask, whichever is smaller."""
+    """docs/algorithm.md §3: K = ceil(r*d) values and indices, or values plus a d-bit mask, whichever is smaller."""
     K = math.ceil(ratio * d)
     return min(K * (f + math.ceil(math.log2(d))), f * K + d)
 
@@ -51,11 +51,15 @@ def test_env_configures_plugin_and_explicit_arguments_win(monkeypatch):
         monkeypatch.setenv(k, v)
     p = EF21Plugin()
     assert p.enabled is True
-    assert p.to_kwargs() == {"uplink": "top_k:0.05+natural", "downlink": "top_k:0.5", "topology": "server",
-                             "server_rank": 1, "seed": 7, "on_nonfinite": "raise", "estimator": "ef21", "p": None,
-                             "participation": None}
-    q = EF21Plugin(enabled=False, uplink="identity", topology="allgather", seed=3)
-    assert (q.enabled, q.uplink, q.topology, q.seed, q.downlink) == (False, "identity", "allgather", 3, "top_k:0.5")
+    assert p.config.to_dict() == {"uplink": "top_k:0.05+natural", "downlink": "top_k:0.5", "topology": "server",
+                                  "server_rank": 1, "seed": 7, "on_nonfinite": "raise", "estimator": "ef21", "p": None,
+                                  "participation": None}
+    q = EF21Plugin(enabled=False, uplink="identity", topology="sharded", seed=3)
+    assert (q.enabled, q.uplink, q.topology, q.seed, q.downlink) == (False, "identity", "sharded", 3, "top_k:0.5")
+    # the environment's compressed downlink cannot go with an explicit allgather (which has no downlink): the
+    # combination fails at start-up, naming the variable
+    with pytest.raises(ValueError, match=r"EF21_DOWNLINK='top_k:0\.5'.*allgather.*downlink='identity'"):
+        EF21Plugin(enabled=False, topology="allgather")
     monkeypatch.setenv("EF21_UPLINK", "hidden=top_k:0.1, default=identity")
     assert EF21Plugin().uplink == {"hidden": "top_k:0.1", "default": "identity"}
 
@@ -66,18 +70,30 @@ def test_defaults_without_environment(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     p = EF21Plugin()
     assert p.enabled is False and p.ledger is None and p.metrics() == {}
-    from ef_lightning.ef21 import DEFAULT_DOWNLINK, DEFAULT_UPLINK
+    from ef_lightning.config import DEFAULT_DOWNLINK, DEFAULT_UPLINK, EF21Config
 
-    assert p.to_kwargs() == {"uplink": DEFAULT_UPLINK, "downlink": DEFAULT_DOWNLINK, "topology": "sharded",
-                             "server_rank": 0,
-                             "seed": 0, "on_nonfinite": "skip", "estimator": "ef21", "p": None,
-                             "participation": None}
+    assert p.config == EF21Config()  # the library's defaults, one source of truth
+    assert p.config.to_dict() == {"uplink": dict(DEFAULT_UPLINK), "downlink": dict(DEFAULT_DOWNLINK),
+                                  "topology": "sharded", "server_rank": 0, "seed": 0, "on_nonfinite": "skip",
+                                  "estimator": "ef21", "p": None, "participation": None}
+
+
+def test_plugin_fields_are_the_config_options():
+    """The plugin restates EF21Config's options as dataclass fields (one per environment variable, Accelerate's
+    pattern): they must not drift apart."""
+    import dataclasses
+
+    from ef_lightning.config import EF21Config
+
+    assert [f.name for f in dataclasses.fields(EF21Plugin)] == ["enabled"] + [
+        f.name for f in dataclasses.fields(EF21Config)]
+    assert "top_k:0.1+natural" in dataclasses.fields(EF21Plugin)[1].metadata["help"]  # default from the constant
 
 
 @pytest.mark.parametrize("var, value, choices", [
     ("EF21_UPLINK", "topk:0.1", "top_k"),
     ("EF21_DOWNLINK", "top_k:0", "ratio in (0, 1]"),
-    ("EF21_UPLINK", "head=top_k:0.1,middle=identity", "hidden, embedding, head"),
+    ("EF21_UPLINK", "head=top_k:0.1,middle=identity", "hidden, conv, embedding, head"),
     ("EF21_TOPOLOGY", "ring", "sharded, allgather, server"),
     ("EF21_MUON", "maybe", "1, true, yes, on"),
     ("EF21_ON_NONFINITE", "ignore", "skip, raise"),
@@ -144,13 +160,13 @@ class MemoryTracker(GeneralTracker):
 
 
 def test_single_process_with_flag_matches_plain_training():
-    """One process (a debug run): a one-worker Simulator; identity compressors = plain training."""
-    from ef_lightning import Simulator
+    """One process (a debug run): the engine as the only worker; identity compressors = plain training."""
+    from ef_lightning import EF21Engine
 
     W_plain, lr_plain = _single_process_run(EF21Plugin(enabled=False))
     plugin = EF21Plugin(enabled=True, uplink="identity", downlink="identity")
     W_ef21, lr_ef21 = _single_process_run(plugin)
-    assert isinstance(plugin.engine, Simulator) and plugin.engine.n_workers == 1
+    assert isinstance(plugin.engine, EF21Engine) and plugin.engine.transport.world_size == 1
     assert max_diff(W_plain, W_ef21) <= 1e-6
     assert lr_plain == lr_ef21 and lr_ef21[0] < make_optimizer(make_model()).defaults["lr"]
     assert plugin.ledger.summary()["steps"] == 10
@@ -354,8 +370,8 @@ def test_estimator_environment_reaches_engine_kwargs(monkeypatch):
     for k, v in {"EF21_MUON": "1", "EF21_ESTIMATOR": "marina", "EF21_P": "0.25", "EF21_TOPOLOGY": "server",
                  "EF21_PARTICIPATION": "0.5", "EF21_UPLINK": "natural"}.items():
         monkeypatch.setenv(k, v)
-    kw = EF21Plugin().to_kwargs()
-    assert (kw["estimator"], kw["p"], kw["participation"], kw["topology"]) == ("marina", 0.25, 0.5, "server")
+    cfg = EF21Plugin().config
+    assert (cfg.estimator, cfg.p, cfg.participation, cfg.topology) == ("marina", 0.25, 0.5, "server")
     monkeypatch.delenv("EF21_P")
     assert EF21Plugin(estimator="mvr").estimator == "mvr"  # an explicit argument wins over EF21_ESTIMATOR
 
@@ -402,7 +418,7 @@ def _simulator_reference(estimator: str, world: int, steps: int, **kwargs):
     data = make_data(world, steps)
     for s in range(steps):
         sim.step(mse, data[s])
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, sim.server_parameters(), sim
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, sim.server_model(), sim
 
 
 def test_single_process_vr_with_closure_matches_simulator():
@@ -414,10 +430,10 @@ def test_single_process_vr_with_closure_matches_simulator():
     model = make_model(0)
     model, optimizer = plugin.prepare(accelerator, model, make_optimizer(model))
     _vr_train(model, optimizer, accelerator, make_data(1, 5), 0, 0, 5)
-    W_ref, X_ref, sim = _simulator_reference("ef21_page", 1, 5, uplink="top_k:0.2", p=0.5)
+    W_ref, X_ref, sim = _simulator_reference("ef21_page", 1, 5, uplink="top_k:0.2", downlink="identity", p=0.5)
     assert max_diff(W_ref, {n: p.detach() for n, p in model.named_parameters()}) <= 1e-6
-    assert max_diff(X_ref, plugin.engine.server_parameters()) <= 1e-6
-    # 1 gradient on the first step, 2 on each later one (ALGORITHM.md §4: two evaluations per step)
+    assert max_diff(X_ref, plugin.engine.server_model()) <= 1e-6
+    # 1 gradient on the first step, 2 on each later one (docs/algorithm.md §4: two evaluations per step)
     assert plugin.ledger.summary()["gradient_evaluations_per_worker"] == 1 + 2 * 4
 
 
@@ -456,7 +472,7 @@ def test_vr_save_state_load_state_is_bit_identical(acc_results):
 
 
 def test_server_model_context_loads_x_and_restores_w():
-    """One process (Simulator path) with a compressed downlink: inside the block the parameters are X, then W."""
+    """One process (the engine as the only worker) with a compressed downlink: inside the block the parameters are X, then W."""
     model = make_model()
     opt = make_optimizer(model)
     acc = fresh_accelerator()
@@ -467,7 +483,7 @@ def test_server_model_context_loads_x_and_restores_w():
         opt.zero_grad()
         acc.backward(mse(model, data[k][0]))
         opt.step()
-    X = plugin.engine.server_parameters()
+    X = plugin.engine.server_model()
     W = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert any(not torch.equal(X[n], W[n]) for n in X)
     with plugin.server_model():

@@ -1,5 +1,5 @@
-"""Tests for ef_lightning.compressors against independent references: ALGORITHM.md §3 closed forms written out here,
-float64 SVD / sorting references, and the contraction / unbiasedness definitions."""
+"""Tests for ef_lightning.compressors against independent references: docs/algorithm.md §3 closed forms written out
+here, float64 SVD / sorting references, and the contraction / unbiasedness definitions."""
 
 import math
 
@@ -231,7 +231,7 @@ def test_qsgd_levels():
 
 
 def _bits_ref(spec, shape, dtype):
-    """ALGORITHM.md §3 closed forms, written out independently of the implementation."""
+    """docs/algorithm.md §3 closed forms, written out independently of the implementation."""
     d, f = math.prod(shape), F[dtype]
     L = ceil_log2(d)
     table = {
@@ -388,7 +388,7 @@ def test_inner_seed_differs_from_outer_seed():
 def test_constants():
     d = 1000
     assert build("identity").kind == "identity" and build("identity").constant((d,)) == 1.0
-    assert build("top_k:0.05+natural").constant((d,)) == pytest.approx(7 * 50 / (8 * d))  # ALGORITHM.md §3
+    assert build("top_k:0.05+natural").constant((d,)) == pytest.approx(7 * 50 / (8 * d))  # docs/algorithm.md §3
     assert build("top_k:0.05").constant((d,)) == 50 / d
     assert build("rand_k:0.1:unbiased").constant((d,)) == pytest.approx(d / 100 - 1)
     assert build("rand_k:0.1").constant((d,)) == 100 / d

@@ -40,9 +40,9 @@ def test_identity_simulator_equals_data_parallel_lmo():
     ref = make_model(0)
     _avg_grad_reference(ref, make_optimizer(ref), data, steps)
     model = make_model(0)
-    sim = efl.Simulator(model, make_optimizer(model), n_workers=n)
+    sim = efl.Simulator(model, make_optimizer(model), n_workers=n, uplink="identity", downlink="identity")
     _run_sim(sim, data, 0, steps)
-    X = sim.server_parameters()
+    X = sim.server_model()
     for name, p in ref.named_parameters():
         torch.testing.assert_close(X[name], p.detach(), atol=1e-6, rtol=0)
         torch.testing.assert_close(dict(model.named_parameters())[name].detach(), p.detach(), atol=1e-6, rtol=0)
@@ -62,9 +62,9 @@ def test_identity_simulator_equals_torch_muon():
     muon = torch.optim.Muon(ref.parameters(), **hp)
     _avg_grad_reference(ref, muon, data, steps)
     lmo = efl.LMO([{"params": list(model.parameters()), "norm": "spectral_muon", "ns_dtype": torch.bfloat16}], **hp)
-    sim = efl.Simulator(model, lmo, n_workers=n)
+    sim = efl.Simulator(model, lmo, n_workers=n, uplink="identity", downlink="identity")
     _run_sim(sim, data, 0, steps)
-    X = sim.server_parameters()
+    X = sim.server_model()
     for name, p in ref.named_parameters():
         torch.testing.assert_close(X[name], p.detach(), atol=1e-6, rtol=0)
 
@@ -88,7 +88,7 @@ def test_resume_is_bit_identical(uplink, downlink):
     model3.load_state_dict(saved["model"])
     sim3.load_state_dict(saved["sim"])
     _run_sim(sim3, data, split, steps)
-    for (name, a), b in zip(sim.server_parameters().items(), sim3.server_parameters().values()):
+    for (name, a), b in zip(sim.server_model().items(), sim3.server_model().values()):
         assert torch.equal(a, b), name
     for a, b in zip(model.parameters(), model3.parameters()):
         assert torch.equal(a, b)
@@ -116,7 +116,7 @@ def test_nonfinite_gradient_skips_without_touching_state():
     losses = [sim.step(mse, data[s]) for s in range(3, steps)]  # training continues
     assert all(math.isfinite(x) for row in losses for x in row)
     with pytest.raises(FloatingPointError):
-        efl.Simulator(model, make_optimizer(model), n_workers=n, on_nonfinite="raise").step(mse, bad)
+        efl.Simulator(model, make_optimizer(model), n_workers=n, uplink="top_k:0.2", downlink="top_k:0.5", on_nonfinite="raise").step(mse, bad)
 
 
 def _topk_bits(d: int, ratio: float, f: int = 32) -> int:
@@ -156,7 +156,7 @@ def test_compressed_simulator_converges_with_w_not_x():
     sim = efl.Simulator(model, make_optimizer(model), n_workers=n, uplink="top_k:0.25", downlink="top_k:0.5")
     losses = [sum(sim.step(mse, data[s])) / n for s in range(steps)]
     assert sum(losses[-10:]) / 10 < 0.2 * losses[0]
-    X = sim.server_parameters()
+    X = sim.server_model()
     assert any(not torch.equal(X[k], p) for k, p in model.named_parameters())
 
 
@@ -167,9 +167,9 @@ def test_any_torch_optimizer_gets_G_as_gradient():
     ref = make_model(0)
     _avg_grad_reference(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), data, steps)
     model = make_model(0)
-    sim = efl.Simulator(model, torch.optim.AdamW(model.parameters(), lr=1e-2), n_workers=n)
+    sim = efl.Simulator(model, torch.optim.AdamW(model.parameters(), lr=1e-2), n_workers=n, uplink="identity", downlink="identity")
     _run_sim(sim, data, 0, steps)
-    for (name, x), p in zip(sim.server_parameters().items(), ref.parameters()):
+    for (name, x), p in zip(sim.server_model().items(), ref.parameters()):
         torch.testing.assert_close(x, p.detach(), atol=1e-6, rtol=0)
 
 
@@ -177,13 +177,13 @@ def test_lr_scheduler_works_unchanged():
     model = make_model(0)
     opt = make_optimizer(model)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.0)
-    sim = efl.Simulator(model, opt, n_workers=2)
+    sim = efl.Simulator(model, opt, n_workers=2, uplink="identity", downlink="identity")
     data = make_data(2, 3)
     sim.step(mse, data[0])
     sched.step()  # lr -> 0: X stops moving (weight decay is 0 in this optimizer)
-    x1 = sim.server_parameters()
+    x1 = sim.server_model()
     sim.step(mse, data[1])
-    for k, v in sim.server_parameters().items():
+    for k, v in sim.server_model().items():
         assert torch.equal(v, x1[k])
 
 
@@ -214,23 +214,66 @@ def test_state_is_float32_for_bf16_models():
 
 
 def test_direct_optimizer_step_is_an_error_while_engine_drives_it():
-    """PEERS.md #7: a silent fallback to the plain optimizer (no compressed sync) must be loud."""
+    """A silent fallback to the plain optimizer (no compressed sync) must be loud (DeepSpeed's Muon once trained
+    plain SGD silently)."""
     model = make_model(0)
     opt = make_optimizer(model)
     sim = efl.Simulator(model, opt, n_workers=2)
     mse(model, make_data(1, 1)[0][0]).backward()
-    with pytest.raises(RuntimeError, match="engine.step"):
+    with pytest.raises(RuntimeError, match="drives it.*simulator.step"):
         opt.step()
     sim.detach()
     opt.step()  # handed back: works again, with the optimizer's own momentum
     assert opt.external_momentum is False
 
 
+def test_engine_makes_optimizer_step_the_ef21_step_and_guards_the_original():
+    """One process without a process group: ``optimizer.step()`` is the EF21 step (the 1-worker Simulator's
+    trajectory), and the optimizer's original update cannot run behind the engine's back."""
+    data = make_data(1, 6)
+    ref_model = make_model(0)
+    sim = efl.Simulator(ref_model, make_optimizer(ref_model), n_workers=1, uplink="top_k:0.2", downlink="top_k:0.5")
+    model = make_model(0)
+    opt = make_optimizer(model)
+    engine = efl.EF21Engine(model, opt, uplink="top_k:0.2", downlink="top_k:0.5", topology="sharded")
+    for batch in data:
+        sim.step(mse, batch)
+        opt.zero_grad(set_to_none=True)
+        mse(model, batch[0]).backward()
+        opt.step()
+    for name, x in sim.server_model().items():
+        assert torch.equal(engine.server_model()[name], x), name
+    assert engine.ledger.summary() == sim.ledger.summary()
+    mse(model, data[0][0]).backward()
+    with pytest.raises(RuntimeError, match="drives it"):
+        type(opt).step(opt)  # the class's update, bypassing the instance's routed step
+    engine.detach()
+    assert "step" not in opt.__dict__
+    opt.step()
+
+
+def test_a_new_engine_takes_the_optimizer_over():
+    """Re-running a notebook cell: a second Simulator/engine on the same optimizer replaces the first one's hold
+    (the first one's guard used to make every later step an error)."""
+    model = make_model(0)
+    opt = make_optimizer(model)
+    first = efl.Simulator(model, opt, n_workers=2, uplink="identity", downlink="identity")
+    second = efl.Simulator(model, opt, n_workers=2, uplink="identity", downlink="identity")
+    second.step(mse, make_data(2, 1)[0])  # the first one's guard is gone
+    first.detach()  # idempotent for a replaced engine: the second keeps its hold
+    mse(model, make_data(1, 1)[0][0]).backward()
+    with pytest.raises(RuntimeError, match="drives it"):
+        opt.step()
+    second.detach()
+    del first, second
+    opt.step()
+
+
 def test_compressed_ef21_matches_line_by_line_reference():
     """ALGORITHM.md §2 steps 1-7 written out directly (worker momentum with Nesterov, top_k uplink, top_k downlink,
     separate X and W), against the Simulator: the independent reference for the compressed path."""
     from ef_lightning import compressors as C
-    from ef_lightning.ef21 import _SERVER, _mix
+    from ef_lightning.kernels import SERVER as _SERVER, seed_for as _mix
 
     n, steps, mu, seed = 3, 8, 0.9, 11
     up, down = C.build("top_k:0.2"), C.build("top_k:0.3")
@@ -273,7 +316,7 @@ def test_compressed_ef21_matches_line_by_line_reference():
                         n_workers=n, uplink="top_k:0.2", downlink="top_k:0.3", seed=seed)
     for k in range(steps):
         sim.step(mse, data[k])
-    X = sim.server_parameters()
+    X = sim.server_model()
     for nm, q in server.named_parameters():
         torch.testing.assert_close(X[nm], q.detach(), atol=1e-6, rtol=0)
     for nm, q in model.named_parameters():

@@ -12,7 +12,7 @@ import torch
 import ef_lightning as efl
 from dist_helpers import make_data, make_model, mse
 from ef_lightning import compressors as C
-from ef_lightning.ef21 import _COIN, _mix
+from ef_lightning.kernels import COIN as _COIN, seed_for as _mix
 
 N, STEPS, SEED = 3, 10, 4
 
@@ -82,10 +82,11 @@ def test_estimators_match_line_by_line_reference(estimator, up, p):
     data = make_data(N, STEPS)
     ref = _reference(estimator, up, p if p is not None else 1.0, data)
     model = make_model(0)
-    sim = efl.Simulator(model, _opt(model), n_workers=N, uplink=up, seed=SEED, estimator=estimator, p=p)
+    sim = efl.Simulator(model, _opt(model), n_workers=N, uplink=up, downlink="identity", seed=SEED,
+                        estimator=estimator, p=p)
     for k in range(STEPS):
         sim.step(mse, data[k])
-    X = sim.server_parameters()
+    X = sim.server_model()
     for name, q in ref.items():
         torch.testing.assert_close(X[name], q.detach(), atol=1e-6, rtol=0)
     assert sim.ledger.summary()["gradient_evaluations_per_worker"] == 2 * STEPS - 1  # the first step needs one
@@ -101,10 +102,11 @@ def test_marina_with_p_one_is_uncompressed_data_parallel_gluon():
             q.grad = sum(g[i] for g in gs) / N
         ref_opt.step()
     model = make_model(0)
-    sim = efl.Simulator(model, _opt(model), n_workers=N, uplink="natural", estimator="marina", p=1.0)
+    sim = efl.Simulator(model, _opt(model), n_workers=N, uplink="natural", downlink="identity", estimator="marina",
+                        p=1.0)
     for k in range(STEPS):
         sim.step(mse, data[k])
-    X = sim.server_parameters()
+    X = sim.server_model()
     for name, q in ref.named_parameters():
         torch.testing.assert_close(X[name], q.detach(), atol=1e-6, rtol=0)
 
@@ -113,7 +115,8 @@ def test_marina_expected_bits_per_round():
     """E[bits] = p * dense + (1 - p) * compressed, within 4 standard errors of the Bernoulli mean."""
     p, rounds = 0.3, 400
     model = make_model(0)
-    sim = efl.Simulator(model, _opt(model), n_workers=2, uplink="rand_k:0.1:unbiased", estimator="marina", p=p)
+    sim = efl.Simulator(model, _opt(model), n_workers=2, uplink="rand_k:0.1:unbiased", downlink="identity",
+                        estimator="marina", p=p)
     shapes = [q.shape for q in model.parameters()]
     dense = sum(32 * math.prod(s) for s in shapes)
     compressed = sum(32 * math.ceil(0.1 * math.prod(s)) for s in shapes)  # rand_k: f * K (seed shared)
@@ -132,7 +135,7 @@ def test_partial_participation_keeps_G_the_mean_of_worker_estimates():
     n = 4
     data = make_data(n, 6)
     model = make_model(0)
-    sim = efl.Simulator(model, _opt(model), n_workers=n, uplink="top_k:0.3", participation=0.5)
+    sim = efl.Simulator(model, _opt(model), n_workers=n, uplink="top_k:0.3", downlink="identity", participation=0.5)
     for k in range(6):
         before = [copy.deepcopy(w.G) for w in sim.workers]
         losses = sim.step(mse, data[k])
@@ -164,7 +167,7 @@ def test_resume_is_bit_identical_with_estimators(estimator, up):
     s3.load_state_dict(saved["s"])
     for k in range(3, 8):
         s3.step(mse, data[k])
-    for (name, a), b in zip(sim.server_parameters().items(), s3.server_parameters().values()):
+    for (name, a), b in zip(sim.server_model().items(), s3.server_model().values()):
         assert torch.equal(a, b), name
 
 
@@ -184,7 +187,7 @@ def test_bad_combinations(kwargs, match):
 
 def test_engine_requires_closure_for_vr_estimators():
     model = make_model(0)
-    sim = efl.Simulator(model, _opt(model), n_workers=2, uplink="top_k:0.2", estimator="mvr")
+    sim = efl.Simulator(model, _opt(model), n_workers=2, uplink="top_k:0.2", downlink="identity", estimator="mvr")
     grads = [[torch.randn(L.shape) for L in sim.layers] for _ in range(2)]
     sim.apply(grads)
     with pytest.raises(ValueError, match="previous point"):
@@ -213,7 +216,7 @@ def test_estimators_in_processes_match_simulator(tmp_path):
         data = make_data(world, steps)
         for k in range(steps):
             sim.step(mse, data[k])
-        X = sim.server_parameters()
+        X = sim.server_model()
         for res in results:
             for name, x in res[key]["X"].items():
                 torch.testing.assert_close(x, X[name], atol=1e-6, rtol=0, msg=lambda m: f"{cfg}: {m}")

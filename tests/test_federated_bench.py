@@ -1,8 +1,8 @@
 """benchmarks/federated.py --smoke: runs in seconds, writes JSON + PNG (+ a docs section when asked).
 
-References: the ledger's bits against the closed forms of ALGORITHM.md §3 (identity 32·d, top_k, rand_k f·K), the
-gradient-evaluation count of the VR estimators (1 on the first step, 2 after), the shard construction (sorted by
-label), and the target/bits-to-target definitions recomputed from the stored curves.
+References: the ledger's bits against the closed forms of docs/algorithm.md §3 (identity 32·d, top_k, rand_k f·K),
+the gradient-evaluation count of the VR estimators (1 on the first step, 2 after), the shard construction (sorted
+by label), and the target/bits-to-target definitions recomputed from the stored curves.
 """
 
 from __future__ import annotations

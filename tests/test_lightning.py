@@ -158,7 +158,7 @@ def test_variance_reduced_estimators_train_and_resume(runs):
 
 
 def test_strategy_validates_estimator_arguments(runs):
-    assert efl.EF21MuonStrategy(uplink="top_k:0.2", estimator="mvr").estimator == "mvr"
+    assert efl.EF21MuonStrategy(uplink="top_k:0.2", estimator="mvr").config.estimator == "mvr"
     with pytest.raises(ValueError, match="estimator='storm'"):
         efl.EF21MuonStrategy(estimator="storm")
     with pytest.raises(ValueError, match="participation"):

@@ -1,6 +1,6 @@
 """(L0, L1) estimation (ef_lightning/smoothness.py).
 
-References are closed forms: the LMO directions of ALGORITHM.md §1 / lmo.py written out here (unit primal norm,
+References are closed forms: the LMO directions of docs/algorithm.md §1 / lmo.py written out here (unit primal norm,
 ⟨G, d(G)⟩ = ‖G‖_*), per-layer quadratics ½·a·‖X − B‖² whose ratio ‖Δ∇‖_*/‖ΔX‖ along an LMO step is a known
 constant, f(x) = exp(⟨u, x⟩) whose samples are exactly proportional to ‖∇f‖_* (pure L1), and scipy's LP solver for
 the hinge fit.
@@ -216,13 +216,14 @@ def test_overrides_plug_into_optimizer_and_train_every_estimator(estimator):
     opt2 = build_lmo_optimizer(model, "gluon", momentum=0.9, overrides=overrides, verbose=False)
     names = {n for g in opt2.param_groups for n in g["param_names"] if g["l0"] is not None}
     assert names == set(overrides)
-    sim = Simulator(model, opt2, n_workers=4, uplink=ESTIMATOR_UPLINKS[estimator], estimator=estimator)
+    sim = Simulator(model, opt2, n_workers=4, uplink=ESTIMATOR_UPLINKS[estimator], downlink="identity",
+                    estimator=estimator)
     x_all = torch.cat([x for row in data for x, _ in row])
     y_all = torch.cat([y for row in data for _, y in row])
 
     def loss_at_x() -> float:
         with torch.no_grad():
-            return float(mse(_with(model, sim.server_parameters()), (x_all, y_all)))
+            return float(mse(_with(model, sim.server_model()), (x_all, y_all)))
 
     start = loss_at_x()
     for s in range(12):

@@ -1,0 +1,224 @@
+"""One source of truth for what an EF21-Muon run is configured with: :class:`EF21Config`.
+
+Every entry point builds one and nothing else validates options: :class:`~ef_lightning.EF21Engine` and
+:class:`~ef_lightning.Simulator` (``config=`` or keyword options), the Lightning strategy (keyword options), the
+Accelerate plugin (fields filled from ``EF21_*`` environment variables). Every rule lives in
+:meth:`EF21Config.__post_init__`, so a bad value fails the same way, with the same message, wherever it is given.
+
+Plain PyTorch: no Lightning, no Accelerate (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Mapping
+from typing import Any, Union
+
+import torch
+
+from ef_lightning import compressors as _comp
+from ef_lightning.comm import TOPOLOGIES
+from ef_lightning.optim import ROLES as MODEL_ROLES
+
+__all__ = ["EF21Config", "EF21ConfigError", "CompressorSpec", "COMPRESSOR_ROLES", "ESTIMATORS", "NONFINITE",
+           "TOPOLOGIES", "DEFAULT_UPLINK", "DEFAULT_DOWNLINK", "DEFAULT_TOPOLOGY"]
+
+#: keys of a per-role compressor mapping: the model roles of :func:`ef_lightning.build_lmo_optimizer` (``other``
+#: parameters are matrices or vectors and take those roles' compressors) plus ``default`` for roles not named
+COMPRESSOR_ROLES: tuple[str, ...] = (*(r for r in MODEL_ROLES if r != "other"), "default")
+#: what to do on a non-finite gradient on any rank
+NONFINITE: tuple[str, ...] = ("skip", "raise")
+#: gradient estimators (docs/algorithm.md §2 and §4; arXiv 2604.10689)
+ESTIMATORS: tuple[str, ...] = ("ef21", "marina", "ef21_page", "mvr")
+#: the estimators with a refresh probability ``p``
+REFRESH_ESTIMATORS: tuple[str, ...] = ("marina", "ef21_page")
+
+#: Default compressors, from the measurements in docs/benchmarks.md (byte-level Llama, 2 gloo workers, bytes to a
+#: target of the uncompressed loss + 1 %): uplink ``top_k:0.1+natural`` on matrices reaches the target with 11.6x
+#: fewer uplink bytes than uncompressed (rank:4 11.0x, top_k:0.05 9.4x, top_k:0.1 6.0x); a ``top_k:0.5`` downlink
+#: halves the server's traffic for ~13 % more steps. Vectors (biases, norm gains) are tiny and stay dense.
+DEFAULT_UPLINK: Mapping[str, str] = types.MappingProxyType(
+    {"hidden": "top_k:0.1+natural", "conv": "top_k:0.1+natural", "embedding": "top_k:0.1+natural",
+     "head": "top_k:0.1+natural", "vector": "identity", "default": "identity"})
+DEFAULT_DOWNLINK: Mapping[str, str] = types.MappingProxyType(
+    {"hidden": "top_k:0.5", "conv": "top_k:0.5", "embedding": "top_k:0.5", "head": "top_k:0.5",
+     "vector": "identity", "default": "identity"})
+#: ``sharded``: per-rank traffic and Newton-Schulz work do not grow with the number of workers
+DEFAULT_TOPOLOGY = "sharded"
+
+#: a compressor spec for every tensor (``"top_k:0.05"``) or a mapping role -> spec (roles: :data:`COMPRESSOR_ROLES`)
+CompressorSpec = Union[str, Mapping[str, str]]
+
+
+class EF21ConfigError(ValueError):
+    """A bad :class:`EF21Config` value. ``fields`` names the option(s) at fault, so an adapter can say where the
+    value came from (an environment variable, a command-line flag)."""
+
+    def __init__(self, fields: str | tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.fields = (fields,) if isinstance(fields, str) else tuple(fields)
+
+
+def _specs(spec: CompressorSpec) -> list[str]:
+    return list(spec.values()) if isinstance(spec, Mapping) else [spec]
+
+
+def _is_fraction(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 < float(x) <= 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EF21Config:
+    """The options of an EF21-Muon run, checked once, at construction.
+
+    Args:
+        uplink: worker -> server compressor: a spec for every tensor (``"top_k:0.05"``, ``"rank:4"``,
+            ``"top_k:0.05+natural"``, ...; docs/algorithm.md §3) or a mapping role -> spec with roles
+            :data:`COMPRESSOR_ROLES`. ``None``: :data:`DEFAULT_UPLINK`.
+        downlink: server -> worker compressor (EF21-P), same forms. ``None``: :data:`DEFAULT_DOWNLINK`, or
+            ``identity`` with ``topology="allgather"`` (which has no downlink).
+        topology: who serves which layer: ``sharded`` (default), ``allgather`` or ``server`` (docs/algorithm.md §5).
+        server_rank: the server's rank with ``topology="server"``.
+        seed: base seed of the compressors' shared random generators; identical on every rank.
+        on_nonfinite: ``skip`` (a non-finite gradient on any rank skips the step everywhere, leaves every state
+            untouched, warns and is counted) or ``raise`` (FloatingPointError).
+        estimator: ``ef21`` (EF21-Muon) or a variance-reduced estimator ``marina`` (unbiased compressors only),
+            ``ef21_page``, ``mvr`` (docs/algorithm.md §4, arXiv 2604.10689); these take a second gradient per step.
+        p: refresh probability in (0, 1] of ``marina`` / ``ef21_page``; ``None``: bits(compressed) / bits(dense)
+            per step (MARINA's choice, arXiv 2102.07845 Cor. 2.1).
+        participation: fraction in (0, 1] of the workers that send each round (``topology="server"`` only, the
+            federated setting); ``None`` or 1: every worker every round.
+
+    Raises:
+        EF21ConfigError: (a ValueError) naming the option, the bad value and the valid choices.
+
+    Example::
+
+        cfg = EF21Config(uplink="top_k:0.05", downlink={"hidden": "top_k:0.2", "default": "identity"})
+        engine = EF21Engine(model, optimizer, cfg)
+    """
+
+    uplink: CompressorSpec | None = None
+    downlink: CompressorSpec | None = None
+    topology: str = DEFAULT_TOPOLOGY
+    server_rank: int = 0
+    seed: int = 0
+    on_nonfinite: str = "skip"
+    estimator: str = "ef21"
+    p: float | None = None
+    participation: float | None = None
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen: normalise once)
+        self._choice("topology", TOPOLOGIES)
+        self._choice("on_nonfinite", NONFINITE)
+        self._choice("estimator", ESTIMATORS)
+        for name in ("server_rank", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise EF21ConfigError(name, f"{name}={v!r}; valid values: integers >= 0")
+        set_("uplink", self._compressor("uplink", DEFAULT_UPLINK if self.uplink is None else self.uplink))
+        if self.downlink is None:
+            set_("downlink", "identity" if self.topology == "allgather" else DEFAULT_DOWNLINK)
+        set_("downlink", self._compressor("downlink", self.downlink))
+        if self.topology == "allgather":
+            bad = [s for s in _specs(self.downlink) if _comp.build(s).kind != "identity"]
+            if bad:
+                raise EF21ConfigError(("downlink", "topology"), f"downlink={bad[0]!r} needs topology 'server' or "
+                                      "'sharded': with 'allgather' every rank already holds X, so there is no "
+                                      "downlink; valid choice: downlink='identity'")
+        if self.p is not None:
+            if not _is_fraction(self.p):
+                raise EF21ConfigError("p", f"p={self.p!r}: the refresh probability is out of range; valid values: "
+                                      "numbers in (0, 1]")
+            if self.estimator not in REFRESH_ESTIMATORS:
+                raise EF21ConfigError(("p", "estimator"), f"p={self.p!r} only applies to estimator "
+                                      f"{' or '.join(map(repr, REFRESH_ESTIMATORS))}, not {self.estimator!r} "
+                                      f"(valid choices with p: {', '.join(REFRESH_ESTIMATORS)})")
+            set_("p", float(self.p))
+        if self.participation is not None:
+            if not _is_fraction(self.participation):
+                raise EF21ConfigError("participation", f"participation={self.participation!r}; valid values: "
+                                      "numbers in (0, 1] (a fraction of the workers), or None for every worker")
+            if float(self.participation) == 1.0:
+                set_("participation", None)
+            elif self.topology != "server":
+                raise EF21ConfigError(("participation", "topology"), f"participation={self.participation!r} needs "
+                                      "topology 'server' (partial participation is the federated setting: a server "
+                                      f"and a subset of clients per round), got topology={self.topology!r}")
+            else:
+                set_("participation", float(self.participation))
+        if self.estimator == "marina":
+            bad = [s for s in _specs(self.uplink) if _comp.build(s).kind == "contractive"]
+            if bad:
+                raise EF21ConfigError(("uplink", "estimator"), f"estimator='marina' needs unbiased compressors "
+                                      f"(rand_k:<r>:unbiased, natural, qsgd:<s>) or identity; uplink {bad[0]!r} is "
+                                      "contractive — valid estimators for contractive compressors: ef21_page, mvr")
+
+    def _choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise EF21ConfigError(name, f"{name}={value!r}; valid choices: {', '.join(choices)}")
+
+    @staticmethod
+    def _compressor(name: str, spec: Any) -> CompressorSpec:
+        if isinstance(spec, Mapping):
+            bad = [k for k in spec if k not in COMPRESSOR_ROLES]
+            if bad:
+                raise EF21ConfigError(name, f"{name} mapping has unknown role(s) {bad}; valid roles: "
+                                      f"{', '.join(COMPRESSOR_ROLES)}")
+            for role, s in spec.items():
+                EF21Config._compressor(f"{name}[{role!r}]", s)
+            return types.MappingProxyType(dict(spec))
+        if not isinstance(spec, str):
+            raise EF21ConfigError(name.split("[")[0], f"{name} must be a compressor spec string such as "
+                                  f"'top_k:0.05' or a mapping role -> spec, got {type(spec).__name__} ({spec!r})")
+        try:
+            _comp.build(spec)
+        except (ValueError, TypeError) as e:
+            raise EF21ConfigError(name.split("[")[0], f"{name}={spec!r} is not a valid compressor spec: {e}") from None
+        return spec
+
+    # ------------------------------------------------------------------------------------------------ queries
+    @property
+    def variance_reduced(self) -> bool:
+        """True for the estimators that take a second gradient per step (``marina``, ``ef21_page``, ``mvr``)."""
+        return self.estimator != "ef21"
+
+    def compressor(self, direction: str, role: str, shape: torch.Size) -> _comp.Compressor:
+        """The compressor of one tensor.
+
+        Args:
+            direction: ``"uplink"`` or ``"downlink"``.
+            role: the tensor's role (:data:`COMPRESSOR_ROLES` less ``default``); roles a mapping does not name take
+                its ``default`` entry, else ``identity``.
+            shape: the tensor's shape; a compressor that cannot handle it (``rank`` on a vector) falls back to
+                ``identity`` (docs/algorithm.md §3).
+        """
+        spec = self.uplink if direction == "uplink" else self.downlink
+        if isinstance(spec, Mapping):
+            spec = spec.get(role, spec.get("default", "identity"))
+        comp = _comp.build(spec)
+        return comp if comp.supports(shape) else _comp.build("identity")
+
+    def replace(self, **changes: Any) -> EF21Config:
+        """A copy with ``changes`` applied (and checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (mappings as dicts), e.g. to store beside a checkpoint or in a run's resolved config."""
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), Mapping) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def build(cls, config: EF21Config | None = None, **options: Any) -> EF21Config:
+        """``config`` with ``options`` applied, or a new config from ``options``; unknown option names are a
+        TypeError listing the valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in options if k not in valid]
+        if unknown:
+            raise TypeError(f"unknown EF21 option(s) {unknown}; valid options: {', '.join(valid)}")
+        if config is not None and not isinstance(config, cls):
+            raise TypeError(f"config must be an EF21Config, got {type(config).__name__}")
+        return config.replace(**options) if config is not None else cls(**options)

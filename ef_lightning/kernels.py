@@ -1,0 +1,146 @@
+"""The per-layer kernels of EF21-Muon: pure functions on tensors, one per step of docs/algorithm.md §2 and §4.
+
+Each function does one step for one layer (one parameter tensor); :class:`~ef_lightning.EF21Engine` and
+:class:`~ef_lightning.Simulator` call them in the same order, so their arithmetic is identical operation for
+operation. Math names follow the paper (arXiv 2510.00643): ``g`` worker gradient, ``M`` worker momentum, ``D``
+worker direction, ``G_j`` worker estimate, ``R`` uplink message, ``G`` server aggregate, ``X`` server model,
+``W`` shadow model (the parameters), ``S`` downlink message. Shapes are the parameter's; state is float32.
+
+Randomness: every compressor call gets a seed from :func:`seed_for` (step, layer, sender), identical on every rank,
+so a receiver rebuilds rand-k indices or stochastic rounding without the global RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ef_lightning import compressors as _comp
+from ef_lightning.optim import momentum_direction_
+
+__all__ = ["SERVER", "COIN", "SUBSET", "seed_for", "decode", "ef21_direction", "page_direction", "mvr_direction",
+           "uplink_ef21", "uplink_marina", "aggregate_", "server_view", "downlink_message", "apply_downlink_"]
+
+SERVER = 1 << 20  #: "sender id" of the server side in seed derivation (workers are 0..n-1)
+COIN = SERVER + 1  #: stream of the shared Bernoulli(p) refresh coin of marina / ef21_page
+SUBSET = SERVER + 2  #: stream of the partial-participation subsets
+_MASK64 = (1 << 64) - 1
+
+
+def seed_for(*xs: int) -> int:
+    """SplitMix64 over a tuple of ints (base seed, step, layer, sender): a 63-bit seed, identical on every rank."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h & ((1 << 63) - 1)
+
+
+def decode(comp: _comp.Compressor, msg: _comp.Message, scale_unbiased: bool = True) -> Tensor:
+    """Decompress to float32. An unbiased Q(omega) under EF21 is scaled by 1/(omega + 1) (docs/algorithm.md §3);
+    MARINA needs E Q(x) = x and passes ``scale_unbiased=False``."""
+    x = comp.decompress(msg).float()
+    if scale_unbiased and comp.kind == "unbiased":
+        x.mul_(1.0 / (1.0 + comp.constant(msg.shape)))
+    return x
+
+
+# ----------------------------------------------------------------------------------------- step 2: the direction D_j
+def ef21_direction(M: Tensor | None, g: Tensor, mu: float, nesterov: bool) -> Tensor:
+    """EF21-Muon step 2: M <- mu*M + (1-mu)*g; D = (1-mu)*g + mu*M with Nesterov, else M. No momentum: D = g."""
+    return g if M is None else momentum_direction_(M, g, mu, nesterov)
+
+
+def page_direction(V: Tensor, g: Tensor, g_prev: Tensor | None, refresh: bool) -> Tensor:
+    """``ef21_page`` (SARAH/PAGE): V = g on a refresh round, else V <- V + g - g_prev (same minibatch, previous W)."""
+    return V.copy_(g) if refresh else V.add_(g).sub_(g_prev)
+
+
+def mvr_direction(V: Tensor, g: Tensor, g_prev: Tensor | None, mu: float) -> Tensor:
+    """``mvr`` (STORM): V <- g + (1 - a)(V - g_prev) with a = 1 - mu; the first step V = g."""
+    return V.copy_(g) if g_prev is None else V.sub_(g_prev).mul_(mu).add_(g)
+
+
+# ----------------------------------------------------------------------------------------- step 3: uplink messages
+def uplink_ef21(comp: _comp.Compressor, D: Tensor, G_j: Tensor, seed: int, exact_identity: bool) -> Tensor:
+    """EF21 step 3: R = C(D - G_j); G_j <- G_j + R; returns R packed (uint8).
+
+    With ``exact_identity`` (identity compressor, every worker reporting) D itself is sent and G_j = D: the same
+    bits, and bit-exact data-parallel averaging instead of G + mean(D - G_j) rounding drift.
+    """
+    if exact_identity:
+        msg = comp.compress(D)
+        G_j.copy_(D)
+    else:
+        msg = comp.compress(D - G_j, seed=seed)
+        G_j.add_(decode(comp, msg))
+    return comp.pack(msg)
+
+
+def uplink_marina(comp: _comp.Compressor, g: Tensor, g_prev: Tensor | None, refresh: bool, seed: int) -> Tensor:
+    """MARINA: a refresh round sends g itself (``comp`` is identity then); otherwise Q(g - g_prev), unscaled."""
+    return comp.pack(comp.compress(g) if refresh else comp.compress(g - g_prev, seed=seed))
+
+
+# ----------------------------------------------------------------------------------------- step 4: aggregate
+def aggregate_(G: Tensor, comp: _comp.Compressor, bufs: Sequence[Tensor], seeds: Sequence[int], divisor: int,
+               replace: bool, scale_unbiased: bool = True) -> None:
+    """Step 4: G <- G + (1/divisor) * sum_j R_j (``replace``: G <- that mean), senders summed in the given order.
+
+    ``divisor`` is n (every worker: non-participants contribute R_j = 0, which keeps G = mean_j G_j) or the number
+    of senders (MARINA). ``replace`` holds when the messages are the D_j themselves (identity uplink) or MARINA's
+    full gradients on a refresh round.
+    """
+    acc: Tensor | None = None
+    for buf, seed in zip(bufs, seeds):
+        R = decode(comp, comp.unpack(buf, G.shape, torch.float32, seed=seed), scale_unbiased=scale_unbiased)
+        acc = R if acc is None else acc.add_(R)
+    if acc is None:
+        raise ValueError("aggregate_ needs at least one message")
+    acc.div_(divisor)
+    if replace:
+        G.copy_(acc)
+    else:
+        G.add_(acc)
+
+
+# ----------------------------------------------------------------------------------------- step 5: the server step
+@contextlib.contextmanager
+def server_view(params: Sequence[torch.nn.Parameter], X: Sequence[Tensor | None],
+                G: Sequence[Tensor | None]) -> Iterator[None]:
+    """Step 5 runs the optimizer's own rule: inside the block each parameter's data is X (``None``: the parameter
+    is X itself) and its grad is G (``None``: not served here, no grad, the optimizer skips it). Afterwards the
+    parameters hold W again and have no grad."""
+    saved = [(p, p.data) for p in params]
+    for p, x, g in zip(params, X, G):
+        if x is not None:
+            p.data = x
+        p.grad = None if g is None else (g if p.dtype == torch.float32 else g.to(p.dtype))
+    try:
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+            p.grad = None
+
+
+# ----------------------------------------------------------------------------------------- steps 6-7: the downlink
+def downlink_message(comp: _comp.Compressor, X: Tensor, W: Tensor, seed: int) -> Tensor:
+    """EF21-P step 6: S = C_down(X - W), packed. Identity sends X itself (same bits, and W = X exactly)."""
+    if comp.kind == "identity":
+        return comp.pack(comp.compress(X))
+    return comp.pack(comp.compress(X - W.detach().float(), seed=seed))
+
+
+@torch.no_grad()
+def apply_downlink_(W: Tensor, comp: _comp.Compressor, buf: Tensor, seed: int) -> None:
+    """Step 7: W <- W + S (identity: W <- X), in W's own dtype."""
+    if comp.kind == "identity":
+        W.copy_(comp.decompress(comp.unpack(buf, W.shape, torch.float32)))
+    else:
+        S = decode(comp, comp.unpack(buf, W.shape, torch.float32, seed=seed))
+        W.add_(S.to(W.dtype))
