@@ -43,7 +43,7 @@ def test_processes_match_simulator(dist_results, cfg):
     n, results = dist_results
     key = repr(sorted(cfg.items()))
     sim, model = _simulate(n, cfg, STEPS)
-    X_ref = sim.server_parameters()
+    X_ref = sim.server_model()
     W_ref = dict(model.named_parameters())
     served = set()
     for r, res in enumerate(results):
