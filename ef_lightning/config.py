@@ -170,7 +170,7 @@ class EF21Config:
                                       f"{', '.join(COMPRESSOR_ROLES)}")
             for role, s in spec.items():
                 EF21Config._compressor(f"{name}[{role!r}]", s)
-            return types.MappingProxyType(dict(spec))
+            return dict(spec)  # a copy: later changes to the caller's mapping do not reach the config
         if not isinstance(spec, str):
             raise EF21ConfigError(name.split("[")[0], f"{name} must be a compressor spec string such as "
                                   f"'top_k:0.05' or a mapping role -> spec, got {type(spec).__name__} ({spec!r})")

@@ -29,21 +29,24 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
+from transformers.hf_argparser import HfArg
 
 import ef_lightning as efl
 from ef_lightning.accelerate import EF21Plugin
 
 sys.path.insert(0, str(Path(__file__).parent))
-from config import (PLOT_NAME, CausalLMConfig, causal_lm_task, check_world_size, cpu_threads, dense_bytes,  # noqa: E402
-                    ef21_plugins, parse_args, plot_loss_vs_uplink, save_resolved, summary_row, write_summary)
+from common import (PLOT_NAME, causal_lm_task, check_world_size, cpu_threads, dense_bytes, ef21_plugins,  # noqa: E402
+                    plot_loss_vs_uplink, summary_row, write_summary)
+from config import CausalLMConfig, override, parse_args, save_resolved  # noqa: E402
 
 
 @dataclasses.dataclass
 class Config(CausalLMConfig):
     """Defaults of this recipe (a config file is a delta over these; see recipes/config.py)."""
 
-    mixed_precision: str = "no"       # Accelerate mixed precision: no or bf16 (fp16's GradScaler is not supported)
-    out_dir: str = "outputs/causal_lm_accelerate"
+    mixed_precision: str = HfArg(default="no", help="Accelerate mixed precision: no or bf16 (fp16's GradScaler is "
+                                 "not supported)")
+    out_dir: str = override(CausalLMConfig, "out_dir", "outputs/causal_lm_accelerate")
 
 
 @torch.no_grad()

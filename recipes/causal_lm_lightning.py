@@ -5,7 +5,7 @@ library's docstrings (recipes/text_data.py). With ``--model`` any causal LM is l
 texts go through its tokenizer; with ``--dataset`` texts come from a `datasets` id or local .txt files.
 
     python recipes/causal_lm_lightning.py --config recipes/configs/causal_lm_lightning/default.yaml
-    python recipes/causal_lm_lightning.py --config recipes/configs/causal_lm_lightning/tiny.yaml --set devices=1
+    python recipes/causal_lm_lightning.py --config recipes/configs/causal_lm_lightning/tiny.yaml --devices 1
     python recipes/causal_lm_lightning.py --model HuggingFaceTB/SmolLM2-135M --dataset wikitext \\
         --dataset_config wikitext-2-raw-v1 --block 256 --batch_size 4 --preset muon --lr 0.002 --devices 2
 
@@ -26,13 +26,15 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
+from transformers.hf_argparser import HfArg
 
 import ef_lightning as efl
 from ef_lightning.callbacks import CommunicationMonitor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from config import (PLOT_NAME, CausalLMConfig, causal_lm_task, cpu_threads, parse_args,  # noqa: E402
-                    plot_loss_vs_uplink, role_specs, save_resolved, summary_row, write_summary)
+from common import (PLOT_NAME, causal_lm_task, cpu_threads, plot_loss_vs_uplink, role_specs, summary_row,  # noqa: E402
+                    write_summary)
+from config import CausalLMConfig, override, parse_args, save_resolved  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")  # the byte dataset is in memory
 warnings.filterwarnings("ignore", ".*LitLogger.*")
@@ -42,10 +44,10 @@ warnings.filterwarnings("ignore", ".*LitLogger.*")
 class Config(CausalLMConfig):
     """Defaults of this recipe (a config file is a delta over these; see recipes/config.py)."""
 
-    accelerator: str = "auto"         # Lightning accelerator: auto, cpu, gpu
-    devices: int = 2                  # processes (one per device)
-    precision: str = "32-true"        # Lightning precision, e.g. bf16-mixed (EF21 state stays float32)
-    out_dir: str = "outputs/causal_lm_lightning"
+    accelerator: str = HfArg(default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    devices: int = HfArg(default=2, help="processes (one per device)")
+    precision: str = HfArg(default="32-true", help="Lightning precision, e.g. bf16-mixed (EF21 state stays float32)")
+    out_dir: str = override(CausalLMConfig, "out_dir", "outputs/causal_lm_lightning")
 
 
 class CausalLM(LightningModule):

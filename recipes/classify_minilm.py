@@ -32,14 +32,16 @@ import numpy as np
 import torch
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, EvalPrediction,
                           TrainerCallback, TrainingArguments)
+from transformers.hf_argparser import HfArg
 
 import ef_lightning as efl
 from ef_lightning.accelerate import EF21Plugin
 from ef_lightning.callbacks import EF21Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from config import (PLOT_NAME, RecipeConfig, check_world_size, cpu_threads, dense_bytes, ef21_plugins,  # noqa: E402
-                    parse_args, plot_loss_vs_uplink, save_resolved, summary_row, write_summary)
+from common import (PLOT_NAME, check_world_size, cpu_threads, dense_bytes, ef21_plugins,  # noqa: E402
+                    plot_loss_vs_uplink, summary_row, write_summary)
+from config import RecipeConfig, override, parse_args, save_resolved  # noqa: E402
 from text_data import labelled_docstrings, load_labelled  # noqa: E402
 
 
@@ -47,19 +49,23 @@ from text_data import labelled_docstrings, load_labelled  # noqa: E402
 class Config(RecipeConfig):
     """Defaults of this recipe (a config file is a delta over these; see recipes/config.py)."""
 
-    label_field: str = "label"        # column holding the label in a `datasets` dataset
-    per_class: int = 200              # docstrings per class of the offline task (the smallest family has 221)
-    max_length: int = 64              # tokens per text (longer ones are truncated)
-    freeze_embeddings: bool = True    # keep the pretrained word embeddings (half the parameters) fixed: less to
-                                      # send and to overfit with ~1000 training texts
-    preset: str = "muon"              # spectral Muon on the encoder's matrices, AdamW elsewhere (new head included)
-    lr: float | None = 0.004          # Muon lr of the encoder's matrices (RMS->RMS spectral norm per update)
-    adamw_lr: float | None = 1e-3     # AdamW lr of the new head, position embeddings and vectors (None: preset's 3e-4)
-    warmup: int = 10
-    steps: int = 100
-    val_every: int = 25
-    val_batches: int = 8              # evaluate on the first val_batches * batch_size texts per process
-    out_dir: str = "outputs/classify_minilm"
+    label_field: str = HfArg(default="label", help="column holding the label in a `datasets` dataset")
+    per_class: int = HfArg(default=200, help="docstrings per class of the offline task (the smallest family has 221)")
+    max_length: int = HfArg(default=64, help="tokens per text (longer ones are truncated)")
+    freeze_embeddings: bool = HfArg(default=True, help="keep the pretrained word embeddings (half the parameters) "
+                                    "fixed: less to send and to overfit with ~1000 training texts")
+    preset: str = override(RecipeConfig, "preset", "muon", help="build_lmo_optimizer preset; muon: spectral Muon on "
+                           "the encoder's matrices, AdamW elsewhere (new head included)")
+    lr: float | None = override(RecipeConfig, "lr", 0.004, help="Muon lr of the encoder's matrices (RMS->RMS "
+                                "spectral norm per update; None: the preset's default)")
+    adamw_lr: float | None = HfArg(default=1e-3, help="AdamW lr of the new head, position embeddings and vectors "
+                                   "(None: the preset's default)")
+    warmup: int = override(RecipeConfig, "warmup", 10)
+    steps: int = override(RecipeConfig, "steps", 100)
+    val_every: int = override(RecipeConfig, "val_every", 25)
+    val_batches: int = override(RecipeConfig, "val_batches", 8, help="evaluate on the first val_batches * "
+                                "batch_size texts per process")
+    out_dir: str = override(RecipeConfig, "out_dir", "outputs/classify_minilm")
 
 
 def bundled_minilm() -> str:

@@ -29,11 +29,12 @@ warnings.filterwarnings("ignore", ".*LitLogger.*")
 
 
 class Regressor(LightningModule):
-    def __init__(self, optimizer: str = "gluon", lr: float | None = None, step_data: bool = False) -> None:
+    def __init__(self, optimizer: str = "gluon", lr: float | None = None, step_data: bool = False,
+                 log_sum: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
-        self.optimizer_name, self.lr, self.step_data = optimizer, lr, step_data
+        self.optimizer_name, self.lr, self.step_data, self.log_sum = optimizer, lr, step_data, log_sum
         self.seen: list[float] = []  # fingerprints of the batches trained on
 
     def forward(self, x):
@@ -42,12 +43,12 @@ class Regressor(LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         if self.step_data:  # data chosen by (optimizer step, rank): immune to how a resumed loop re-enters an epoch
-            g = torch.Generator().manual_seed(1000 * self.global_step + self.global_rank)
-            x = torch.randn(8, 8, generator=g)
-            y = torch.tanh(x @ torch.linspace(-1, 1, 32).view(8, 4))
+            x, y = step_batch(self.global_step, self.global_rank)
         self.seen.append(float(x.sum()))
         loss = nn.functional.mse_loss(self(x), y)
         self.log("train_loss", loss)
+        if self.log_sum:  # an epoch aggregate: a logged second run (at the previous point) would be added in
+            self.log("train_loss_sum", loss, on_step=False, on_epoch=True, reduce_fx="sum")
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -67,6 +68,31 @@ class Regressor(LightningModule):
         opt = efl.build_lmo_optimizer(self, preset="gluon", lr=self.lr, verbose=False)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def step_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(8, 8, generator=g)
+    return x, torch.tanh(x @ torch.linspace(-1, 1, 32).view(8, 4))
+
+
+class LossAtW(Callback):
+    """The training loss at W_k computed independently (before the step, same batch), next to what Lightning
+    logged (``train_loss``) and what the loop received from the training step (``outputs``)."""
+
+    def __init__(self) -> None:
+        self.expected: list[float] = []
+        self.logged: list[float] = []
+        self.outputs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        x, y = step_batch(pl_module.global_step, pl_module.global_rank)
+        with torch.no_grad():
+            self.expected.append(float(nn.functional.mse_loss(pl_module(x), y)))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.logged.append(float(trainer.callback_metrics["train_loss"]))
+        self.outputs.append(float(outputs["loss"]))
 
 
 def loaders(n: int = 256, batch: int = 8):
@@ -258,10 +284,13 @@ def s_vr(out: Path, devices: int) -> None:
     for est, up in (("marina", "natural"), ("ef21_page", "top_k:0.2"), ("mvr", "top_k:0.2")):
         strategy = lambda: efl.EF21MuonStrategy(uplink=up, downlink="top_k:0.5", estimator=est)  # noqa: E731
         seed_everything(0)
-        full = Regressor(step_data=True)
-        t = trainer(devices, strategy(), out, f"vr_{est}_full", max_steps=8)
+        full = Regressor(step_data=True, log_sum=True)
+        losses = LossAtW()
+        t = trainer(devices, strategy(), out, f"vr_{est}_full", max_steps=8, callbacks=[losses])
         t.fit(full, loaders()[0])
         summary = t.strategy.engine.ledger.summary()
+        logged = {"expected": losses.expected, "logged": losses.logged, "outputs": losses.outputs,
+                  "epoch_sum": float(t.callback_metrics["train_loss_sum"])}
         seed_everything(0)
         part = Regressor(step_data=True)
         ck = ModelCheckpoint(dirpath=str(out / f"vr_{est}_ckpt"), every_n_train_steps=3, save_top_k=-1)
@@ -272,7 +301,7 @@ def s_vr(out: Path, devices: int) -> None:
         t = trainer(devices, strategy(), out, f"vr_{est}_resumed", max_steps=8)
         t.fit(resumed, loaders()[0], ckpt_path=str(sorted((out / f"vr_{est}_ckpt").glob("*.ckpt"))[-1]))
         res[est] = {"full": weights(full), "resumed": weights(resumed), "summary": summary,
-                    "logged_loss_steps": len(full.seen)}
+                    "logged_loss_steps": len(full.seen), **logged}
     save(out, "vr", t, res)
 
 

@@ -269,59 +269,40 @@ def test_a_new_engine_takes_the_optimizer_over():
     opt.step()
 
 
-def test_compressed_ef21_matches_line_by_line_reference():
-    """ALGORITHM.md §2 steps 1-7 written out directly (worker momentum with Nesterov, top_k uplink, top_k downlink,
-    separate X and W), against the Simulator: the independent reference for the compressed path."""
-    from ef_lightning import compressors as C
-    from ef_lightning.kernels import SERVER as _SERVER, seed_for as _mix
+def _grad_fn(data):
+    """Worker j's gradient at step k on its shard, by parameter name (for ef_lightning.reference)."""
+    def grad_fn(model, k, j):
+        model.zero_grad(set_to_none=True)
+        mse(model, data[k][j]).backward()
+        return {name: q.grad.detach().clone() for name, q in model.named_parameters()}
+    return grad_fn
+
+
+@pytest.mark.parametrize("uplink,downlink,nesterov", [("top_k:0.2", "top_k:0.3", True), ("rank:2", "natural", False),
+                                                      ("rand_k:0.3:unbiased", "top_k:0.5", True)])
+def test_compressed_ef21_matches_line_by_line_reference(uplink, downlink, nesterov):
+    """ef_lightning.reference (docs/algorithm.md §2 steps 1-7 written out: worker momentum, compressed uplink and
+    downlink, separate X and W) against the Simulator: the independent reference for the compressed path."""
+    from ef_lightning.reference import reference_run
 
     n, steps, mu, seed = 3, 8, 0.9, 11
-    up, down = C.build("top_k:0.2"), C.build("top_k:0.3")
     data = make_data(n, steps)
-    W = make_model(0)  # the workers' model (gradients are taken here)
-    server = make_model(0)  # holds X; its optimizer is the pure LMO step on G (momentum lives on the workers)
-    opt = efl.build_lmo_optimizer(server, preset="gluon", momentum=0.0, verbose=False)
-    order = [q for g in opt.param_groups for q in g["params"]]  # the engine's layer order (seeds use it)
-    names = {id(q): nm for nm, q in server.named_parameters()}
-    layer_names = [names[id(q)] for q in order]
-    Wp = dict(W.named_parameters())
-    M = [[torch.zeros_like(Wp[nm]) for nm in layer_names] for _ in range(n)]
-    Gj = [[torch.zeros_like(Wp[nm]) for nm in layer_names] for _ in range(n)]
-    G = [torch.zeros_like(Wp[nm]) for nm in layer_names]
-    for k in range(steps):
-        g = []
-        for j in range(n):
-            W.zero_grad(set_to_none=True)
-            mse(W, data[k][j]).backward()
-            g.append([Wp[nm].grad.detach().clone() for nm in layer_names])
-        for i in range(len(layer_names)):
-            R_sum = torch.zeros_like(G[i])
-            for j in range(n):
-                M[j][i] = mu * M[j][i] + (1 - mu) * g[j][i]
-                D = (1 - mu) * g[j][i] + mu * M[j][i]
-                R = up.decompress(up.compress(D - Gj[j][i], seed=_mix(seed, k, i, j)))
-                Gj[j][i] = Gj[j][i] + R
-                R_sum = R_sum + R
-            G[i] = G[i] + R_sum / n
-        for q, Gi in zip(order, G):
-            q.grad = Gi.clone()
-        opt.step()
-        with torch.no_grad():
-            for i, (q, nm) in enumerate(zip(order, layer_names)):
-                S = down.decompress(down.compress(q.detach() - Wp[nm].detach(), seed=_mix(seed, k, i, _SERVER)))
-                Wp[nm].add_(S)
+    X_ref, W_ref = reference_run(lambda: make_model(0),
+                                 lambda m: efl.build_lmo_optimizer(m, preset="gluon", momentum=0.0, verbose=False),
+                                 _grad_fn(data), steps=steps, n_workers=n, uplink=uplink, downlink=downlink,
+                                 momentum=mu, nesterov=nesterov, seed=seed)
     model = make_model(0)
-    sim = efl.Simulator(model, efl.build_lmo_optimizer(model, preset="gluon", momentum=mu, nesterov=True,
+    sim = efl.Simulator(model, efl.build_lmo_optimizer(model, preset="gluon", momentum=mu, nesterov=nesterov,
                                                          verbose=False),
-                        n_workers=n, uplink="top_k:0.2", downlink="top_k:0.3", seed=seed)
+                        n_workers=n, uplink=uplink, downlink=downlink, seed=seed)
     for k in range(steps):
         sim.step(mse, data[k])
     X = sim.server_model()
-    for nm, q in server.named_parameters():
-        torch.testing.assert_close(X[nm], q.detach(), atol=1e-6, rtol=0)
+    for nm, x in X_ref.items():
+        torch.testing.assert_close(X[nm], x, atol=1e-6, rtol=0)
     for nm, q in model.named_parameters():
-        torch.testing.assert_close(q.detach(), Wp[nm].detach(), atol=1e-6, rtol=0)
-    assert any(not torch.equal(X[nm], Wp[nm]) for nm in X)  # W != X: the downlink really compressed
+        torch.testing.assert_close(q.detach(), W_ref[nm], atol=1e-6, rtol=0)
+    assert any(not torch.equal(X[nm], W_ref[nm]) for nm in X)  # W != X: the downlink really compressed
 
 
 def test_per_role_compressors_work_with_any_optimizer():

@@ -12,7 +12,6 @@ import torch
 import ef_lightning as efl
 from dist_helpers import make_data, make_model, mse
 from ef_lightning import compressors as C
-from ef_lightning.kernels import COIN as _COIN, seed_for as _mix
 
 N, STEPS, SEED = 3, 10, 4
 
@@ -34,45 +33,17 @@ def _grads(model, batch, order=None):
 
 
 def _reference(estimator: str, up: str, p: float, data, mu: float = 0.9):
-    """ALGORITHM.md §4 written out directly: identity downlink, so every worker and the server share one model."""
-    model = make_model(0)
-    opt = _opt(model, momentum=0.0)  # the server step is the pure LMO step on G (momentum lives in the estimator)
-    params = [q for g in opt.param_groups for q in g["params"]]  # the engine's layer order (seeds use it)
-    comp = C.build(up)
-    omega = lambda shape: comp.constant(shape)  # noqa: E731
-    V = [[torch.zeros_like(q) for q in params] for _ in range(N)]
-    Gj = [[torch.zeros_like(q) for q in params] for _ in range(N)]
-    G = [torch.zeros_like(q) for q in params]
-    prev_model = None
-    names = {id(q): n for n, q in model.named_parameters()}
-    order = [names[id(q)] for q in params]
-    for k in range(STEPS):
-        gp = [_grads(model, data[k][j], order) for j in range(N)]
-        gm = [_grads(prev_model, data[k][j], order) for j in range(N)] if prev_model is not None else None
-        coin = k == 0 or bool(torch.rand((), generator=torch.Generator().manual_seed(_mix(SEED, k, _COIN))) < p)
-        for i, q in enumerate(params):
-            Q = lambda x, j: comp.decompress(comp.compress(x, seed=_mix(SEED, k, i, j))).float()  # noqa: E731
-            if estimator == "marina":
-                if coin:
-                    G[i] = sum(gp[j][i] for j in range(N)) / N
-                else:
-                    G[i] = G[i] + sum(Q(gp[j][i] - gm[j][i], j) for j in range(N)) / N
-                continue
-            for j in range(N):
-                if estimator == "ef21_page":
-                    V[j][i] = gp[j][i].clone() if coin else V[j][i] + gp[j][i] - gm[j][i]
-                else:  # mvr: V = g+ + (1 - a)(V - g-), a = 1 - mu
-                    V[j][i] = gp[j][i].clone() if k == 0 else gp[j][i] + mu * (V[j][i] - gm[j][i])
-                R = Q(V[j][i] - Gj[j][i], j)
-                if comp.kind == "unbiased":
-                    R = R / (1 + omega(q.shape))
-                Gj[j][i] = Gj[j][i] + R
-            G[i] = sum(Gj[j][i] for j in range(N)) / N
-        prev_model = copy.deepcopy(model)
-        for q, g in zip(params, G):
-            q.grad = g.clone()
-        opt.step()
-    return dict(model.named_parameters())
+    """ef_lightning.reference (docs/algorithm.md §4 written out) with an identity downlink."""
+    from ef_lightning.reference import reference_run
+
+    def grad_fn(model, k, j):
+        model.zero_grad(set_to_none=True)
+        mse(model, data[k][j]).backward()
+        return {name: q.grad.detach().clone() for name, q in model.named_parameters()}
+
+    X, _ = reference_run(lambda: make_model(0), lambda m: _opt(m, momentum=0.0), grad_fn, steps=STEPS, n_workers=N,
+                         uplink=up, downlink="identity", momentum=mu, estimator=estimator, p=p, seed=SEED)
+    return X
 
 
 @pytest.mark.parametrize("estimator,up,p", [("marina", "rand_k:0.3:unbiased", 0.3), ("marina", "natural", 0.5),
@@ -88,7 +59,7 @@ def test_estimators_match_line_by_line_reference(estimator, up, p):
         sim.step(mse, data[k])
     X = sim.server_model()
     for name, q in ref.items():
-        torch.testing.assert_close(X[name], q.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(X[name], q, atol=1e-6, rtol=0)
     assert sim.ledger.summary()["gradient_evaluations_per_worker"] == 2 * STEPS - 1  # the first step needs one
 
 

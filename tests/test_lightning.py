@@ -157,6 +157,20 @@ def test_variance_reduced_estimators_train_and_resume(runs):
             assert out["logged_loss_steps"] == 8 + 7  # training_step ran twice on 7 of the 8 steps
 
 
+def test_variance_reduced_step_logs_the_loss_at_the_current_point(runs):
+    """The second gradient (at the previous point) must not reach the logs or the loop: the logged ``train_loss``,
+    the training-step output and an epoch-summed metric are those of W_k, computed independently before each step."""
+    for r in (0, 1):
+        for est, out in _load(runs, "vr", r).items():
+            assert len(out["expected"]) == 8, est
+            for step, (want, logged, output) in enumerate(zip(out["expected"], out["logged"], out["outputs"])):
+                assert math.isclose(logged, want, rel_tol=1e-5, abs_tol=1e-7), (est, step, logged, want)
+                assert math.isclose(output, want, rel_tol=1e-5, abs_tol=1e-7), (est, step, output, want)
+            assert math.isclose(out["epoch_sum"], sum(out["expected"]), rel_tol=1e-5), (est, out["epoch_sum"])
+            # the previous point is a different point: had its loss been logged, the numbers above would differ
+            assert out["expected"][1:] != out["expected"][:-1]
+
+
 def test_strategy_validates_estimator_arguments(runs):
     assert efl.EF21MuonStrategy(uplink="top_k:0.2", estimator="mvr").config.estimator == "mvr"
     with pytest.raises(ValueError, match="estimator='storm'"):

@@ -1,5 +1,6 @@
 """The fine-tuning recipes: each runs offline end to end with its tiny config and writes its plot, summary and
-resolved config; the config machinery rejects unknown keys and wrong types.
+resolved config; the configuration (HfArgumentParser over the recipes' dataclasses) rejects unknown keys and wrong
+types, and command-line flags win over the config file.
 
 Recipes run in subprocesses, as users run them: Lightning's popen launcher re-runs the command line (under pytest it
 would re-run pytest), and ``accelerate launch`` starts its own processes. The independent reference is plain
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 sys.path.insert(0, str(RECIPES))
 
+import common  # noqa: E402
 import config as rc  # noqa: E402
 import text_data  # noqa: E402
 
@@ -42,7 +44,7 @@ def _run(args: list[str], ef21: bool, timeout: int = 300) -> str:
 
 def _recipe(name: str, out: Path, *extra: str) -> list[str]:
     return [str(RECIPES / f"{name}.py"), "--config", str(RECIPES / "configs" / name / "tiny.yaml"),
-            "--set", f"out_dir={out}", *extra]
+            "--out_dir", str(out), *extra]
 
 
 def _accelerate_launch(*args: str) -> list[str]:
@@ -53,12 +55,12 @@ def _accelerate_launch(*args: str) -> list[str]:
 
 def _outputs(out: Path, cls: type, runs: list[str]) -> list[dict]:
     """Check the three artefacts every recipe writes; returns the summary rows."""
-    png = out / rc.PLOT_NAME
+    png = out / common.PLOT_NAME
     assert png.is_file() and png.stat().st_size > 1000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     resolved = rc.load_config(cls, out / rc.RESOLVED_NAME)  # a complete config: loads back through the same checks
     assert resolved.out_dir == str(out)
-    rows = json.loads((out / rc.SUMMARY_NAME).read_text())
+    rows = json.loads((out / common.SUMMARY_NAME).read_text())
     assert [r["run"] for r in rows] == runs
     for r in rows:
         assert r["val_loss"] > 0 and r["uplink_bytes_per_worker"] > 0 and r["dense_bytes_per_worker"] > 0
@@ -139,10 +141,14 @@ def test_unknown_key_is_rejected_with_valid_keys(tmp_path):
     path.write_text("steps: 10\nstpes: 20\n")
     with pytest.raises(ValueError, match=r"unknown config key 'stpes' \(did you mean 'steps'\?\); valid keys: .*steps"):
         rc.load_config(rc.CausalLMConfig, path)
-    with pytest.raises(ValueError, match="unknown config key 'nope'"):
-        rc.load_config(rc.CausalLMConfig, overrides=["nope=1"])
-    with pytest.raises(ValueError, match="unknown config key 'nope'"):
-        rc.parse_args(rc.CausalLMConfig, "", ["--set", "nope=1"])
+    with pytest.raises(ValueError, match=r"unknown config key 'stpes' \(did you mean 'steps'\?\)"):
+        rc.parse_args(rc.CausalLMConfig, "", ["--config", str(path)])  # the file is checked on the command line too
+    with pytest.raises(ValueError, match="unknown config key 'nope'; valid keys: .*steps"):
+        rc.parse_args(rc.CausalLMConfig, "", ["--nope", "1"])
+    with pytest.raises(ValueError, match=r"unknown config key 'val_evry' \(did you mean 'val_every'\?\)"):
+        rc.parse_args(rc.CausalLMConfig, "", ["--val-evry", "5"])
+    with pytest.raises(ValueError, match=r"unknown config key 'step' \(did you mean 'steps'\?\)"):
+        rc.parse_args(rc.CausalLMConfig, "", ["--step", "5"])  # no prefix matching: --step is not --steps
 
 
 @pytest.mark.parametrize("text", ["steps: ten", "steps: 1.5", "baseline: 1", "lr: fast", "uplink: 5", "model: [a]"])
@@ -154,30 +160,44 @@ def test_wrong_type_in_file_is_rejected(tmp_path, text):
         rc.load_config(rc.CausalLMConfig, path)
 
 
-@pytest.mark.parametrize("item", ["steps=ten", "steps=1.5", "baseline=maybe", "lr=fast"])
-def test_wrong_type_on_command_line_is_rejected(item):
-    with pytest.raises(ValueError, match=f"config key '{item.split('=')[0]}' expects"):
-        rc.load_config(rc.CausalLMConfig, overrides=[item])
+@pytest.mark.parametrize("flag", [["--steps", "ten"], ["--steps", "1.5"], ["--baseline", "maybe"], ["--lr", "fast"]])
+def test_wrong_type_on_command_line_is_rejected(flag):
+    with pytest.raises(SystemExit) as info:  # argparse's usage error, as for any argparse command line
+        rc.parse_args(rc.CausalLMConfig, "", flag)
+    assert info.value.code == 2
+    with pytest.raises(ValueError, match=f"config key '{flag[0][2:]}' expects"):  # and in Python, the dataclass
+        rc.CausalLMConfig(**{flag[0][2:]: flag[1]})
 
 
 def test_precedence_and_conversion(tmp_path):
+    from ef_lightning.ef21 import DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK
+
     path = tmp_path / "delta.yaml"
-    path.write_text("steps: 10\nlr: 1\nbaseline: true\nuplink: rank:4\n")
-    cfg = rc.parse_args(rc.CausalLMConfig, "", ["--config", str(path), "--set", "steps=20", "--set", "lr=none",
-                                                 "--steps", "30", "--val-every", "5", "--model", "some/model"])
-    assert (cfg.steps, cfg.lr, cfg.baseline, cfg.uplink, cfg.val_every, cfg.model) == (30, None, True, "rank:4", 5,
-                                                                                     "some/model")
-    assert isinstance(rc.load_config(rc.CausalLMConfig, path).lr, float)  # an int is a valid float
-    path.write_text("lr: 3e-4\n")  # PyYAML reads a float without a dot as a string
+    path.write_text("steps: 10\nlr: 1\nbaseline: true\nuplink: rank:4\nval_every: 2\nmodel: from/file\n")
+    cfg = rc.parse_args(rc.CausalLMConfig, "", ["--config", str(path), "--steps", "20", "--steps", "30",
+                                                 "--val-every", "5", "--model", "some/model", "--block", "64"])
+    # defaults < file < flags (the last one given wins); file keys without a flag keep the file's value
+    assert (cfg.steps, cfg.val_every, cfg.model, cfg.block) == (30, 5, "some/model", 64)
+    assert (cfg.lr, cfg.baseline, cfg.uplink) == (1.0, True, "rank:4") and isinstance(cfg.lr, float)  # int -> float
+    assert cfg.hidden == rc.CausalLMConfig().hidden
+    assert rc.parse_args(rc.CausalLMConfig, "", ["--config", str(path), "--baseline", "false"]).baseline is False
+    assert rc.parse_args(rc.CausalLMConfig, "", ["--baseline"]).baseline is True
+    path.write_text("lr: 3e-4\nmodel: null\n")  # PyYAML alone reads a float without a dot as a string
     assert rc.load_config(rc.CausalLMConfig, path).lr == 3e-4
-    defaults = rc.CausalLMConfig()
+    assert rc.parse_args(rc.CausalLMConfig, "", ["--model", "x", "--config", str(path)]).model == "x"
+    # the resolved config holds every key and loads back, through the same checks, to the same config
     saved = rc.save_resolved(cfg, tmp_path)
     assert saved.name == rc.RESOLVED_NAME and rc.load_config(rc.CausalLMConfig, saved) == cfg
-    # the shipped defaults follow the library's (ef_lightning.ef21.DEFAULT_UPLINK / DEFAULT_DOWNLINK)
-    assert (defaults.uplink, defaults.downlink, defaults.topology) == ("top_k:0.1+natural", "top_k:0.5", "sharded")
+    assert rc.parse_args(rc.CausalLMConfig, "", ["--config", str(saved)]) == cfg
+    # the shipped defaults are the library's (ef_lightning.ef21.DEFAULT_UPLINK / DEFAULT_DOWNLINK / DEFAULT_TOPOLOGY)
+    defaults = rc.CausalLMConfig()
+    assert (defaults.uplink, defaults.downlink, defaults.topology) == (DEFAULT_UPLINK["hidden"],
+                                                                       DEFAULT_DOWNLINK["hidden"], DEFAULT_TOPOLOGY)
 
 
-def test_shipped_configs_load():
+def test_shipped_configs_load_and_every_key_has_help():
+    import dataclasses
+
     from causal_lm_accelerate import Config as AccelerateConfig
     from causal_lm_lightning import Config as LightningConfig
     from classify_minilm import Config as ClassifyConfig
@@ -187,6 +207,9 @@ def test_shipped_configs_load():
         for file in sorted((RECIPES / "configs" / name).glob("*.yaml")):
             assert yaml.safe_load(file.read_text()), file  # a non-empty delta
             rc.load_config(cls, file)
+        assert all(f.metadata.get("help") for f in dataclasses.fields(cls)), name  # shown by --help
+    assert ClassifyConfig().steps == 100 and ClassifyConfig().adamw_lr == 1e-3  # a recipe's own defaults
+    assert rc.parse_args(ClassifyConfig, "", ["--no_freeze_embeddings"]).freeze_embeddings is False
 
 
 # ---------------------------------------------------------------------------------------------------- data
