@@ -1,6 +1,6 @@
 """Validation loss vs communicated bytes for EF21-Muon and its peers on the standard CPU-sized NanoGPT task.
 
-Every method in one invocation (BENCHMARKS.md):
+Every method in one invocation (docs/benchmarks.md):
 
 * ``real`` — n = 2 gloo processes on loopback (torch.multiprocessing, spawn): uncompressed EF21-Muon in the three
   topologies (= data-parallel Gluon) and DDP + the same LMO optimizer (their max weight difference is reported),

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks (BENCHMARKS.md): the standard CPU-sized NanoGPT task, optimizers of every method,
+"""Shared pieces of the benchmarks (docs/benchmarks.md): the standard CPU-sized NanoGPT task, optimizers of every method,
 deterministic per-worker data shards, evaluation at the server model X, byte accounting for peers, process helpers.
 
 The task: a byte-level Llama causal LM built from a ``transformers.LlamaConfig`` (no download), **untied** input
@@ -75,7 +75,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def fp32_bytes(model: nn.Module) -> int:
-    """The model's size in fp32 bytes: the unit of bytes-to-target (BENCHMARKS.md)."""
+    """The model's size in fp32 bytes: the unit of bytes-to-target (docs/benchmarks.md)."""
     return 4 * n_params(model)
 
 

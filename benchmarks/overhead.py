@@ -4,7 +4,7 @@ On loopback (2 gloo processes, 1 thread each) communication is nearly free, so t
 compressed and the uncompressed EF21-Muon step is the compute cost of compress + pack + decode (plus the LMO, which
 both run). All methods live in the same two processes and are timed **interleaved**: each round runs
 ``--block`` steps of every method in turn, for ``--rounds`` rounds; the reported time is the median over all timed
-steps (the first round is warm-up and dropped), and ratios are taken within this one run (BENCHMARKS.md).
+steps (the first round is warm-up and dropped), and ratios are taken within this one run (docs/benchmarks.md).
 
 Peak RSS per process: every method again in a fresh pair of processes (a few steps), ``ru_maxrss`` of each rank,
 beside the floor (imports, data and one model, measured in the timing processes). State bytes: optimizer state + EF21 state (M_j, G_j,

@@ -70,8 +70,11 @@ class CommunicationCallback(TrainerCallback):
 
     def __init__(self, ledger_source: Ledger | Any | Callable[[], Ledger | None], prefix: str = "comm/") -> None:
         if not (isinstance(ledger_source, Ledger) or hasattr(ledger_source, "ledger") or callable(ledger_source)):
-            raise TypeError("ledger_source must be a Ledger, an object with a .ledger attribute (EF21Plugin, "
-                            f"EF21Engine, Simulator) or a callable returning a Ledger, got {type(ledger_source).__name__}")
+            raise TypeError(
+                "ledger_source must be a Ledger, an object with a .ledger attribute (EF21Plugin, "
+                "EF21Engine, Simulator) or a callable returning a Ledger, got "
+                f"{type(ledger_source).__name__}"
+            )
         self.source = ledger_source
         self.prefix = prefix
 
@@ -89,8 +92,14 @@ class CommunicationCallback(TrainerCallback):
         ledger = self.ledger()
         return ledger.metrics(self.prefix) if ledger is not None else {}
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if logs is None or not _is_train_log(logs):
             return
         missing = {k: v for k, v in self.metrics().items() if k not in logs}
@@ -108,8 +117,9 @@ class _EF21Lifecycle(TrainerCallback):
     def __init__(self, trainer: EF21Trainer) -> None:
         self.trainer = trainer
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         t = self.trainer
         if not t.ef21.enabled:
             return
@@ -120,7 +130,8 @@ class _EF21Lifecycle(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         # called on every rank right after the Trainer's own checkpoint (written by rank 0 only)
         if self.trainer.ef21.engine is not None:
-            self.trainer.ef21.save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+            out = args.output_dir if args.output_dir is not None else "."
+            self.trainer.ef21.save(os.path.join(out, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
 
 
 class EF21Trainer(Trainer):
@@ -159,7 +170,7 @@ class EF21Trainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """``Trainer.evaluate`` at the server model X (ALGORITHM.md §2); W == X with an identity downlink."""
+        """``Trainer.evaluate`` at the server model X (docs/algorithm.md §2); W == X with an identity downlink."""
         with self.ef21.server_model():
             return super().evaluate(*args, **kwargs)
 

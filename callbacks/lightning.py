@@ -7,30 +7,35 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torchmetrics.aggregation import SumMetric
+from torchmetrics import Metric
+from torchmetrics.aggregation import MeanMetric
 
 __all__ = ["CommunicationMonitor"]
 
-_FIELDS = (("uplink_bits", "uplink_bits"), ("uplink_bytes", "uplink_wire_bytes"),
-           ("downlink_bits", "downlink_bits"), ("downlink_bytes", "downlink_wire_bytes"), ("dense_bytes", "dense_bytes"))
+#: per-worker counts: identical on every rank unless workers skip rounds (partial participation); always present
+#: (a collective per key, in this order, on every rank); the compression ratio is recomputed from the means
+_PER_WORKER = ("uplink_bits", "uplink_bytes", "uplink_bits_total", "uplink_bytes_total", "dense_bytes_total")
+#: shown in the progress bar
+_PROG_BAR = ("uplink_bytes_total", "compression_ratio")
 
 
 class CommunicationMonitor(Callback):
     """Log communicated bits and bytes per optimizer step under ``strategy="ef21_muon"``.
 
-    Logged every optimizer step (to the logger, and the totals and ratio to the progress bar):
+    Logs :meth:`ef_lightning.Ledger.metrics` every optimizer step, the same names as the Accelerate plugin and the
+    transformers callback: ``comm/uplink_bits`` / ``uplink_bytes`` (what one worker sent this step: theoretical
+    bits, wire bytes), ``comm/downlink_bits`` / ``downlink_bytes`` (what the server side sent; 0 with
+    ``allgather``), the same with ``_total`` (cumulative, restored with the checkpoint), ``comm/dense_bytes_total``,
+    ``comm/compression_ratio`` (cumulative dense bytes / uplink wire bytes), ``comm/steps``, ``comm/skipped_steps``.
+    Values are float64, so bit counts stay exact up to 2**53.
 
-    * ``comm/uplink_bits``, ``comm/uplink_bytes``: what one worker sent this step (theoretical bits, wire bytes);
-    * ``comm/downlink_bits``, ``comm/downlink_bytes``: what the server side sent this step (0 with ``allgather``);
-    * ``comm/<name>_total``: cumulative sums since the start of training (restored with the checkpoint);
-    * ``comm/compression_ratio``: cumulative dense bytes (uncompressed, training dtype) / uplink wire bytes.
+    Per-worker counts are identical on every rank, except with partial participation (``participation=``), where a
+    rank sends only in the rounds it takes part in: then they are averaged over the ranks with a torchmetrics
+    ``MeanMetric`` synchronised across processes (one small all-reduce per step).
 
-    Values are logged as float64 so bit counts stay exact up to 2**53. Totals are aggregated with torchmetrics
-    ``SumMetric`` per process; uplink counts are per worker and identical on every rank, so no cross-rank sync.
-
-    The monitor also checks that the compressed sync really ran (PEERS.md: DeepSpeed Muon once trained plain SGD
-    silently): an optimizer step that produced no EF21 record, or compressors that sent as many bytes as dense,
-    raises RuntimeError. Under any other strategy it warns once and logs nothing.
+    The monitor also checks that the compressed sync really ran (DeepSpeed's Muon once trained plain SGD silently):
+    an optimizer step that produced no EF21 record, or compressors that sent as many bytes as dense, raises
+    RuntimeError. Under any other strategy it warns once and logs nothing.
 
     Args:
         prog_bar: show ``comm/uplink_bytes_total`` and ``comm/compression_ratio`` in the progress bar.
@@ -40,12 +45,13 @@ class CommunicationMonitor(Callback):
     def __init__(self, prog_bar: bool = True, check: bool = True) -> None:
         self.prog_bar = prog_bar
         self.check = check
-        self._totals: dict[str, SumMetric] = {}
         self._seen = 0
         self._stepped = 0
         self._active = False
+        self._means: dict[str, Metric] = {}
 
-    def _engine(self, trainer: Trainer) -> Any:
+    @staticmethod
+    def _engine(trainer: Trainer) -> Any:
         return getattr(trainer.strategy, "engine", None)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -53,52 +59,67 @@ class CommunicationMonitor(Callback):
 
         self._active = isinstance(trainer.strategy, EF21MuonStrategy)
         if not self._active:
-            warnings.warn(f"CommunicationMonitor: strategy is {type(trainer.strategy).__name__}, not ef21_muon; "
-                          "nothing is compressed and nothing will be logged", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"CommunicationMonitor: strategy is {type(trainer.strategy).__name__}, not ef21_muon; "
+                "nothing is compressed and nothing will be logged",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._active:
             return
-        ledger = self._engine(trainer).ledger
-        self._totals = {}
-        for name, field in _FIELDS:  # start from the ledger, which a checkpoint restores
-            m = SumMetric(nan_strategy="error", sync_on_compute=False).set_dtype(torch.float64)
-            m.update(torch.tensor(float(sum(getattr(r, field) for r in ledger.records)), dtype=torch.float64))
-            self._totals[name] = m
-        self._seen = len(ledger.records)
+        engine = self._engine(trainer)
+        self._seen = len(engine.ledger.records)  # a resumed run's ledger already holds the earlier steps
         self._stepped = trainer.global_step
+        self._means = {}
+        if getattr(engine, "participation", None) is not None and trainer.world_size > 1:
+            self._means = {
+                k: MeanMetric(sync_on_compute=True).set_dtype(torch.float64).to(pl_module.device) for k in _PER_WORKER
+            }
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self._active:
             return
         engine = self._engine(trainer)
         records = engine.ledger.records
-        new = records[self._seen:]
+        new = records[self._seen :]
         self._seen = len(records)
-        stepped = trainer.global_step  # optimizer steps Lightning has counted
-        if not new:
-            if self.check and stepped > self._stepped:
-                raise RuntimeError(f"optimizer step {stepped} ran without the EF21 sync (no ledger record): the "
-                                   "strategy's optimizer_step was bypassed")
-            self._stepped = stepped
-            return
+        stepped, before = trainer.global_step, self._stepped  # optimizer steps Lightning has counted
         self._stepped = stepped
-        compressing = any(L.up.kind != "identity" for L in engine.layers)
-        for rec in new:
-            if self.check and compressing and not rec.skipped and rec.uplink_wire_bytes >= rec.dense_bytes > 0:
-                raise RuntimeError(f"uplink compressors are configured but step {rec.step} sent "
-                                   f"{rec.uplink_wire_bytes} bytes >= dense {rec.dense_bytes}: compression did not run")
-            for name, field in _FIELDS:
-                self._totals[name].update(torch.tensor(float(getattr(rec, field)), dtype=torch.float64))
-        rec = new[-1]
-        log = dict(on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
-        f64 = lambda v: torch.tensor(float(v), dtype=torch.float64)  # noqa: E731  exact integers up to 2**53
-        for name, field in _FIELDS[:4]:
-            pl_module.log(f"comm/{name}", f64(getattr(rec, field)), **log)
-        totals = {name: self._totals[name].compute() for name, _ in _FIELDS}
-        for name, _ in _FIELDS[:4]:
-            pl_module.log(f"comm/{name}_total", totals[name], prog_bar=self.prog_bar and name == "uplink_bytes", **log)
-        up = float(totals["uplink_bytes"])
-        ratio = float(totals["dense_bytes"]) / up if up else float("inf")
-        pl_module.log("comm/compression_ratio", f64(ratio), prog_bar=self.prog_bar, **log)
+        if not new:
+            if self.check and stepped > before:
+                raise RuntimeError(
+                    f"optimizer step {stepped} ran without the EF21 sync (no ledger record): the "
+                    "optimizer's step was bypassed"
+                )
+            return
+        if self.check and any(L.up.kind != "identity" for L in engine.layers):
+            for rec in new:
+                if not rec.skipped and rec.uplink_wire_bytes >= rec.dense_bytes > 0:
+                    raise RuntimeError(
+                        f"uplink compressors are configured but step {rec.step} sent "
+                        f"{rec.uplink_wire_bytes} bytes >= dense {rec.dense_bytes}: compression did "
+                        "not run"
+                    )
+        metrics = engine.ledger.metrics(prefix="")
+        if self._means:  # partial participation: the mean over ranks
+            for key in _PER_WORKER:
+                self._means[key].update(torch.tensor(float(metrics[key]), dtype=torch.float64))
+                metrics[key] = float(self._means[key].compute())
+                self._means[key].reset()
+            metrics.pop("compression_ratio", None)
+            if metrics["uplink_bytes_total"]:
+                metrics["compression_ratio"] = metrics["dense_bytes_total"] / metrics["uplink_bytes_total"]
+        for key, value in metrics.items():
+            pl_module.log(
+                f"comm/{key}",
+                torch.tensor(float(value), dtype=torch.float64),
+                on_step=True,
+                on_epoch=False,
+                sync_dist=False,
+                batch_size=1,
+                prog_bar=self.prog_bar and key in _PROG_BAR,
+            )

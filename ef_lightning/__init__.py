@@ -11,12 +11,20 @@ Public surface (docs/architecture.md)::
     efl.EF21Engine(model, opt, uplink=..., topology="sharded")  # one worker: optimizer.step() is the EF21 step
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from ef_lightning import compressors, lmo, smoothness
 from ef_lightning.comm import Ledger, assign_owners
 from ef_lightning.config import EF21Config
 from ef_lightning.ef21 import EF21Engine, Simulator
 from ef_lightning.optim import LMO, build_lmo_optimizer, param_groups
 
+if TYPE_CHECKING:
+    from ef_lightning.strategy import EF21MuonStrategy as _EF21MuonStrategy
+
+EF21MuonStrategy: type[_EF21MuonStrategy] | None  # None without Lightning
 try:  # importing registers "ef21_muon" / "ef21_muon_spawn" with lightning.pytorch's StrategyRegistry
     import lightning.pytorch  # noqa: F401
 except ImportError:  # Lightning is optional: the engine, Simulator and optimizer work without it

@@ -69,8 +69,9 @@ calls it only with the previous W loaded (from the second step on); the gradient
 be in ``param.grad`` from the loop's own ``accelerator.backward``, and ``optimizer.step`` returns ``None``.
 Gradient accumulation (``gradient_accumulation_steps > 1``) is rejected with a variance-reduced estimator: the
 closure would recompute only the last micro-batch, so the two gradients of the estimator would not be on the same
-minibatch. Manual accumulation without ``accelerator.accumulate`` cannot be detected; do not combine it with them. Not supported (rejected at ``prepare``): a GradScaler (``mixed_precision="fp16"``: its per-rank overflow
-check would skip the collective step on some ranks only; use bf16), DeepSpeed, FSDP, Megatron-LM and XLA.
+minibatch. Manual accumulation without ``accelerator.accumulate`` cannot be detected; do not combine it with them.
+Not supported (rejected at ``prepare``): a GradScaler (``mixed_precision="fp16"``: its per-rank overflow check
+would skip the collective step on some ranks only; use bf16), DeepSpeed, FSDP, Megatron-LM and XLA.
 
 Differences from plain DDP that follow from the algorithm: ``accelerator.clip_grad_norm_`` clips each worker's own
 gradient before compression (DDP clips the average), and the model holds W, the workers' copy: evaluate inside
@@ -95,8 +96,16 @@ from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hoo
 from torch.nn.parallel import DistributedDataParallel
 
 from ef_lightning.comm import TOPOLOGIES, Ledger
-from ef_lightning.config import (COMPRESSOR_ROLES, DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK, ESTIMATORS,
-                                 NONFINITE, EF21Config, EF21ConfigError)
+from ef_lightning.config import (
+    COMPRESSOR_ROLES,
+    DEFAULT_DOWNLINK,
+    DEFAULT_TOPOLOGY,
+    DEFAULT_UPLINK,
+    ESTIMATORS,
+    NONFINITE,
+    EF21Config,
+    EF21ConfigError,
+)
 from ef_lightning.ef21 import EF21Engine
 
 __all__ = ["ENV_PREFIX", "EF21Plugin"]
@@ -118,8 +127,10 @@ def _spec_text(spec: Any) -> str:
 def _flag(text: str, where: str) -> bool:
     t = text.strip().lower()
     if t not in _TRUE + _FALSE:
-        raise ValueError(f"{where}={text!r} is not a flag; valid values: {', '.join(_TRUE)} (on) or "
-                         f"{', '.join(v for v in _FALSE if v)} or empty (off)")
+        raise ValueError(
+            f"{where}={text!r} is not a flag; valid values: {', '.join(_TRUE)} (on) or "
+            f"{', '.join(v for v in _FALSE if v)} or empty (off)"
+        )
     return t in _TRUE
 
 
@@ -138,9 +149,11 @@ def _from_env(name: str, text: str, where: str) -> Any:
     if name in ("uplink", "downlink") and "=" in text:
         pairs = [p.strip() for p in text.split(",") if p.strip()]
         if not all(p.count("=") == 1 for p in pairs):
-            raise ValueError(f"{where}={text!r}: a per-role value is 'role=spec,role=spec' (e.g. "
-                             f"'hidden=top_k:0.05,default=identity'); roles: {', '.join(COMPRESSOR_ROLES)}")
-        return dict(tuple(s.strip() for s in p.split("=")) for p in pairs)
+            raise ValueError(
+                f"{where}={text!r}: a per-role value is 'role=spec,role=spec' (e.g. "
+                f"'hidden=top_k:0.05,default=identity'); roles: {', '.join(COMPRESSOR_ROLES)}"
+            )
+        return {k.strip(): v.strip() for k, v in (p.split("=") for p in pairs)}
     return text
 
 
@@ -167,27 +180,43 @@ class EF21Plugin:
 
     enabled: bool | None = _field("EF21_MUON", "Run EF21-Muon instead of plain DDP (1/true/yes/on); default off.")
     uplink: str | Mapping[str, str] | None = _field(
-        "EF21_UPLINK", "Uplink compressor spec ('top_k:0.05', 'top_k:0.05+natural', 'rank:4', ...) or a mapping "
+        "EF21_UPLINK",
+        "Uplink compressor spec ('top_k:0.05', 'top_k:0.05+natural', 'rank:4', ...) or a mapping "
         f"role -> spec ('role=spec,role=spec' in the environment; roles {', '.join(COMPRESSOR_ROLES)}); "
-        f"default {_spec_text(DEFAULT_UPLINK)!r}.")
+        f"default {_spec_text(DEFAULT_UPLINK)!r}.",
+    )
     downlink: str | Mapping[str, str] | None = _field(
-        "EF21_DOWNLINK", "Downlink compressor spec or role mapping (identity with topology allgather); default "
-        f"{_spec_text(DEFAULT_DOWNLINK)!r} ('identity' with allgather).")
-    topology: str | None = _field("EF21_TOPOLOGY", f"Who serves which layer: {', '.join(TOPOLOGIES)}; default "
-                                  f"{DEFAULT_TOPOLOGY!r}.")
-    server_rank: int | None = _field("EF21_SERVER_RANK", "Rank of the parameter server with topology 'server'; "
-                                     "default 0.")
-    seed: int | None = _field("EF21_SEED", "Base seed of the compressors' shared random generators (rand_k, "
-                              "natural, ...), identical on every rank; default 0.")
-    on_nonfinite: str | None = _field("EF21_ON_NONFINITE", f"On a non-finite gradient on any rank: "
-                                      f"{', '.join(NONFINITE)}; default {NONFINITE[0]!r}.")
-    estimator: str | None = _field("EF21_ESTIMATOR", f"Gradient estimator: {', '.join(ESTIMATORS)} (all but "
-                                   f"{ESTIMATORS[0]!r} are variance-reduced and need optimizer.step(closure)); "
-                                   f"default {ESTIMATORS[0]!r}.")
-    p: float | None = _field("EF21_P", "Refresh probability in (0, 1] of estimators marina / ef21_page; default "
-                             "bits(uplink)/bits(dense).")
-    participation: float | None = _field("EF21_PARTICIPATION", "Fraction of workers in (0, 1] that take part in "
-                                         "each round (topology 'server' only); default every worker.")
+        "EF21_DOWNLINK",
+        "Downlink compressor spec or role mapping (identity with topology allgather); default "
+        f"{_spec_text(DEFAULT_DOWNLINK)!r} ('identity' with allgather).",
+    )
+    topology: str | None = _field(
+        "EF21_TOPOLOGY", f"Who serves which layer: {', '.join(TOPOLOGIES)}; default {DEFAULT_TOPOLOGY!r}."
+    )
+    server_rank: int | None = _field(
+        "EF21_SERVER_RANK", "Rank of the parameter server with topology 'server'; default 0."
+    )
+    seed: int | None = _field(
+        "EF21_SEED",
+        "Base seed of the compressors' shared random generators (rand_k, "
+        "natural, ...), identical on every rank; default 0.",
+    )
+    on_nonfinite: str | None = _field(
+        "EF21_ON_NONFINITE", f"On a non-finite gradient on any rank: {', '.join(NONFINITE)}; default {NONFINITE[0]!r}."
+    )
+    estimator: str | None = _field(
+        "EF21_ESTIMATOR",
+        f"Gradient estimator: {', '.join(ESTIMATORS)} (all but "
+        f"{ESTIMATORS[0]!r} are variance-reduced and need optimizer.step(closure)); "
+        f"default {ESTIMATORS[0]!r}.",
+    )
+    p: float | None = _field(
+        "EF21_P", "Refresh probability in (0, 1] of estimators marina / ef21_page; default bits(uplink)/bits(dense)."
+    )
+    participation: float | None = _field(
+        "EF21_PARTICIPATION",
+        "Fraction of workers in (0, 1] that take part in each round (topology 'server' only); default every worker.",
+    )
 
     def __post_init__(self) -> None:
         if self.enabled is None:
@@ -245,8 +274,10 @@ class EF21Plugin:
         models = [i for i, o in enumerate(objects) if isinstance(o, nn.Module)]
         optims = [i for i, o in enumerate(objects) if isinstance(o, torch.optim.Optimizer)]
         if len(models) != 1 or len(optims) != 1:
-            raise ValueError(f"EF21Plugin.prepare needs exactly one model and one optimizer among the objects, got "
-                             f"{len(models)} model(s) and {len(optims)} optimizer(s)")
+            raise ValueError(
+                f"EF21Plugin.prepare needs exactly one model and one optimizer among the objects, got "
+                f"{len(models)} model(s) and {len(optims)} optimizer(s)"
+            )
         _check_accelerator(accelerator)
         out = accelerator.prepare(*objects)
         prepared = out if len(objects) > 1 else (out,)
@@ -282,28 +313,39 @@ class EF21Plugin:
             optimizer: the prepared :class:`~accelerate.optimizer.AcceleratedOptimizer`.
         """
         if not isinstance(optimizer, AcceleratedOptimizer):
-            raise TypeError(f"optimizer must be the AcceleratedOptimizer returned by accelerator.prepare, "
-                            f"got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be the AcceleratedOptimizer returned by accelerator.prepare, "
+                f"got {type(optimizer).__name__}"
+            )
         if self._runtime is not None:
             if optimizer is self._runtime.optimizer:
                 return  # a second train() call on the same prepared objects
             raise ValueError("this EF21Plugin is already attached to another optimizer; use one plugin per run")
         _check_accelerator(accelerator)
         if self.config.variance_reduced and accelerator.gradient_accumulation_steps > 1:
-            raise ValueError(f"estimator={self.config.estimator!r} with gradient_accumulation_steps="
-                             f"{accelerator.gradient_accumulation_steps}: the closure would recompute the second "
-                             "gradient on the last micro-batch only, not on the accumulated minibatch; valid choices: "
-                             "gradient_accumulation_steps=1 (use a larger batch), or estimator='ef21'")
+            raise ValueError(
+                f"estimator={self.config.estimator!r} with gradient_accumulation_steps="
+                f"{accelerator.gradient_accumulation_steps}: the closure would recompute the second "
+                "gradient on the last micro-batch only, not on the accumulated minibatch; valid choices: "
+                "gradient_accumulation_steps=1 (use a larger batch), or estimator='ef21'"
+            )
         if accelerator.num_processes > 1:
             ddp = _find_ddp(model)
             if ddp is None:
-                raise ValueError(f"with {accelerator.num_processes} processes the prepared model must be wrapped in "
-                                 f"DistributedDataParallel, got {type(model).__name__}")
+                raise ValueError(
+                    f"with {accelerator.num_processes} processes the prepared model must be wrapped in "
+                    f"DistributedDataParallel, got {type(model).__name__}"
+                )
             ddp.register_comm_hook(state=None, hook=noop_hook)  # param.grad keeps g_j; EF21 does the exchange
         module = accelerator.unwrap_model(model, keep_torch_compile=False)
         # the loop has run backward before optimizer.step(closure): the closure re-evaluates the previous point
-        engine = EF21Engine(module, optimizer.optimizer, self.config, backward_done=True,
-                            on_step=lambda applied: _report_skipped(optimizer, not applied))
+        engine = EF21Engine(
+            module,
+            optimizer.optimizer,
+            self.config,
+            backward_done=True,
+            on_step=lambda applied: _report_skipped(optimizer, not applied),
+        )
         self._runtime = _Runtime(accelerator, optimizer, engine)
         optimizer.optimizer.register_load_state_dict_post_hook(lambda _: self._runtime.apply_pending())
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: self.save(output_dir))
@@ -342,8 +384,10 @@ class _Runtime:
         path = self.path(directory)
         if not os.path.isfile(path):
             found = sorted(os.path.basename(f) for f in glob.glob(os.path.join(os.fspath(directory), "ef21_rank*.pt")))
-            raise ValueError(f"{path} does not exist (EF21 files in {os.fspath(directory)!r}: {found or 'none'}); "
-                             "resume an EF21 run from a checkpoint it saved, with the same number of processes")
+            raise ValueError(
+                f"{path} does not exist (EF21 files in {os.fspath(directory)!r}: {found or 'none'}); "
+                "resume an EF21 run from a checkpoint it saved, with the same number of processes"
+            )
         # optimizer state is restored as loaded (not copied into existing tensors): load it onto the parameters' device
         device = self.engine.layers[0].param.device if self.engine.layers else "cpu"
         return torch.load(path, map_location=device, weights_only=True)["engine"]
@@ -362,13 +406,17 @@ class _Runtime:
 # ------------------------------------------------------------------------------------------------- Accelerate facts
 def _check_accelerator(accelerator: Accelerator) -> None:
     if accelerator.distributed_type in _UNSUPPORTED:
-        raise ValueError(f"EF21-Muon replaces DDP's gradient all-reduce and needs plain data parallelism (or one "
-                         f"process); got distributed_type={accelerator.distributed_type.value}. Supported: NO, "
-                         f"MULTI_CPU, MULTI_GPU and the other MULTI_* (DDP) types")
+        raise ValueError(
+            f"EF21-Muon replaces DDP's gradient all-reduce and needs plain data parallelism (or one "
+            f"process); got distributed_type={accelerator.distributed_type.value}. Supported: NO, "
+            f"MULTI_CPU, MULTI_GPU and the other MULTI_* (DDP) types"
+        )
     if accelerator.scaler is not None:
-        raise ValueError(f"mixed_precision={accelerator.mixed_precision!r} uses a GradScaler, whose per-rank "
-                         "overflow check would skip the collective EF21 step on some ranks only; valid choices "
-                         "with EF21: 'no', 'bf16'")
+        raise ValueError(
+            f"mixed_precision={accelerator.mixed_precision!r} uses a GradScaler, whose per-rank "
+            "overflow check would skip the collective EF21 step on some ranks only; valid choices "
+            "with EF21: 'no', 'bf16'"
+        )
 
 
 def _report_skipped(optimizer: AcceleratedOptimizer, skipped: bool) -> None:

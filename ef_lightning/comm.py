@@ -30,8 +30,16 @@ import torch.distributed as dist
 
 TOPOLOGIES = ("sharded", "allgather", "server")
 
-__all__ = ["TOPOLOGIES", "Ledger", "StepRecord", "Transport", "LocalTransport", "build_transport", "assign_owners",
-           "broadcast_module_"]
+__all__ = [
+    "TOPOLOGIES",
+    "Ledger",
+    "StepRecord",
+    "Transport",
+    "LocalTransport",
+    "build_transport",
+    "assign_owners",
+    "broadcast_module_",
+]
 
 
 @dataclasses.dataclass
@@ -290,13 +298,14 @@ class ServerTransport(Transport):
         is_server = self.rank == self.server_rank
         bufs = [torch.empty_like(buf) for _ in range(self.world_size)] if is_server else None
         dist.gather(buf, bufs, dst=self._global(self.server_rank), group=self.group)
-        return bufs if is_server else []
+        return bufs if bufs is not None else []
 
     def uplink_wire_bytes(self, lengths: Sequence[int]) -> int:
         return lengths[self.server_rank]
 
-    def uplink_from(self, buf: torch.Tensor | None, participants: Sequence[int],
-                    lengths: Sequence[int]) -> list[torch.Tensor]:
+    def uplink_from(
+        self, buf: torch.Tensor | None, participants: Sequence[int], lengths: Sequence[int]
+    ) -> list[torch.Tensor]:
         """Partial participation: only ``participants`` send (point-to-point to the server, in rank order).
 
         Returns, on the server, the participants' buffers in rank order; elsewhere an empty list.
@@ -306,9 +315,10 @@ class ServerTransport(Transport):
             if buf is not None:
                 dist.send(buf, dst=self._global(self.server_rank), group=self.group)
             return []
-        out = []
+        out: list[torch.Tensor] = []
         for j in participants:
             if j == self.rank:
+                assert buf is not None  # the server takes part this round, so it has a message
                 out.append(buf)
             else:
                 recv = torch.empty(n, dtype=torch.uint8, device=self.device)
@@ -318,7 +328,11 @@ class ServerTransport(Transport):
 
     def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:
         n = lengths[self.server_rank]
-        buf = mine if self.rank == self.server_rank else torch.empty(n, dtype=torch.uint8, device=self.device)
+        if self.rank == self.server_rank:
+            assert mine is not None  # the server serves every layer
+            buf = mine
+        else:
+            buf = torch.empty(n, dtype=torch.uint8, device=self.device)
         dist.broadcast(buf, src=self._global(self.server_rank), group=self.group)
         return [buf if o == self.server_rank else buf[:0] for o in range(self.world_size)]
 
@@ -335,8 +349,9 @@ class ShardedTransport(Transport):
         send = torch.cat(parts) if len(parts) > 1 else parts[0]
         mine = lengths[self.rank]
         recv = torch.empty(mine * self.world_size, dtype=torch.uint8, device=send.device)
-        dist.all_to_all_single(recv, send, output_split_sizes=[mine] * self.world_size,
-                               input_split_sizes=list(lengths), group=self.group)
+        dist.all_to_all_single(
+            recv, send, output_split_sizes=[mine] * self.world_size, input_split_sizes=list(lengths), group=self.group
+        )
         return list(recv.split(mine)) if mine else []
 
     def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:
@@ -361,7 +376,7 @@ class LocalTransport(Transport):
     rank of a group (a debug run under ``accelerate launch`` with one process, a notebook).
     """
 
-    def __init__(self, topology: str, server_rank: int = 0) -> None:  # noqa: D107  (no super(): no process group)
+    def __init__(self, topology: str, server_rank: int = 0) -> None:
         if server_rank != 0:
             raise ValueError(f"server_rank={server_rank} is not a rank of a one-process run (valid: 0)")
         self.topology = topology
@@ -375,8 +390,9 @@ class LocalTransport(Transport):
     def uplink(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> list[torch.Tensor]:
         return [parts[0]]
 
-    def uplink_from(self, buf: torch.Tensor | None, participants: Sequence[int],
-                    lengths: Sequence[int]) -> list[torch.Tensor]:
+    def uplink_from(
+        self, buf: torch.Tensor | None, participants: Sequence[int], lengths: Sequence[int]
+    ) -> list[torch.Tensor]:
         return [buf] if buf is not None else []
 
     def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:

@@ -36,9 +36,10 @@ from __future__ import annotations
 import abc
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -98,8 +99,9 @@ def unpack_bits(buf: Tensor, width: int, n: int) -> Tensor:
     """Inverse of :func:`pack_bits`: the first ``n`` values of ``width`` bits each, as int64."""
     need = (n * width + 7) // 8
     if buf.dtype != torch.uint8 or buf.numel() < need:
-        raise ValueError(f"unpack_bits needs >= {need} uint8 bytes for {n} values of {width} bits, got {buf.numel()} "
-                         f"{buf.dtype}")
+        raise ValueError(
+            f"unpack_bits needs >= {need} uint8 bytes for {n} values of {width} bits, got {buf.numel()} {buf.dtype}"
+        )
     if not n or not width:
         return torch.zeros(n, dtype=torch.int64, device=buf.device)
     buf = buf.reshape(-1)[:need]
@@ -201,8 +203,7 @@ class Compressor(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def _encode(self, x: Tensor, seed: int) -> list[Tensor]:
-        ...
+    def _encode(self, x: Tensor, seed: int) -> list[Tensor]: ...
 
     @abc.abstractmethod
     def _decode(self, payload: list[Tensor], shape: torch.Size, dtype: torch.dtype, seed: int) -> Tensor:
@@ -258,8 +259,10 @@ class Compressor(abc.ABC):
         want = self.layout(msg.shape, msg.dtype)
         got = [(t.numel(), t.dtype) for t in msg.payload]
         if got != want:
-            raise ValueError(f"message payload {got} does not match the layout {want} of {self.spec} for shape "
-                             f"{tuple(msg.shape)} {msg.dtype}")
+            raise ValueError(
+                f"message payload {got} does not match the layout {want} of {self.spec} for shape "
+                f"{tuple(msg.shape)} {msg.dtype}"
+            )
 
     def pack(self, msg: Message) -> Tensor:
         """One 1-D uint8 tensor of length ``wire_nbytes``: the payload tensors' bytes, concatenated."""
@@ -275,8 +278,9 @@ class Compressor(abc.ABC):
         layout = self.layout(shape, dtype)
         total = sum(n * dt.itemsize for n, dt in layout)
         if buf.numel() != total:
-            raise ValueError(f"{self.spec} for shape {tuple(shape)} {dtype} packs into {total} bytes, got "
-                             f"{buf.numel()}")
+            raise ValueError(
+                f"{self.spec} for shape {tuple(shape)} {dtype} packs into {total} bytes, got {buf.numel()}"
+            )
         payload, o = [], 0
         for n, dt in layout:
             chunk = buf[o : o + n * dt.itemsize]
@@ -445,7 +449,7 @@ class Natural(Compressor):
     """
 
     spec, kind = "natural", "unbiased"
-    _RANGE = {torch.float16: (-24, 15)}
+    _RANGE: ClassVar[dict[torch.dtype, tuple[int, int]]] = {torch.float16: (-24, 15)}
 
     def constant(self, shape):
         self._check_shape(shape)
@@ -533,8 +537,10 @@ class Rank(Compressor):
         return len(shape) >= 2
 
     def _unsupported(self, shape):
-        return (f"{self.spec} needs a matrix, got shape {tuple(shape)} (a {len(shape)}-D tensor); use a per-role "
-                f"mapping so vectors use 'identity' (e.g. {{'default': '{self.spec}', 'vector': 'identity'}})")
+        return (
+            f"{self.spec} needs a matrix, got shape {tuple(shape)} (a {len(shape)}-D tensor); use a per-role "
+            f"mapping so vectors use 'identity' (e.g. {{'default': '{self.spec}', 'vector': 'identity'}})"
+        )
 
     def _mnr(self, shape: ShapeLike) -> tuple[int, int, int]:
         shape = self._check_shape(shape)
@@ -563,7 +569,7 @@ class Rank(Compressor):
         return [(U[:, :r] * S[:r]).to(x.dtype), Vh[:r].T.to(x.dtype)]  # P (m, r), Q (n, r)
 
     def _decode(self, payload, shape, dtype, seed):
-        m, n, r = self._mnr(shape)
+        *_, r = self._mnr(shape)
         P, Q = (t.float().reshape(-1, r) for t in payload)
         return P @ Q.T
 
@@ -622,7 +628,7 @@ class Cast(Compressor):
     (|x| > 65504 → inf) and underflow (subnormals, flush to 0) are not handled.
     """
 
-    _U = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+    _U: ClassVar[dict[torch.dtype, float]] = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
     def __init__(self, to: torch.dtype) -> None:
         self.to = to
@@ -721,6 +727,7 @@ class Composed(Compressor):
 
     def _decode(self, payload, shape, dtype, seed):
         n_aux = self.outer.n_aux
+        assert n_aux is not None  # _compose admits value carriers (top_k, rand_k, rank) as outer only
         parts, i = list(payload[:n_aux]), n_aux
         for k, (v, scale) in enumerate(zip(self._values(shape), self.scales(shape))):
             n = len(self.inner.layout(v, dtype))
@@ -748,18 +755,26 @@ def _parse_number(arg: str, text: str, spec: str) -> Fraction:
     except (ValueError, ZeroDivisionError):
         value, frac = math.nan, None
     if frac is None or not math.isfinite(value):
-        raise ValueError(f"{arg!r} in {text!r} (spec {spec!r}) is not a number; write e.g. "
-                         f"'{text.split(':')[0]}:0.05' (ratio) or '{text.split(':')[0]}:1000' (count)")
+        raise ValueError(
+            f"{arg!r} in {text!r} (spec {spec!r}) is not a number; write e.g. "
+            f"'{text.split(':')[0]}:0.05' (ratio) or '{text.split(':')[0]}:1000' (count)"
+        )
     return frac
 
 
 def _parse_element(text: str, spec: str) -> Compressor:
     name, *args = [t.strip() for t in text.split(":")]
     if name not in NAMES:
-        raise ValueError(f"unknown compressor {name!r} in spec {spec!r}; valid names: {', '.join(NAMES)} "
-                         f"(forms: {_FORMS})")
-    simple = {"identity": Identity, "natural": Natural, "sign": Sign,
-              "bf16": lambda: Cast(torch.bfloat16), "fp16": lambda: Cast(torch.float16)}
+        raise ValueError(
+            f"unknown compressor {name!r} in spec {spec!r}; valid names: {', '.join(NAMES)} (forms: {_FORMS})"
+        )
+    simple = {
+        "identity": Identity,
+        "natural": Natural,
+        "sign": Sign,
+        "bf16": lambda: Cast(torch.bfloat16),
+        "fp16": lambda: Cast(torch.float16),
+    }
     if name in simple:
         if args:
             raise ValueError(f"{name!r} takes no argument, got {text!r} in spec {spec!r}; write just '{name}'")
@@ -771,20 +786,27 @@ def _parse_element(text: str, spec: str) -> Compressor:
     valid_opts = ("unbiased",) if name == "rand_k" else ()
     for o in opts:
         if o not in valid_opts:
-            raise ValueError(f"unknown option {o!r} in {text!r} (spec {spec!r}); valid options for {name}: "
-                             f"{', '.join(valid_opts) or 'none'} (e.g. 'rand_k:0.1:unbiased')")
+            raise ValueError(
+                f"unknown option {o!r} in {text!r} (spec {spec!r}); valid options for {name}: "
+                f"{', '.join(valid_opts) or 'none'} (e.g. 'rand_k:0.1:unbiased')"
+            )
     r = _parse_number(arg, text, spec)
     if name in ("rank", "qsgd"):
         if r < 1 or r.denominator != 1:
-            raise ValueError(f"{name} takes an integer >= 1, got {arg!r} in {text!r} (spec {spec!r}); "
-                             f"write e.g. '{example}'")
+            raise ValueError(
+                f"{name} takes an integer >= 1, got {arg!r} in {text!r} (spec {spec!r}); write e.g. '{example}'"
+            )
         return Rank(int(r)) if name == "rank" else QSGD(int(r))
     if r <= 0:
-        raise ValueError(f"{name} needs a ratio in (0, 1] or an integer count > 1, got {arg!r} in {text!r} "
-                         f"(spec {spec!r}); write e.g. '{example}'")
+        raise ValueError(
+            f"{name} needs a ratio in (0, 1] or an integer count > 1, got {arg!r} in {text!r} "
+            f"(spec {spec!r}); write e.g. '{example}'"
+        )
     if r > 1 and r.denominator != 1:
-        raise ValueError(f"{arg!r} in {text!r} (spec {spec!r}) is > 1, so it is a count of entries and must be an "
-                         f"integer; write e.g. '{name}:{math.floor(r)}' or a ratio <= 1 like '{example}'")
+        raise ValueError(
+            f"{arg!r} in {text!r} (spec {spec!r}) is > 1, so it is a count of entries and must be an "
+            f"integer; write e.g. '{name}:{math.floor(r)}' or a ratio <= 1 like '{example}'"
+        )
     if name == "top_k":
         return TopK(r, r > 1)
     return RandK(r, r > 1, unbiased="unbiased" in opts)
@@ -793,18 +815,26 @@ def _parse_element(text: str, spec: str) -> Compressor:
 def _compose(outer: Compressor, inner: Compressor, spec: str) -> Compressor:
     head = inner.outer if isinstance(inner, Composed) else inner
     if outer.n_aux is None:
-        raise ValueError(f"{outer.spec!r} cannot be followed by {inner.spec!r} in spec {spec!r}: 'a+b' applies b to "
-                         f"the values a sends, and {outer.spec} sends no plain values; only top_k, rand_k and rank "
-                         f"may be followed (e.g. 'top_k:0.05+natural', 'rank:4+bf16'). Valid forms: {_FORMS}")
+        raise ValueError(
+            f"{outer.spec!r} cannot be followed by {inner.spec!r} in spec {spec!r}: 'a+b' applies b to "
+            f"the values a sends, and {outer.spec} sends no plain values; only top_k, rand_k and rank "
+            f"may be followed (e.g. 'top_k:0.05+natural', 'rank:4+bf16'). Valid forms: {_FORMS}"
+        )
     if isinstance(head, Rank):
-        raise ValueError(f"{head.spec!r} must come first in spec {spec!r}: later elements see 1-D value vectors, "
-                         f"not matrices (e.g. 'rank:4+bf16')")
+        raise ValueError(
+            f"{head.spec!r} must come first in spec {spec!r}: later elements see 1-D value vectors, "
+            f"not matrices (e.g. 'rank:4+bf16')"
+        )
     if isinstance(outer, Rank) and not isinstance(inner, (Natural, Cast)):
-        raise ValueError(f"{outer.spec!r} can only be followed by natural, bf16 or fp16 (entrywise on both factors), "
-                         f"got {inner.spec!r} in spec {spec!r}")
+        raise ValueError(
+            f"{outer.spec!r} can only be followed by natural, bf16 or fp16 (entrywise on both factors), "
+            f"got {inner.spec!r} in spec {spec!r}"
+        )
     if outer.kind == "unbiased" and inner.kind != "unbiased":
-        raise ValueError(f"{outer.spec!r} is unbiased and {inner.spec!r} is not, so {spec!r} would be neither; "
-                         f"follow it with natural, qsgd:<s> or rand_k:<r>:unbiased, or drop ':unbiased'")
+        raise ValueError(
+            f"{outer.spec!r} is unbiased and {inner.spec!r} is not, so {spec!r} would be neither; "
+            f"follow it with natural, qsgd:<s> or rand_k:<r>:unbiased, or drop ':unbiased'"
+        )
     return Composed(outer, inner)
 
 

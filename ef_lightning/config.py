@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 import torch
 
@@ -21,8 +21,18 @@ from ef_lightning import compressors as _comp
 from ef_lightning.comm import TOPOLOGIES
 from ef_lightning.optim import ROLES as MODEL_ROLES
 
-__all__ = ["EF21Config", "EF21ConfigError", "CompressorSpec", "COMPRESSOR_ROLES", "ESTIMATORS", "NONFINITE",
-           "TOPOLOGIES", "DEFAULT_UPLINK", "DEFAULT_DOWNLINK", "DEFAULT_TOPOLOGY"]
+__all__ = [
+    "EF21Config",
+    "EF21ConfigError",
+    "CompressorSpec",
+    "COMPRESSOR_ROLES",
+    "ESTIMATORS",
+    "NONFINITE",
+    "TOPOLOGIES",
+    "DEFAULT_UPLINK",
+    "DEFAULT_DOWNLINK",
+    "DEFAULT_TOPOLOGY",
+]
 
 #: keys of a per-role compressor mapping: the model roles of :func:`ef_lightning.build_lmo_optimizer` (``other``
 #: parameters are matrices or vectors and take those roles' compressors) plus ``default`` for roles not named
@@ -39,16 +49,30 @@ REFRESH_ESTIMATORS: tuple[str, ...] = ("marina", "ef21_page")
 #: fewer uplink bytes than uncompressed (rank:4 11.0x, top_k:0.05 9.4x, top_k:0.1 6.0x); a ``top_k:0.5`` downlink
 #: halves the server's traffic for ~13 % more steps. Vectors (biases, norm gains) are tiny and stay dense.
 DEFAULT_UPLINK: Mapping[str, str] = types.MappingProxyType(
-    {"hidden": "top_k:0.1+natural", "conv": "top_k:0.1+natural", "embedding": "top_k:0.1+natural",
-     "head": "top_k:0.1+natural", "vector": "identity", "default": "identity"})
+    {
+        "hidden": "top_k:0.1+natural",
+        "conv": "top_k:0.1+natural",
+        "embedding": "top_k:0.1+natural",
+        "head": "top_k:0.1+natural",
+        "vector": "identity",
+        "default": "identity",
+    }
+)
 DEFAULT_DOWNLINK: Mapping[str, str] = types.MappingProxyType(
-    {"hidden": "top_k:0.5", "conv": "top_k:0.5", "embedding": "top_k:0.5", "head": "top_k:0.5",
-     "vector": "identity", "default": "identity"})
+    {
+        "hidden": "top_k:0.5",
+        "conv": "top_k:0.5",
+        "embedding": "top_k:0.5",
+        "head": "top_k:0.5",
+        "vector": "identity",
+        "default": "identity",
+    }
+)
 #: ``sharded``: per-rank traffic and Newton-Schulz work do not grow with the number of workers
 DEFAULT_TOPOLOGY = "sharded"
 
 #: a compressor spec for every tensor (``"top_k:0.05"``) or a mapping role -> spec (roles: :data:`COMPRESSOR_ROLES`)
-CompressorSpec = Union[str, Mapping[str, str]]
+CompressorSpec: TypeAlias = str | Mapping[str, str]
 
 
 class EF21ConfigError(ValueError):
@@ -118,43 +142,62 @@ class EF21Config:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise EF21ConfigError(name, f"{name}={v!r}; valid values: integers >= 0")
-        set_("uplink", self._compressor("uplink", DEFAULT_UPLINK if self.uplink is None else self.uplink))
-        if self.downlink is None:
-            set_("downlink", "identity" if self.topology == "allgather" else DEFAULT_DOWNLINK)
-        set_("downlink", self._compressor("downlink", self.downlink))
+        uplink = self._compressor("uplink", DEFAULT_UPLINK if self.uplink is None else self.uplink)
+        set_("uplink", uplink)
+        downlink = self.downlink
+        if downlink is None:
+            downlink = "identity" if self.topology == "allgather" else DEFAULT_DOWNLINK
+        downlink = self._compressor("downlink", downlink)
+        set_("downlink", downlink)
         if self.topology == "allgather":
-            bad = [s for s in _specs(self.downlink) if _comp.build(s).kind != "identity"]
+            bad = [s for s in _specs(downlink) if _comp.build(s).kind != "identity"]
             if bad:
-                raise EF21ConfigError(("downlink", "topology"), f"downlink={bad[0]!r} needs topology 'server' or "
-                                      "'sharded': with 'allgather' every rank already holds X, so there is no "
-                                      "downlink; valid choice: downlink='identity'")
+                raise EF21ConfigError(
+                    ("downlink", "topology"),
+                    f"downlink={bad[0]!r} needs topology 'server' or "
+                    "'sharded': with 'allgather' every rank already holds X, so there is no "
+                    "downlink; valid choice: downlink='identity'",
+                )
         if self.p is not None:
             if not _is_fraction(self.p):
-                raise EF21ConfigError("p", f"p={self.p!r}: the refresh probability is out of range; valid values: "
-                                      "numbers in (0, 1]")
+                raise EF21ConfigError(
+                    "p", f"p={self.p!r}: the refresh probability is out of range; valid values: numbers in (0, 1]"
+                )
             if self.estimator not in REFRESH_ESTIMATORS:
-                raise EF21ConfigError(("p", "estimator"), f"p={self.p!r} only applies to estimator "
-                                      f"{' or '.join(map(repr, REFRESH_ESTIMATORS))}, not {self.estimator!r} "
-                                      f"(valid choices with p: {', '.join(REFRESH_ESTIMATORS)})")
+                raise EF21ConfigError(
+                    ("p", "estimator"),
+                    f"p={self.p!r} only applies to estimator "
+                    f"{' or '.join(map(repr, REFRESH_ESTIMATORS))}, not {self.estimator!r} "
+                    f"(valid choices with p: {', '.join(REFRESH_ESTIMATORS)})",
+                )
             set_("p", float(self.p))
         if self.participation is not None:
             if not _is_fraction(self.participation):
-                raise EF21ConfigError("participation", f"participation={self.participation!r}; valid values: "
-                                      "numbers in (0, 1] (a fraction of the workers), or None for every worker")
+                raise EF21ConfigError(
+                    "participation",
+                    f"participation={self.participation!r}; valid values: "
+                    "numbers in (0, 1] (a fraction of the workers), or None for every worker",
+                )
             if float(self.participation) == 1.0:
                 set_("participation", None)
             elif self.topology != "server":
-                raise EF21ConfigError(("participation", "topology"), f"participation={self.participation!r} needs "
-                                      "topology 'server' (partial participation is the federated setting: a server "
-                                      f"and a subset of clients per round), got topology={self.topology!r}")
+                raise EF21ConfigError(
+                    ("participation", "topology"),
+                    f"participation={self.participation!r} needs "
+                    "topology 'server' (partial participation is the federated setting: a server "
+                    f"and a subset of clients per round), got topology={self.topology!r}",
+                )
             else:
                 set_("participation", float(self.participation))
         if self.estimator == "marina":
-            bad = [s for s in _specs(self.uplink) if _comp.build(s).kind == "contractive"]
+            bad = [s for s in _specs(uplink) if _comp.build(s).kind == "contractive"]
             if bad:
-                raise EF21ConfigError(("uplink", "estimator"), f"estimator='marina' needs unbiased compressors "
-                                      f"(rand_k:<r>:unbiased, natural, qsgd:<s>) or identity; uplink {bad[0]!r} is "
-                                      "contractive — valid estimators for contractive compressors: ef21_page, mvr")
+                raise EF21ConfigError(
+                    ("uplink", "estimator"),
+                    f"estimator='marina' needs unbiased compressors "
+                    f"(rand_k:<r>:unbiased, natural, qsgd:<s>) or identity; uplink {bad[0]!r} is "
+                    "contractive — valid estimators for contractive compressors: ef21_page, mvr",
+                )
 
     def _choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)
@@ -166,14 +209,18 @@ class EF21Config:
         if isinstance(spec, Mapping):
             bad = [k for k in spec if k not in COMPRESSOR_ROLES]
             if bad:
-                raise EF21ConfigError(name, f"{name} mapping has unknown role(s) {bad}; valid roles: "
-                                      f"{', '.join(COMPRESSOR_ROLES)}")
+                raise EF21ConfigError(
+                    name, f"{name} mapping has unknown role(s) {bad}; valid roles: {', '.join(COMPRESSOR_ROLES)}"
+                )
             for role, s in spec.items():
                 EF21Config._compressor(f"{name}[{role!r}]", s)
             return dict(spec)  # a copy: later changes to the caller's mapping do not reach the config
         if not isinstance(spec, str):
-            raise EF21ConfigError(name.split("[")[0], f"{name} must be a compressor spec string such as "
-                                  f"'top_k:0.05' or a mapping role -> spec, got {type(spec).__name__} ({spec!r})")
+            raise EF21ConfigError(
+                name.split("[")[0],
+                f"{name} must be a compressor spec string such as "
+                f"'top_k:0.05' or a mapping role -> spec, got {type(spec).__name__} ({spec!r})",
+            )
         try:
             _comp.build(spec)
         except (ValueError, TypeError) as e:
@@ -197,6 +244,7 @@ class EF21Config:
                 ``identity`` (docs/algorithm.md §3).
         """
         spec = self.uplink if direction == "uplink" else self.downlink
+        assert spec is not None  # __post_init__ replaced None by the default
         if isinstance(spec, Mapping):
             spec = spec.get(role, spec.get("default", "identity"))
         comp = _comp.build(spec)
@@ -208,8 +256,10 @@ class EF21Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (mappings as dicts), e.g. to store beside a checkpoint or in a run's resolved config."""
-        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), Mapping) else v)
-                for f in dataclasses.fields(self)}
+        return {
+            f.name: (dict(v) if isinstance(v := getattr(self, f.name), Mapping) else v)
+            for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def build(cls, config: EF21Config | None = None, **options: Any) -> EF21Config:

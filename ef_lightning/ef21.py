@@ -47,18 +47,35 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ef_lightning import compressors as _comp
 from ef_lightning import kernels as K
-from ef_lightning.comm import Ledger, StepRecord, Transport, build_transport
-from ef_lightning.config import (COMPRESSOR_ROLES, DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK, ESTIMATORS,
-                                 NONFINITE, EF21Config)
+from ef_lightning.comm import Ledger, LocalTransport, ServerTransport, StepRecord, Transport, build_transport
+from ef_lightning.config import (
+    COMPRESSOR_ROLES,
+    DEFAULT_DOWNLINK,
+    DEFAULT_TOPOLOGY,
+    DEFAULT_UPLINK,
+    ESTIMATORS,
+    NONFINITE,
+    EF21Config,
+)
 from ef_lightning.optim import LMO, _classify
-from ef_lightning.state import (LayerSpec, ServerState, WorkerState, load_optimizer_state, optimizer_state,
-                                tensors_state)
+from ef_lightning.state import LayerSpec, ServerState, WorkerState, load_optimizer_state, optimizer_state, tensors_state
 
-__all__ = ["EF21Engine", "Simulator", "EF21Config", "LayerSpec", "COMPRESSOR_ROLES", "ESTIMATORS", "NONFINITE",
-           "DEFAULT_UPLINK", "DEFAULT_DOWNLINK", "DEFAULT_TOPOLOGY"]
+__all__ = [
+    "EF21Engine",
+    "Simulator",
+    "EF21Config",
+    "LayerSpec",
+    "COMPRESSOR_ROLES",
+    "ESTIMATORS",
+    "NONFINITE",
+    "DEFAULT_UPLINK",
+    "DEFAULT_DOWNLINK",
+    "DEFAULT_TOPOLOGY",
+]
 
 _IDENTITY = _comp.build("identity")
 Closure = Callable[[], Any]
@@ -76,8 +93,12 @@ def _role_of(group: Mapping[str, Any], p: Tensor, classified: Mapping[int, str])
 
 
 def _grads_of(layers: Sequence[LayerSpec], clone: bool) -> list[Tensor]:
-    return [(L.param.grad.detach().clone() if clone else L.param.grad.detach()) if L.param.grad is not None
-            else torch.zeros_like(L.param) for L in layers]
+    return [
+        (L.param.grad.detach().clone() if clone else L.param.grad.detach())
+        if L.param.grad is not None
+        else torch.zeros_like(L.param)
+        for L in layers
+    ]
 
 
 def _nonfinite(grads: Sequence[Tensor]) -> bool:
@@ -90,9 +111,20 @@ class _EF21Base:
 
     replicated = False  # every process computes X for every layer (allgather): no downlink
     _step_hint = ""  # how to step instead, for the guard's error
+    # set by the subclass's __init__ (after this class's): the layers this process serves, the server state (X, G)
+    # of those layers, and the state of each worker this process runs, by worker index
+    served: list[LayerSpec]
+    server: ServerState
+    _workers: dict[int, WorkerState]
 
-    def __init__(self, model: nn.Module | Sequence[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
-                 config: EF21Config, owners: Callable[[list[int]], list[int]], route_step: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module | Sequence[tuple[str, nn.Parameter]],
+        optimizer: torch.optim.Optimizer,
+        config: EF21Config,
+        owners: Callable[[list[int]], list[int]],
+        route_step: bool,
+    ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.config = config
@@ -109,17 +141,26 @@ class _EF21Base:
         for i, ((p, group), owner) in enumerate(zip(params, owners([p.numel() for p, _ in params]))):
             role = _role_of(group, p, classified)
             worker_momentum = is_lmo and group.get("norm") != "adamw"
-            self.layers.append(LayerSpec(
-                index=i, name=names[id(p)], param=p, role=role, owner=owner,
-                up=config.compressor("uplink", role, p.shape), down=config.compressor("downlink", role, p.shape),
-                momentum=float(group.get("momentum", 0.0)) if worker_momentum else 0.0,
-                nesterov=bool(group.get("nesterov", False)) if worker_momentum else False,
-            ))
+            self.layers.append(
+                LayerSpec(
+                    index=i,
+                    name=names[id(p)],
+                    param=p,
+                    role=role,
+                    owner=owner,
+                    up=config.compressor("uplink", role, p.shape),
+                    down=config.compressor("downlink", role, p.shape),
+                    momentum=float(group.get("momentum", 0.0)) if worker_momentum else 0.0,
+                    nesterov=bool(group.get("nesterov", False)) if worker_momentum else False,
+                )
+            )
         if config.estimator == "marina":  # per tensor, after fallbacks (the config checked the specs)
             bad = [(L.name, L.up.spec) for L in self.layers if L.up.kind == "contractive"]
             if bad:
-                raise ValueError(f"estimator='marina' needs unbiased compressors; uplink {bad[0][1]!r} for "
-                                 f"{bad[0][0]!r} is contractive (valid estimators for it: ef21_page, mvr)")
+                raise ValueError(
+                    f"estimator='marina' needs unbiased compressors; uplink {bad[0][1]!r} for "
+                    f"{bad[0][0]!r} is contractive (valid estimators for it: ef21_page, mvr)"
+                )
         self.p = config.p
         if self.p is None and config.estimator in ("marina", "ef21_page"):
             # MARINA's choice p = (bits of Q) / (bits of a dense message) (arXiv 2102.07845, Cor. 2.1)
@@ -152,9 +193,10 @@ class _EF21Base:
 
     # --------------------------------------------------------------------------------------------- the optimizer
     def _take_over(self, optimizer: torch.optim.Optimizer, route_step: bool) -> None:
-        previous = _DRIVERS.get(optimizer)
-        if previous is not None and previous() is not None:
-            previous().detach()  # a notebook re-running a cell: the new engine takes over
+        ref = _DRIVERS.get(optimizer)
+        previous = ref() if ref is not None else None
+        if previous is not None:
+            previous.detach()  # a notebook re-running a cell: the new engine takes over
         if isinstance(optimizer, LMO):  # momentum lives on the workers (step 2): switch the optimizer's off
             optimizer.external_momentum = True
             for L in self.layers:
@@ -167,13 +209,16 @@ class _EF21Base:
         def guard(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             engine = me()
             if engine is not None and not engine._in_update:
-                raise RuntimeError(f"the optimizer's own step() ran while an EF21 {type(engine).__name__} drives "
-                                   f"it: that step would skip the compressed sync. {engine._step_hint} or call "
-                                   "detach() to hand the optimizer back")
+                raise RuntimeError(
+                    f"the optimizer's own step() ran while an EF21 {type(engine).__name__} drives "
+                    f"it: that step would skip the compressed sync. {engine._step_hint} or call "
+                    "detach() to hand the optimizer back"
+                )
 
-        self._hook = optimizer.register_step_pre_hook(guard)
+        self._hook: RemovableHandle | None = optimizer.register_step_pre_hook(guard)
         self._routed = route_step
         if route_step:
+            assert isinstance(self, EF21Engine)  # the Simulator does not route step()
             engine = self
 
             def step(opt: torch.optim.Optimizer, closure: Closure | None = None, **kwargs: Any) -> Any:
@@ -221,6 +266,7 @@ class _EF21Base:
             return False
         if self.applied == 0:
             return True
+        assert self.p is not None  # __init__ sets p for the estimators with a refresh coin
         g = torch.Generator().manual_seed(K.seed_for(self.seed, self.step_count, K.COIN))
         return bool(torch.rand((), generator=g) < self.p)
 
@@ -240,8 +286,9 @@ class _EF21Base:
         # identity sends the value itself (not a difference) only when every worker reports every step
         return comp.kind == "identity" and self.participation is None
 
-    def _uplink_messages(self, ws: WorkerState, grads: Sequence[Tensor], prev: Sequence[Tensor] | None,
-                         worker: int, refresh: bool) -> list[Tensor]:
+    def _uplink_messages(
+        self, ws: WorkerState, grads: Sequence[Tensor], prev: Sequence[Tensor] | None, worker: int, refresh: bool
+    ) -> list[Tensor]:
         """Steps 2-3 for one worker: each layer's packed message (uint8). ``prev``: the gradients on the same
         minibatch at the previous W (VR estimators after their first step; docs/algorithm.md §4)."""
         out = []
@@ -263,21 +310,27 @@ class _EF21Base:
             out.append(K.uplink_ef21(comp, D, ws.G[i], seed, self._exact_identity(comp)))
         return out
 
-    def _aggregate(self, L: LayerSpec, bufs: Sequence[Tensor], senders: Sequence[int], n_workers: int,
-                   refresh: bool) -> None:
+    def _aggregate(
+        self, L: LayerSpec, bufs: Sequence[Tensor], senders: Sequence[int], n_workers: int, refresh: bool
+    ) -> None:
         """Step 4 for one served layer; MARINA: the mean of the senders' full gradients on a refresh round, else
         G += the mean of their Q(gradient differences)."""
         comp = self._up_comp(L, refresh)
         marina = self.estimator == "marina"
-        K.aggregate_(self.server.G[L.index], comp, bufs,
-                     [K.seed_for(self.seed, self.step_count, L.index, j) for j in senders],
-                     divisor=len(senders) if marina else n_workers,
-                     replace=(marina and refresh) or (not marina and self._exact_identity(comp)),
-                     scale_unbiased=not marina)
+        K.aggregate_(
+            self.server.G[L.index],
+            comp,
+            bufs,
+            [K.seed_for(self.seed, self.step_count, L.index, j) for j in senders],
+            divisor=len(senders) if marina else n_workers,
+            replace=(marina and refresh) or (not marina and self._exact_identity(comp)),
+            scale_unbiased=not marina,
+        )
 
     @torch.no_grad()
-    def _sync(self, grads: Mapping[int, Sequence[Tensor]], prev: Mapping[int, Sequence[Tensor]] | None,
-              n_workers: int) -> bool:
+    def _sync(
+        self, grads: Mapping[int, Sequence[Tensor]], prev: Mapping[int, Sequence[Tensor]] | None, n_workers: int
+    ) -> bool:
         """Steps 2-7 for the workers this process runs (``grads[j][i]``: worker j, layer i) and the layers it
         serves. Returns False when the step was skipped for a non-finite gradient (then no state changed)."""
         participants = self._participants(n_workers)
@@ -290,19 +343,24 @@ class _EF21Base:
         if self.config.variance_reduced:  # remember W, where these gradients were taken
             self._W_prev = {L.index: L.param.detach().clone() for L in self.layers}
         # 2-3: each local worker's messages
-        messages = {j: self._uplink_messages(self._workers[j], grads[j], prev[j] if prev is not None else None, j,
-                                             refresh) for j in local}
+        messages = {
+            j: self._uplink_messages(self._workers[j], grads[j], prev[j] if prev is not None else None, j, refresh)
+            for j in local
+        }
         # 4-5: aggregate and step the served layers
         received = self._exchange_uplink(messages, participants, refresh)
         for L in self.served:
             self._aggregate(L, received[L.index], participants, n_workers, refresh)
-        if self.served:
-            self._server_update()
+        # every rank runs the optimizer's update, serving layers or not (then it has no grads and moves nothing):
+        # an LR scheduler counts optimizer steps through it
+        self._server_update()
         # 6-7: downlink
         if not self.replicated:
             seeds = {L.index: K.seed_for(self.seed, self.step_count, L.index, K.SERVER) for L in self.layers}
-            down = {L.index: K.downlink_message(L.down, self.server.X[L.index], L.param, seeds[L.index])
-                    for L in self.served}
+            down = {
+                L.index: K.downlink_message(L.down, self.server.X[L.index], L.param, seeds[L.index])
+                for L in self.served
+            }
             for L, buf in zip(self.layers, self._exchange_downlink(down)):
                 K.apply_downlink_(L.param, L.down, buf, seeds[L.index])
         elif any(L.param.dtype != torch.float32 for L in self.layers):
@@ -328,8 +386,9 @@ class _EF21Base:
     def _where(self, bad: Sequence[int]) -> str:
         raise NotImplementedError
 
-    def _exchange_uplink(self, messages: Mapping[int, list[Tensor]], participants: Sequence[int],
-                         refresh: bool) -> dict[int, list[Tensor]]:
+    def _exchange_uplink(
+        self, messages: Mapping[int, list[Tensor]], participants: Sequence[int], refresh: bool
+    ) -> dict[int, list[Tensor]]:
         """Move the workers' messages; return, for each served layer, the senders' buffers in participant order."""
         raise NotImplementedError
 
@@ -404,11 +463,14 @@ class _EF21Base:
 
     # --------------------------------------------------------------------------------------------- checkpoints
     def _common_state(self) -> dict[str, Any]:
-        return {"step": self.step_count, "applied": self.applied,
-                "W_prev": tensors_state(self._W_prev, self.layers),
-                "server": self.server.state_dict(self.served),
-                "optimizer": optimizer_state(self.optimizer, self.served),
-                "ledger": self.ledger.state_dict()}
+        return {
+            "step": self.step_count,
+            "applied": self.applied,
+            "W_prev": tensors_state(self._W_prev, self.layers),
+            "server": self.server.state_dict(self.served),
+            "optimizer": optimizer_state(self.optimizer, self.served),
+            "ledger": self.ledger.state_dict(),
+        }
 
     def _load_common(self, state: Mapping[str, Any]) -> None:
         self.step_count = int(state["step"])
@@ -517,8 +579,10 @@ class EF21Engine(_EF21Base):
             diff = [k for k in digest if d.get(k) != digest[k]]
             if diff:
                 k = diff[0]
-                raise ValueError(f"EF21 configuration differs between ranks in field {k!r}: rank {self.transport.rank} "
-                                 f"has {repr(mine[k])[:200]}, rank {r} has {shown[k]} (fields differing: {diff})")
+                raise ValueError(
+                    f"EF21 configuration differs between ranks in field {k!r}: rank {self.transport.rank} "
+                    f"has {repr(mine[k])[:200]}, rank {r} has {shown[k]} (fields differing: {diff})"
+                )
 
     # --------------------------------------------------------------------------------------------- stepping
     def optimizer_step(self, closure: Closure | None = None) -> Any:
@@ -531,9 +595,11 @@ class EF21Engine(_EF21Base):
         """
         me = self.transport.rank in self._participants(self.transport.world_size)
         if self.config.variance_reduced and closure is None:
-            raise ValueError(f"estimator={self.estimator!r} needs optimizer.step(closure): a closure that zeroes the "
-                             "gradients, recomputes the loss on the SAME batch and calls backward(); it is also "
-                             "evaluated at the previous point (valid estimator without a closure: 'ef21')")
+            raise ValueError(
+                f"estimator={self.estimator!r} needs optimizer.step(closure): a closure that zeroes the "
+                "gradients, recomputes the loss on the SAME batch and calls backward(); it is also "
+                "evaluated at the previous point (valid estimator without a closure: 'ef21')"
+            )
         loss = None
         if self.backward_done and self.config.variance_reduced:
             applied = self.step(closure)
@@ -567,9 +633,11 @@ class EF21Engine(_EF21Base):
         prev = None
         if vr:
             if closure is None:
-                raise ValueError(f"estimator {self.estimator!r} needs a second gradient on the same minibatch at the "
-                                 "previous point: pass a closure that zeroes the gradients, recomputes the loss on "
-                                 "the same batch and calls backward()")
+                raise ValueError(
+                    f"estimator {self.estimator!r} needs a second gradient on the same minibatch at the "
+                    "previous point: pass a closure that zeroes the gradients, recomputes the loss on "
+                    "the same batch and calls backward()"
+                )
             prev = self._previous_gradients(closure)
         return self._sync_mine(grads, prev)
 
@@ -588,8 +656,9 @@ class EF21Engine(_EF21Base):
     def _where(self, bad: Sequence[int]) -> str:
         return f"rank {self.transport.rank}" if bad else "another rank"
 
-    def _exchange_uplink(self, messages: Mapping[int, list[Tensor]], participants: Sequence[int],
-                         refresh: bool) -> dict[int, list[Tensor]]:
+    def _exchange_uplink(
+        self, messages: Mapping[int, list[Tensor]], participants: Sequence[int], refresh: bool
+    ) -> dict[int, list[Tensor]]:
         t = self.transport
         lengths = self.up_lengths[refresh]
         parts = None
@@ -600,13 +669,15 @@ class EF21Engine(_EF21Base):
                 grouped[max(L.owner, 0)].append(buf)
             parts = [torch.cat(g) if g else empty for g in grouped]
         if self.participation is None:
+            assert parts is not None  # every rank takes part in every round
             received = t.uplink(parts, lengths)
         else:  # server topology: only this round's participants send (point to point)
+            assert isinstance(t, (ServerTransport, LocalTransport))  # the config allows participation with it only
             received = t.uplink_from(parts[t.server_rank] if parts is not None else None, participants, lengths)
         out, offset = {}, 0
         for L in self.served:
             n = self._up_comp(L, refresh).wire_nbytes(L.shape, torch.float32)
-            out[L.index] = [b[offset:offset + n] for b in received]
+            out[L.index] = [b[offset : offset + n] for b in received]
             offset += n
         return out
 
@@ -617,7 +688,7 @@ class EF21Engine(_EF21Base):
         out = []
         for L in self.layers:
             o, n = L.owner, L.down.wire_nbytes(L.shape, torch.float32)
-            out.append(bufs[o][offsets[o]:offsets[o] + n])
+            out.append(bufs[o][offsets[o] : offsets[o] + n])
             offsets[o] += n
         return out
 
@@ -656,16 +727,23 @@ class EF21Engine(_EF21Base):
     def state_dict(self) -> dict[str, Any]:
         """This rank's own EF21 state: M_j, G_j (V_j), served X and G, the optimizer state of served layers, ledger."""
         t = self.transport
-        return {"rank": t.rank, "world_size": t.world_size, "topology": t.topology,
-                "worker": self.worker.state_dict(self.layers), **self._common_state()}
+        return {
+            "rank": t.rank,
+            "world_size": t.world_size,
+            "topology": t.topology,
+            "worker": self.worker.state_dict(self.layers),
+            **self._common_state(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` on the same rank of the same topology and world size."""
         t = self.transport
         for key, mine in (("world_size", t.world_size), ("topology", t.topology), ("rank", t.rank)):
             if state.get(key) != mine:
-                raise ValueError(f"EF21 state was saved with {key}={state.get(key)!r}, this process has {key}={mine!r}; "
-                                 "each rank must load its own state from a run with the same world size and topology")
+                raise ValueError(
+                    f"EF21 state was saved with {key}={state.get(key)!r}, this process has {key}={mine!r}; "
+                    "each rank must load its own state from a run with the same world size and topology"
+                )
         self.worker.load_state_dict(state["worker"], self.layers)
         self._load_common(state)
         served = {id(L.param) for L in self.served}
@@ -699,8 +777,14 @@ class Simulator(_EF21Base):
 
     _step_hint = "Call simulator.step(loss_fn, batches) or simulator.apply(grads)"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, n_workers: int,
-                 config: EF21Config | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        n_workers: int,
+        config: EF21Config | None = None,
+        **options: Any,
+    ) -> None:
         if not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 1:
             raise ValueError(f"n_workers={n_workers!r}; must be an integer >= 1")
         if not isinstance(model, nn.Module):
@@ -754,8 +838,9 @@ class Simulator(_EF21Base):
             loss.backward()
         return float(loss.detach()), _grads_of(self.layers, clone=True)
 
-    def apply(self, grads: Sequence[Sequence[Tensor] | None],
-              prev: Sequence[Sequence[Tensor] | None] | None = None) -> bool:
+    def apply(
+        self, grads: Sequence[Sequence[Tensor] | None], prev: Sequence[Sequence[Tensor] | None] | None = None
+    ) -> bool:
         """Steps 2-7 given each worker's gradients (``grads[j][i]`` = worker j, layer i in optimizer order).
 
         ``prev[j]``: worker j's gradients on the same batch at the previous W (VR estimators after their first step).
@@ -773,8 +858,9 @@ class Simulator(_EF21Base):
     def _where(self, bad: Sequence[int]) -> str:
         return f"worker(s) {list(bad)}"
 
-    def _exchange_uplink(self, messages: Mapping[int, list[Tensor]], participants: Sequence[int],
-                         refresh: bool) -> dict[int, list[Tensor]]:
+    def _exchange_uplink(
+        self, messages: Mapping[int, list[Tensor]], participants: Sequence[int], refresh: bool
+    ) -> dict[int, list[Tensor]]:
         return {L.index: [messages[j][L.index] for j in participants] for L in self.layers}
 
     def _exchange_downlink(self, down: Mapping[int, Tensor]) -> list[Tensor]:
@@ -797,8 +883,11 @@ class Simulator(_EF21Base):
 
     def state_dict(self) -> dict[str, Any]:
         """Every simulated worker's state, the server state, the optimizer state and the ledger."""
-        return {"n_workers": self.n_workers, "workers": [w.state_dict(self.layers) for w in self.workers],
-                **self._common_state()}
+        return {
+            "n_workers": self.n_workers,
+            "workers": [w.state_dict(self.layers) for w in self.workers],
+            **self._common_state(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` (same model and n_workers). W is the model's own state."""

@@ -21,8 +21,22 @@ from torch import Tensor
 from ef_lightning import compressors as _comp
 from ef_lightning.optim import momentum_direction_
 
-__all__ = ["SERVER", "COIN", "SUBSET", "seed_for", "decode", "ef21_direction", "page_direction", "mvr_direction",
-           "uplink_ef21", "uplink_marina", "aggregate_", "server_view", "downlink_message", "apply_downlink_"]
+__all__ = [
+    "SERVER",
+    "COIN",
+    "SUBSET",
+    "seed_for",
+    "decode",
+    "ef21_direction",
+    "page_direction",
+    "mvr_direction",
+    "uplink_ef21",
+    "uplink_marina",
+    "aggregate_",
+    "server_view",
+    "downlink_message",
+    "apply_downlink_",
+]
 
 SERVER = 1 << 20  #: "sender id" of the server side in seed derivation (workers are 0..n-1)
 COIN = SERVER + 1  #: stream of the shared Bernoulli(p) refresh coin of marina / ef21_page
@@ -57,7 +71,10 @@ def ef21_direction(M: Tensor | None, g: Tensor, mu: float, nesterov: bool) -> Te
 
 def page_direction(V: Tensor, g: Tensor, g_prev: Tensor | None, refresh: bool) -> Tensor:
     """``ef21_page`` (SARAH/PAGE): V = g on a refresh round, else V <- V + g - g_prev (same minibatch, previous W)."""
-    return V.copy_(g) if refresh else V.add_(g).sub_(g_prev)
+    if refresh:
+        return V.copy_(g)
+    assert g_prev is not None  # every round but a refresh one has the previous point's gradient
+    return V.add_(g).sub_(g_prev)
 
 
 def mvr_direction(V: Tensor, g: Tensor, g_prev: Tensor | None, mu: float) -> Tensor:
@@ -83,12 +100,22 @@ def uplink_ef21(comp: _comp.Compressor, D: Tensor, G_j: Tensor, seed: int, exact
 
 def uplink_marina(comp: _comp.Compressor, g: Tensor, g_prev: Tensor | None, refresh: bool, seed: int) -> Tensor:
     """MARINA: a refresh round sends g itself (``comp`` is identity then); otherwise Q(g - g_prev), unscaled."""
-    return comp.pack(comp.compress(g) if refresh else comp.compress(g - g_prev, seed=seed))
+    if refresh:
+        return comp.pack(comp.compress(g))
+    assert g_prev is not None  # every round but a refresh one has the previous point's gradient
+    return comp.pack(comp.compress(g - g_prev, seed=seed))
 
 
 # ----------------------------------------------------------------------------------------- step 4: aggregate
-def aggregate_(G: Tensor, comp: _comp.Compressor, bufs: Sequence[Tensor], seeds: Sequence[int], divisor: int,
-               replace: bool, scale_unbiased: bool = True) -> None:
+def aggregate_(
+    G: Tensor,
+    comp: _comp.Compressor,
+    bufs: Sequence[Tensor],
+    seeds: Sequence[int],
+    divisor: int,
+    replace: bool,
+    scale_unbiased: bool = True,
+) -> None:
     """Step 4: G <- G + (1/divisor) * sum_j R_j (``replace``: G <- that mean), senders summed in the given order.
 
     ``divisor`` is n (every worker: non-participants contribute R_j = 0, which keeps G = mean_j G_j) or the number
@@ -110,8 +137,9 @@ def aggregate_(G: Tensor, comp: _comp.Compressor, bufs: Sequence[Tensor], seeds:
 
 # ----------------------------------------------------------------------------------------- step 5: the server step
 @contextlib.contextmanager
-def server_view(params: Sequence[torch.nn.Parameter], X: Sequence[Tensor | None],
-                G: Sequence[Tensor | None]) -> Iterator[None]:
+def server_view(
+    params: Sequence[torch.nn.Parameter], X: Sequence[Tensor | None], G: Sequence[Tensor | None]
+) -> Iterator[None]:
     """Step 5 runs the optimizer's own rule: inside the block each parameter's data is X (``None``: the parameter
     is X itself) and its grad is G (``None``: not served here, no grad, the optimizer skips it). Afterwards the
     parameters hold W again and have no grad."""

@@ -164,7 +164,9 @@ def direction_parts(
     else:
         M = as_matrix(G, transpose)
         d_out, d_in = M.shape
-        factor = {"spectral": math.sqrt(d_out / d_in), "spectral_muon": math.sqrt(max(1.0, d_out / d_in))}.get(name, 1.0)
+        factor = {"spectral": math.sqrt(d_out / d_in), "spectral_muon": math.sqrt(max(1.0, d_out / d_in))}.get(
+            name, 1.0
+        )
     if name in _SPECTRAL:
         T = newton_schulz(M, ns_steps, ns_dtype)
     elif name == "sign":

@@ -15,11 +15,10 @@ https://kellerjordan.github.io/posts/muon/ (and ``torch.optim.Muon``).
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -44,10 +43,27 @@ __all__ = [
 
 ADAMW = "adamw"
 # Exact set of keys a param group may carry (Keller's Muon checks its keys the same way: a typo is an error).
-GROUP_KEYS: frozenset[str] = frozenset({
-    "params", "param_names", "role", "lr", "norm", "scale", "momentum", "nesterov", "weight_decay",
-    "ns_steps", "ns_dtype", "constrained", "l0", "l1", "betas", "eps", "transpose",
-})
+GROUP_KEYS: frozenset[str] = frozenset(
+    {
+        "params",
+        "param_names",
+        "role",
+        "lr",
+        "norm",
+        "scale",
+        "momentum",
+        "nesterov",
+        "weight_decay",
+        "ns_steps",
+        "ns_dtype",
+        "constrained",
+        "l0",
+        "l1",
+        "betas",
+        "eps",
+        "transpose",
+    }
+)
 # Keys torch.optim.lr_scheduler writes into groups (LRScheduler: initial_lr; OneCycleLR: max_lr, min_lr;
 # CyclicLR / OneCycleLR with cycle_momentum: max_momentum, base_momentum). Tolerated, never read.
 _SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum"})
@@ -91,8 +107,13 @@ def lmo_update_(X: Tensor, D: Tensor, group: Mapping[str, Any]) -> None:
     norm = group["norm"]
     if norm == ADAMW:
         raise ValueError("lmo_update_ got an 'adamw' group; AdamW groups are stepped by adamw_update_")
-    T, c = direction_parts(norm, D, ns_steps=group.get("ns_steps", 5), ns_dtype=group.get("ns_dtype"),
-                           transpose=group.get("transpose", False))
+    T, c = direction_parts(
+        norm,
+        D,
+        ns_steps=group.get("ns_steps", 5),
+        ns_dtype=group.get("ns_dtype"),
+        transpose=group.get("transpose", False),
+    )
     lr, scale = float(group["lr"]), float(group.get("scale", 1.0))
     if _adaptive(group):
         l0, l1 = group.get("l0") or 0.0, group.get("l1") or 0.0
@@ -132,10 +153,24 @@ def adamw_update_(params: list[Tensor], grads: list[Tensor], states: list[dict],
         return
     beta1, beta2 = group["betas"]
     _torch_adamw(
-        params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-        [s["step"] for s in states], foreach=None, fused=None, capturable=False, differentiable=False,
-        has_complex=any(torch.is_complex(p) for p in params), amsgrad=False, beta1=beta1, beta2=beta2,
-        lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        params,
+        grads,
+        [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states],
+        [],
+        [s["step"] for s in states],
+        foreach=None,
+        fused=None,
+        capturable=False,
+        differentiable=False,
+        has_complex=any(torch.is_complex(p) for p in params),
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+        maximize=False,
     )
 
 
@@ -147,7 +182,7 @@ def _check_group(group: dict[str, Any]) -> None:
     """Value checks for one (defaults-filled) group; ValueError/TypeError name the value and the valid choices."""
     norm = group["norm"]
     if norm != ADAMW and norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS + (ADAMW,))}")
+        raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join((*NORMS, ADAMW))}")
     for key in ("lr", "weight_decay", "scale", "eps"):
         if not float(group[key]) >= 0.0:
             raise ValueError(f"{key} must be >= 0, got {group[key]!r}")
@@ -170,7 +205,8 @@ def _check_group(group: dict[str, Any]) -> None:
     if group["constrained"] and group["weight_decay"]:
         raise ValueError(
             f"constrained=True already shrinks X by (1 - lr) each step (Scion, arXiv 2502.07529 §3); "
-            f"set weight_decay=0 for this group, got weight_decay={group['weight_decay']!r}")
+            f"set weight_decay=0 for this group, got weight_decay={group['weight_decay']!r}"
+        )
     if group["transpose"] and norm != ADAMW:
         bad = [tuple(p.shape) for p in group["params"] if p.ndim != 2]
         if bad:
@@ -206,12 +242,12 @@ class LMO(Optimizer):
         momentum: EMA decay μ of the momentum (torch convention; 0.95 is Muon's default).
         nesterov: use D = (1−μ)·g + μ·M.
         weight_decay: decoupled weight decay, X ← X·(1 − lr·wd).
-        norm, scale, ns_steps, ns_dtype, constrained, l0, l1, betas, eps, transpose: defaults for groups that omit them.
-            ``betas=(0.9, 0.95)``, ``eps=1e-10`` are Keller Jordan's MuonWithAuxAdam AdamW defaults.
-        external_momentum: if True, ``step()`` takes ``p.grad`` to be the already momentum-averaged direction D and keeps
-            no momentum buffer (AdamW groups are unaffected). The EF21 engine, which applies worker momentum itself,
-            sets this. Set it at construction so that no buffers are allocated; flipping the attribute later leaves
-            existing buffers in place, unused.
+        norm, scale, ns_steps, ns_dtype, constrained, l0, l1, betas, eps, transpose: defaults for groups that omit
+            them. ``betas=(0.9, 0.95)``, ``eps=1e-10`` are Keller Jordan's MuonWithAuxAdam AdamW defaults.
+        external_momentum: if True, ``step()`` takes ``p.grad`` to be the already momentum-averaged direction D and
+            keeps no momentum buffer (AdamW groups are unaffected). The EF21 engine, which applies worker momentum
+            itself, sets this. Set it at construction so that no buffers are allocated; flipping the attribute later
+            leaves existing buffers in place, unused.
     """
 
     def __init__(
@@ -235,9 +271,22 @@ class LMO(Optimizer):
         external_momentum: bool = False,
     ) -> None:
         self.external_momentum = external_momentum  # read by add_param_group, which Optimizer.__init__ calls
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, norm=norm,
-                        scale=scale, ns_steps=ns_steps, ns_dtype=ns_dtype, constrained=constrained, l0=l0, l1=l1,
-                        betas=betas, eps=eps, transpose=transpose)
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "weight_decay": weight_decay,
+            "norm": norm,
+            "scale": scale,
+            "ns_steps": ns_steps,
+            "ns_dtype": ns_dtype,
+            "constrained": constrained,
+            "l0": l0,
+            "l1": l1,
+            "betas": betas,
+            "eps": eps,
+            "transpose": transpose,
+        }
         _check_group({**defaults, "params": []})
         super().__init__(params, defaults)
 
@@ -260,6 +309,11 @@ class LMO(Optimizer):
                 self.state[p] = _adamw_state(p)
             elif not self.external_momentum:
                 self.state[p] = {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -321,8 +375,7 @@ def _role_settings(preset: str, lr: float | None, adamw_lr: float | None) -> dic
     """Per-role group settings of a preset (see the module constants for where each number comes from)."""
     if preset == "muon":
         muon = {"norm": "spectral_muon", "lr": MUON_LR if lr is None else lr}
-        adam = {"norm": ADAMW, "lr": ADAMW_LR if adamw_lr is None else adamw_lr, "betas": ADAMW_BETAS,
-                "eps": ADAMW_EPS}
+        adam = {"norm": ADAMW, "lr": ADAMW_LR if adamw_lr is None else adamw_lr, "betas": ADAMW_BETAS, "eps": ADAMW_EPS}
         # Keller: "hidden convolutional weights can be trained using Muon by viewing them as 2D".
         return {"hidden": muon, "conv": muon, "embedding": adam, "head": adam, "vector": adam, "other": adam}
     base = {"lr": SCION_LR if lr is None else lr, "constrained": preset == "scion"}
@@ -347,28 +400,27 @@ def _call(model: nn.Module, method: str) -> nn.Module | None:
     return out if isinstance(out, nn.Module) else None
 
 
-def _is_conv1d_transposed(m: nn.Module) -> bool:
+def _is_conv1d_transposed(m: nn.Module | None) -> bool:
     """transformers.pytorch_utils.Conv1D (GPT-2): a Linear whose weight is stored (in, out). Matched by name so that
     transformers stays optional."""
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
 
 
 def _find_head(model: nn.Module) -> Tensor | None:
-    """The output head's weight: ``get_output_embeddings()`` (transformers), else the last ``nn.Linear``/``Conv1D`` whose
-    own name is one of lm_head, head, classifier, score, fc_out, output, output_layer, logits; else, for models
+    """The output head's weight: ``get_output_embeddings()`` (transformers), else the last ``nn.Linear``/``Conv1D``
+    whose own name is one of lm_head, head, classifier, score, fc_out, output, output_layer, logits; else, for models
     without ``get_output_embeddings`` (plain torch), the last such layer in module registration order (the output
     layer of an ``nn.Sequential`` MLP or a CNN). Registration order need not be forward order: when it is wrong,
     fix it with ``overrides={"name.weight": {"role": "head"}}``."""
-    out = _call(model, "get_output_embeddings")
-    if out is not None and isinstance(getattr(out, "weight", None), Tensor):
-        return out.weight
-    linears = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) or _is_conv1d_transposed(m)]
+    weight = getattr(_call(model, "get_output_embeddings"), "weight", None)
+    if isinstance(weight, Tensor):
+        return weight
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d_transposed(m)]
     named = [m for name, m in linears if name.rsplit(".", 1)[-1] in _HEAD_NAMES]
     if named:
-        return named[-1].weight
+        return cast(Tensor, named[-1].weight)  # a Linear's / Conv1D's weight (Module.__getattr__ is typed wider)
     if linears and not hasattr(model, "get_output_embeddings"):
-        return linears[-1][1].weight
+        return cast(Tensor, linears[-1][1].weight)
     return None
 
 
@@ -382,7 +434,7 @@ def _classify(model: nn.Module) -> list[tuple[str, Tensor, str, bool, list[str]]
     head = _find_head(model)
     inp = _call(model, "get_input_embeddings")
     input_weight = getattr(inp, "weight", None)
-    result = []
+    result: list[tuple[str, Tensor, str, bool, list[str]]] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -396,8 +448,11 @@ def _classify(model: nn.Module) -> list[tuple[str, Tensor, str, bool, list[str]]
             role = "vector"
         elif any(_is_conv1d_transposed(m) and pn == "weight" for _, m, pn in own):
             role, transposed = "hidden", True
-        elif any((isinstance(m, nn.Linear) and pn == "weight")
-                 or (isinstance(m, nn.MultiheadAttention) and pn.endswith("proj_weight")) for _, m, pn in own):
+        elif any(
+            (isinstance(m, nn.Linear) and pn == "weight")
+            or (isinstance(m, nn.MultiheadAttention) and pn.endswith("proj_weight"))
+            for _, m, pn in own
+        ):
             role = "hidden"
         elif any(isinstance(m, nn.modules.conv._ConvNd) and pn == "weight" for _, m, pn in own):
             role = "conv"
@@ -497,8 +552,9 @@ def param_groups(
         group["params"].append(p)
         group["param_names"].append(name)
     if others:
-        warnings.warn(f"parameters of unknown role (treated as 'other'): {others}; set a role with overrides",
-                      stacklevel=2)
+        warnings.warn(
+            f"parameters of unknown role (treated as 'other'): {others}; set a role with overrides", stacklevel=2
+        )
     return [groups[k] for k in sorted(groups, key=lambda k: k[0])]  # stable: model order within a role
 
 
@@ -512,12 +568,22 @@ def format_groups(groups: Iterable[Mapping[str, Any]]) -> str:
         n_t, n_p = len(g["params"]), sum(p.numel() for p in g["params"])
         total_t, total_p = total_t + n_t, total_p + n_p
         scale = "-" if g["norm"] == ADAMW else f"{g.get('scale', 1.0):g}"
-        rows.append((str(g.get("role", "")), g["norm"], scale, f"{float(g['lr']):.3g}", ",".join(flags) or "-", str(n_t),
-                     f"{n_p:,}"))
+        rows.append(
+            (
+                str(g.get("role", "")),
+                g["norm"],
+                scale,
+                f"{float(g['lr']):.3g}",
+                ",".join(flags) or "-",
+                str(n_t),
+                f"{n_p:,}",
+            )
+        )
     rows.append(("total", "", "", "", "", str(total_t), f"{total_p:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+    )
 
 
 def build_lmo_optimizer(

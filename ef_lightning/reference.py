@@ -88,20 +88,23 @@ def reference_run(
 
     for k in range(steps):
         # 1. every worker's gradient at W (and, for VR estimators after the first step, at the previous W)
-        def grads(model: nn.Module, j: int) -> list[Tensor]:
+        def grads(model: nn.Module, j: int, k: int = k) -> list[Tensor]:
             by_name = grad_fn(model, k, j)
             return [by_name[name].float() for name in layer_names]
 
         g = [grads(workers, j) for j in range(n_workers)]
-        g_prev = [grads(W_prev, j) for j in range(n_workers)] if W_prev is not None else None
+        g_prev: list[list[Tensor]] = [grads(W_prev, j) for j in range(n_workers)] if W_prev is not None else []
         coin = k == 0 or bool(torch.rand((), generator=torch.Generator().manual_seed(seed_for(seed, k, COIN))) < p)
         for i in range(L):
             if estimator == "marina":  # 2-4. G = mean of full gradients on a coin round, else G += mean Q(g - g-)
                 if coin:
-                    G[i] = sum(g[j][i] for j in range(n_workers)) / n_workers
+                    G[i] = torch.stack([g[j][i] for j in range(n_workers)]).sum(0) / n_workers
                 else:
-                    G[i] = G[i] + sum(Q(ups[i], g[j][i] - g_prev[j][i], seed_for(seed, k, i, j), unbiased_scale=False)
-                                      for j in range(n_workers)) / n_workers
+                    Qs = [
+                        Q(ups[i], g[j][i] - g_prev[j][i], seed_for(seed, k, i, j), unbiased_scale=False)
+                        for j in range(n_workers)
+                    ]
+                    G[i] = G[i] + torch.stack(Qs).sum(0) / n_workers
                 continue
             R_sum = torch.zeros_like(G[i])
             for j in range(n_workers):
@@ -115,7 +118,7 @@ def reference_run(
                     V[j][i] = g[j][i] if coin else V[j][i] + g[j][i] - g_prev[j][i]
                     D = V[j][i]
                 else:  # mvr: V = g + (1 - a)(V - g-), a = 1 - momentum; the first step V = g
-                    V[j][i] = g[j][i] if g_prev is None else g[j][i] + momentum * (V[j][i] - g_prev[j][i])
+                    V[j][i] = g[j][i] if not g_prev else g[j][i] + momentum * (V[j][i] - g_prev[j][i])
                     D = V[j][i]
                 # 3. R_j = C_up(D_j - G_j); G_j <- G_j + R_j
                 R = Q(ups[i], D - G_j[j][i], seed_for(seed, k, i, j))
@@ -134,5 +137,7 @@ def reference_run(
             for i in range(L):
                 S = Q(downs[i], X[i].detach().float() - W[i].detach().float(), seed_for(seed, k, i, SERVER))
                 W[i].add_(S.to(W[i].dtype))
-    return ({name: x.detach().float().clone() for name, x in zip(layer_names, X)},
-            {name: w.detach().clone() for name, w in zip(layer_names, W)})
+    return (
+        {name: x.detach().float().clone() for name, x in zip(layer_names, X)},
+        {name: w.detach().clone() for name, w in zip(layer_names, W)},
+    )

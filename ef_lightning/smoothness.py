@@ -103,8 +103,9 @@ def _objective(L0: np.ndarray, L1: np.ndarray, r: np.ndarray, c: np.ndarray, pen
     return pred.mean(axis=1) + penalty * np.maximum(0.0, r[None, :] - pred).sum(axis=1)
 
 
-def fit_l0_l1(r: Sequence[float] | np.ndarray, c: Sequence[float] | np.ndarray,
-              penalty: float = DEFAULT_PENALTY) -> tuple[float, float]:
+def fit_l0_l1(
+    r: Sequence[float] | np.ndarray, c: Sequence[float] | np.ndarray, penalty: float = DEFAULT_PENALTY
+) -> tuple[float, float]:
     """The hinge-penalised (L0, L1) envelope of Gluon (arXiv 2505.13416) for samples (r_k, c_k).
 
     Solves exactly  min_{L0, L1 ≥ 0} (1/K)·Σ_k (L0 + L1·c_k) + λ·Σ_k max(0, r_k − L0 − L1·c_k).
@@ -140,8 +141,9 @@ def fit_l0_l1(r: Sequence[float] | np.ndarray, c: Sequence[float] | np.ndarray,
     cand0.append(L0[keep])
     cand1.append(L1[keep])
     L0s, L1s = np.concatenate(cand0), np.concatenate(cand1)
-    obj = np.concatenate([_objective(L0s[s:s + 2048], L1s[s:s + 2048], r, c, penalty)
-                          for s in range(0, L0s.size, 2048)])
+    obj = np.concatenate(
+        [_objective(L0s[s : s + 2048], L1s[s : s + 2048], r, c, penalty) for s in range(0, L0s.size, 2048)]
+    )
     best = obj.min()
     tie = np.flatnonzero(obj <= best + 1e-12 * max(1.0, abs(best)))
     k = tie[np.argmin(L1s[tie])]
@@ -150,7 +152,7 @@ def fit_l0_l1(r: Sequence[float] | np.ndarray, c: Sequence[float] | np.ndarray,
 
 # ------------------------------------------------------------------------------------------------------- sampling
 def _lmo_layers(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, nn.Parameter, str, bool]]:
-    names = {}
+    names: dict[int, str] = {}
     for n, p in model.named_parameters():
         names.setdefault(id(p), n)  # a tied parameter is keyed by its first name
     out = []
@@ -166,20 +168,22 @@ def _lmo_layers(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tupl
     return out
 
 
-def _gradients(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch: Any,
-               params: Sequence[nn.Parameter]) -> tuple[float, list[Tensor]]:
+def _gradients(
+    model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch: Any, params: Sequence[nn.Parameter]
+) -> tuple[float, list[Tensor]]:
     for p in model.parameters():
         p.grad = None
     with torch.enable_grad():
         loss = loss_fn(model, batch)
         loss.backward()
-    return float(loss.detach()), [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                                  for p in params]
+    return float(loss.detach()), [
+        p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params
+    ]
 
 
 def collect_samples(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | Iterable[Mapping[str, Any]],
+    optimizer: torch.optim.Optimizer | Iterable[dict[str, Any]],
     loss_fn: Callable[[nn.Module, Any], Tensor],
     batches: Sequence[Any],
     *,
@@ -217,7 +221,7 @@ def collect_samples(
     saved_model = copy.deepcopy(model.state_dict()) if restore else None
     saved_opt = copy.deepcopy(optimizer.state_dict()) if restore else None
     params = [p for _, p, _, _ in layers]
-    out = {name: {"r": [], "c": [], "loss": []} for name, *_ in layers}
+    out: dict[str, dict[str, list[float]]] = {name: {"r": [], "c": [], "loss": []} for name, *_ in layers}
     try:
         for k in range(steps):
             batch = batches[k % len(batches)]
@@ -237,15 +241,16 @@ def collect_samples(
     finally:
         for p in model.parameters():
             p.grad = None
-        if restore:
+        if saved_model is not None:  # restore
             model.load_state_dict(saved_model)
+        if saved_opt is not None:
             optimizer.load_state_dict(saved_opt)
     return out
 
 
 def estimate_smoothness(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | Iterable[Mapping[str, Any]],
+    optimizer: torch.optim.Optimizer | Iterable[dict[str, Any]],
     loss_fn: Callable[[nn.Module, Any], Tensor],
     batches: Sequence[Any],
     *,
@@ -282,6 +287,7 @@ def smoothness_overrides(estimate: Mapping[str, tuple[float, float]]) -> dict[st
         if l0 + l1 > 0:
             out[name] = {"l0": float(l0), "l1": float(l1)}
         else:
-            warnings.warn(f"{name}: fitted (L0, L1) = (0, 0); keeping its constant radius", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"{name}: fitted (L0, L1) = (0, 0); keeping its constant radius", RuntimeWarning, stacklevel=2
+            )
     return out

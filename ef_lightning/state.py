@@ -115,12 +115,18 @@ def load_tensors(dst: dict[int, Tensor], src: Mapping[str, Tensor], layers: Sequ
 def optimizer_state(optimizer: torch.optim.Optimizer, layers: Sequence[LayerSpec]) -> dict[str, Any]:
     """The optimizer's per-parameter state of ``layers`` (the served ones), keyed by name."""
     st = optimizer.state
-    return {L.name: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st[L.param].items()}
-            for L in layers if L.param in st}
+    return {
+        L.name: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st[L.param].items()}
+        for L in layers
+        if L.param in st
+    }
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any],
-                         layers: Sequence[LayerSpec]) -> None:
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: Mapping[str, Any], layers: Sequence[LayerSpec]
+) -> None:
     for L in layers:
         if L.name in state:
-            optimizer.state[L.param] = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in state[L.name].items()}
+            optimizer.state[L.param] = {
+                k: (v.clone() if isinstance(v, Tensor) else v) for k, v in state[L.name].items()
+            }

@@ -26,7 +26,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -83,17 +83,23 @@ class EF21MuonStrategy(DDPStrategy):
         precision_plugin: Any = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = None,
-        start_method: str = "popen",
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **options: Any,
     ) -> None:
         self.config = EF21Config.build(config, **options)  # fails here, at construction, on a bad option
         if resume_world_size not in RESUME_POLICIES:
             raise ValueError(f"resume_world_size={resume_world_size!r}; valid choices: {', '.join(RESUME_POLICIES)}")
         kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
-        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
-                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
-                         precision_plugin=precision_plugin, process_group_backend=process_group_backend,
-                         start_method=start_method, **kwargs)
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            start_method=start_method,
+            **kwargs,
+        )
         self.resume_world_size = resume_world_size
         self.evaluate_at_server_model = evaluate_at_server_model
         self.engines: dict[int, EF21Engine] = {}  # id(optimizer) -> engine
@@ -103,6 +109,7 @@ class EF21MuonStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         """No DDP wrapper (its comm hooks are ignored on CPU and its all-reduce is what we replace): align the
         replicas once by broadcasting rank 0's parameters and buffers."""
+        assert self.model is not None
         broadcast_module_(self.model)
 
     def setup(self, trainer: Any) -> None:
@@ -113,13 +120,16 @@ class EF21MuonStrategy(DDPStrategy):
         if trainer.state.fn != "fit":
             return
         if self.config.variance_reduced and trainer.accumulate_grad_batches > 1:
-            raise ValueError(f"estimator={self.config.estimator!r} needs the gradient of one minibatch at two points; "
-                             f"with accumulate_grad_batches={trainer.accumulate_grad_batches} only the last micro-batch "
-                             "could be re-evaluated. Valid choices: accumulate_grad_batches=1, or estimator='ef21'")
+            raise ValueError(
+                f"estimator={self.config.estimator!r} needs the gradient of one minibatch at two points; "
+                f"with accumulate_grad_batches={trainer.accumulate_grad_batches} only the last micro-batch "
+                "could be re-evaluated. Valid choices: accumulate_grad_batches=1, or estimator='ef21'"
+            )
         for opt in self.optimizers:
             self.engines[id(opt)] = self._new_engine(opt)
 
     def _new_engine(self, optimizer: Optimizer) -> EF21Engine:
+        assert self.lightning_module is not None  # setup() connected it
         return EF21Engine(self.lightning_module, optimizer, self.config, sync_initial=False, quiet=self._quiet)
 
     @property
@@ -204,7 +214,8 @@ class EF21MuonStrategy(DDPStrategy):
                     f"checkpoint holds EF21 state of {len(saved)} process(es) with topology {saved[0]['topology']!r}; "
                     f"this run has {self.world_size} with {engine.topology!r}. Error-feedback state is per rank and "
                     "cannot be re-split; pass EF21MuonStrategy(resume_world_size='reinit') to restart the estimates "
-                    "from the checkpoint's server model X")
+                    "from the checkpoint's server model X"
+                )
 
     def _reinit_from(self, engine: EF21Engine, saved: list[Mapping[str, Any]]) -> None:
         X: dict[str, torch.Tensor] = {}
@@ -212,16 +223,21 @@ class EF21MuonStrategy(DDPStrategy):
             X.update(s["server"]["X"])
         engine.load_parameters(X)  # allgather with fp32 keeps X in the parameters: already loaded
         self.engines[id(engine.optimizer)] = self._new_engine(engine.optimizer)  # takes the optimizer over
-        warnings.warn(f"EF21 state from {len(saved)} process(es) re-initialised for {self.world_size}: "
-                      "server model restored, error-feedback estimates restarted from zero", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"EF21 state from {len(saved)} process(es) re-initialised for {self.world_size}: "
+            "server model restored, error-feedback estimates restarted from zero",
+            UserWarning,
+            stacklevel=2,
+        )
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         """Register ``ef21_muon`` (subprocess launcher, like ``ddp``) and ``ef21_muon_spawn``."""
         for name, method in (("ef21_muon", "popen"), ("ef21_muon_spawn", "spawn")):
             if name not in strategy_registry:
-                strategy_registry.register(name, cls, description=f"EF21-Muon compressed data parallel ({method})",
-                                           start_method=method)
+                strategy_registry.register(
+                    name, cls, description=f"EF21-Muon compressed data parallel ({method})", start_method=method
+                )
 
 
 @contextlib.contextmanager

@@ -91,7 +91,7 @@ def train(cfg: Config, accelerator: Accelerator, name: str, plugin: EF21Plugin) 
             step += 1
             shown["loss"] = f"{loss.item():.3f}"
             if step % cfg.val_every == 0 or step == cfg.steps:
-                with plugin.server_model():  # validation at X (ALGORITHM.md §2); W == X without a compressed downlink
+                with plugin.server_model():  # validation at X (docs/algorithm.md §2); W == X without a compressed downlink
                     curve.append((float(sent(step)), evaluate(accelerator, model, val_loader)))
                 shown.update(val_loss=f"{curve[-1][1]:.3f}", uplink_MB=f"{curve[-1][0] / 1e6:.2f}")
             bar.set_postfix(shown, refresh=False)

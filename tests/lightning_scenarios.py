@@ -3,7 +3,7 @@
 Usage: ``python tests/lightning_scenarios.py OUT_DIR DEVICES SCENARIO [SCENARIO ...]``. Each scenario writes
 ``OUT_DIR/<scenario>_rank<r>.pt``; tests/test_lightning.py compares them with independent references (plain DDP).
 Run through subprocess from the tests (Lightning's subprocess launcher re-runs the command line in child processes,
-which under pytest would re-run pytest: ARCHITECTURE.md).
+which under pytest would re-run pytest: docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -305,8 +305,20 @@ def s_vr(out: Path, devices: int) -> None:
     save(out, "vr", t, res)
 
 
+def s_participation(out: Path, devices: int) -> None:
+    """Partial participation (server topology): per-worker counts differ per rank; the monitor logs their mean."""
+    seed_everything(0)
+    model = Regressor()
+    t = trainer(devices, efl.EF21MuonStrategy(uplink="top_k:0.1", downlink="identity", topology="server",
+                                              participation=0.5), out, "participation",
+                logger=CSVLogger(str(out), name="participation_csv", version=0), callbacks=[CommunicationMonitor()],
+                log_every_n_steps=1, max_steps=6)
+    t.fit(model, loaders()[0])
+    save(out, "participation", t, {"records": [r.uplink_bits for r in t.strategy.engine.ledger.records]})
+
+
 SCENARIOS = {f.__name__[2:]: f for f in (s_vs_ddp, s_topk_csv, s_resume, s_accumulate, s_bf16, s_adamw,
-                                          s_world_change, s_vr)}
+                                          s_world_change, s_vr, s_participation)}
 
 if __name__ == "__main__":
     out_dir, devices, *names = sys.argv[1:]

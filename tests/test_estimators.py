@@ -1,4 +1,4 @@
-"""Variance-reduced estimators (ALGORITHM.md §4) against a line-by-line reference, MARINA's p = 1 limit and its
+"""Variance-reduced estimators (docs/algorithm.md §4) against a line-by-line reference, MARINA's p = 1 limit and its
 expected bits, partial participation, resume, and bad combinations."""
 
 from __future__ import annotations

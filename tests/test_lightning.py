@@ -17,7 +17,7 @@ import ef_lightning as efl
 pytestmark = pytest.mark.slow  # multi-process: the bulk of the suite's time (deselect: -m 'not slow')
 
 HERE = Path(__file__).parent
-TWO_PROC = ["vs_ddp", "topk_csv", "resume", "accumulate", "bf16", "adamw", "vr"]
+TWO_PROC = ["vs_ddp", "topk_csv", "resume", "accumulate", "bf16", "adamw", "vr", "participation"]
 
 
 def _run(out: Path, devices: int, *scenarios: str) -> None:
@@ -76,6 +76,18 @@ def test_any_torch_optimizer_matches_ddp(runs):
 def _topk_bits(d: int, ratio: float, f: int = 32) -> int:
     K = math.ceil(ratio * d)
     return min(K * (f + math.ceil(math.log2(d))), f * K + d)
+
+
+def test_monitor_logs_the_mean_over_ranks_when_workers_skip_rounds(runs):
+    """participation=0.5 with 2 ranks: one rank sends per round, so each rank's own uplink count differs; the
+    monitor logs the cross-rank mean (torchmetrics), which is the per-worker average."""
+    own = [_load(runs, "participation", r)["records"] for r in (0, 1)]
+    assert all((a > 0) != (b > 0) for a, b in zip(*own))  # exactly one sender per round
+    rows = [r for r in csv.DictReader(open(runs / "participation_csv" / "version_0" / "metrics.csv"))
+            if r.get("comm/uplink_bits")]
+    assert len(rows) == 6
+    for r, a, b in zip(rows, *own):
+        assert float(r["comm/uplink_bits"]) == (a + b) / 2
 
 
 def test_topk_bits_logged_in_csv_equal_closed_form(runs):

@@ -48,7 +48,7 @@ def _recipe(name: str, out: Path, *extra: str) -> list[str]:
 
 
 def _accelerate_launch(*args: str) -> list[str]:
-    # exactly `accelerate launch --multi_gpu --num_processes 2` (ARCHITECTURE.md: --cpu would start one process)
+    # exactly `accelerate launch --multi_gpu --num_processes 2` (docs/architecture.md: --cpu would start one process)
     return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
             *args]
 
