@@ -1,81 +1,24 @@
 """Accelerate integration: EF21-Muon behind one environment flag, ``accelerate launch`` unchanged.
 
-A stock Accelerate script swaps one call::
+Adaptation only (every option and rule is :class:`~ef_lightning.config.EF21Config`'s, the step is
+:class:`~ef_lightning.EF21Engine`'s). A stock script swaps ``accelerator.prepare`` for :meth:`EF21Plugin.prepare`::
 
-    from ef_lightning.accelerate import EF21Plugin
-
-    plugin = EF21Plugin()                      # reads the EF21_* environment variables below
+    plugin = EF21Plugin()                      # EF21_MUON, EF21_UPLINK, ... from the environment
     model, optimizer, loader, scheduler = plugin.prepare(accelerator, model, optimizer, loader, scheduler)
     for step, batch in enumerate(loader):
         with accelerator.accumulate(model):
             accelerator.backward(loss_fn(model, batch))
-            optimizer.step()                   # EF21-Muon steps 2-7 when EF21_MUON=1
+            optimizer.step()                   # EF21-Muon steps 2-7 when EF21_MUON=1 (once per optimizer step)
             scheduler.step()
             optimizer.zero_grad()
         accelerator.log(plugin.metrics(), step=step)   # {} without the flag
 
-The variance-reduced estimators of docs/algorithm.md §4 (``EF21_ESTIMATOR=marina|ef21_page|mvr``, arXiv 2604.10689)
-need a second gradient on the SAME minibatch at the previous point; the loop hands over a closure the torch way::
-
-        loss = loss_fn(model, batch)
-        accelerator.backward(loss)             # g_j at the current W, as always
-
-        def closure():                         # called by the engine with the previous W loaded
-            optimizer.zero_grad()
-            second = loss_fn(model, batch)     # same batch (and no fresh dropout masks you care about)
-            accelerator.backward(second)
-            return second
-
-        optimizer.step(closure)
-
-Launch as usual, e.g. ``EF21_MUON=1 EF21_UPLINK=top_k:0.05 accelerate launch --multi_gpu --num_processes 2
-train.py`` (add ``ACCELERATE_USE_CPU=1`` for 2 CPU processes). Without ``EF21_MUON=1`` :meth:`EF21Plugin.prepare`
-is exactly ``accelerator.prepare``. With it:
-
-* DDP sends nothing: ``noop_hook`` (``torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks``) is registered on
-  the DDP-wrapped model, so ``param.grad`` keeps this worker's own gradient g_j.
-* The optimizer step *is* the EF21 sync. ``AcceleratedOptimizer.step`` is left as it is: it steps only when
-  ``accelerator.sync_gradients`` is True, so under ``accelerator.accumulate`` the sync runs once per optimizer step.
-  What it calls, the inner optimizer's ``step``, is the engine's (:class:`~ef_lightning.EF21Engine` takes the
-  optimizer over; its server update, docs/algorithm.md §2 step 5, runs the original one). A step skipped for a
-  non-finite gradient sets ``optimizer.step_was_skipped``, so ``accelerator.optimizer_step_was_skipped`` is True
-  and a scheduler prepared by Accelerate does not advance, as after an fp16 overflow.
-* ``accelerator.save_state`` / ``load_state`` keep every rank's own EF21 state (M_j and G_j differ per worker; X and
-  G live on their owner): a save pre-hook writes ``ef21_rank{r}.pt`` into the checkpoint folder on every rank; the
-  load pre-hook reads this rank's file and a ``load_state_dict`` post-hook of the optimizer applies it right after
-  Accelerate has loaded the optimizer (from rank 0's file, so the served layers' optimizer state is restored after).
-* The ledger of bits and wire bytes is :attr:`EF21Plugin.ledger` (the engine's, same ``summary()``);
-  :meth:`EF21Plugin.metrics` gives per-step and cumulative numbers ready for ``accelerator.log``.
-
-One process with the flag set (``python train.py``, a debug run): there is no process group to talk over, and
-the engine runs as the only worker of its topology: the same compressors, EF21 state and ledger, with W and X
-kept exactly as a one-rank run would.
-
-Environment variables (explicit constructor arguments win, like Accelerate's own plugins): ``EF21_MUON`` switches
-EF21-Muon on (1/true/yes/on); every :class:`~ef_lightning.config.EF21Config` option ``name`` is read from
-``EF21_<NAME>`` (``EF21_UPLINK``, ``EF21_DOWNLINK``, ``EF21_TOPOLOGY``, ``EF21_SERVER_RANK``, ``EF21_SEED``,
-``EF21_ON_NONFINITE``, ``EF21_ESTIMATOR``, ``EF21_P``, ``EF21_PARTICIPATION``); a per-role compressor mapping is
-written ``role=spec,role=spec``. Each field's ``help`` (``EF21Plugin.__dataclass_fields__[name].metadata``) says
-its default, generated from the library's constants.
-
-Invalid values fail when the plugin is created, with a ValueError naming the variable, the value and the valid
-choices; so do combinations the engine would reject later (``p`` with ``ef21``/``mvr``, ``participation`` < 1
-without ``topology=server``): :class:`~ef_lightning.config.EF21Config` checks them all.
-
-Closures. With ``estimator=ef21`` a closure passed to ``optimizer.step(closure)`` keeps torch's meaning: it is called
-once at the current point and its loss is returned. With a variance-reduced estimator the closure is *required*
-(``ValueError`` otherwise, on the first step already) and is handed to :meth:`~ef_lightning.EF21Engine.step`, which
-calls it only with the previous W loaded (from the second step on); the gradient at the current point must already
-be in ``param.grad`` from the loop's own ``accelerator.backward``, and ``optimizer.step`` returns ``None``.
-Gradient accumulation (``gradient_accumulation_steps > 1``) is rejected with a variance-reduced estimator: the
-closure would recompute only the last micro-batch, so the two gradients of the estimator would not be on the same
-minibatch. Manual accumulation without ``accelerator.accumulate`` cannot be detected; do not combine it with them.
-Not supported (rejected at ``prepare``): a GradScaler (``mixed_precision="fp16"``: its per-rank overflow check
-would skip the collective step on some ranks only; use bf16), DeepSpeed, FSDP, Megatron-LM and XLA.
-
-Differences from plain DDP that follow from the algorithm: ``accelerator.clip_grad_norm_`` clips each worker's own
-gradient before compression (DDP clips the average), and the model holds W, the workers' copy: evaluate inside
-``with plugin.server_model():`` to use the server model X (equal to W with an identity downlink).
+What the plugin does with the flag on: DDP's ``noop_hook`` (so ``param.grad`` keeps this worker's g_j); the engine
+takes the inner optimizer over (``AcceleratedOptimizer.step`` still decides *whether* to step); a skipped step is
+reported through ``optimizer.step_was_skipped``; ``save_state``/``load_state`` write and read one
+``ef21_rank{r}.pt`` per rank; one process runs the engine as the only worker. Variance-reduced estimators take
+``optimizer.step(closure)`` with the closure re-evaluating the previous point. The full guide (closures, checkpoints,
+what is rejected and why): docs/accelerate.md.
 """
 
 from __future__ import annotations

@@ -52,30 +52,11 @@ from torch.utils.hooks import RemovableHandle
 from ef_lightning import compressors as _comp
 from ef_lightning import kernels as K
 from ef_lightning.comm import Ledger, LocalTransport, ServerTransport, StepRecord, Transport, build_transport
-from ef_lightning.config import (
-    COMPRESSOR_ROLES,
-    DEFAULT_DOWNLINK,
-    DEFAULT_TOPOLOGY,
-    DEFAULT_UPLINK,
-    ESTIMATORS,
-    NONFINITE,
-    EF21Config,
-)
+from ef_lightning.config import EF21Config
 from ef_lightning.optim import LMO, _classify
 from ef_lightning.state import LayerSpec, ServerState, WorkerState, load_optimizer_state, optimizer_state, tensors_state
 
-__all__ = [
-    "EF21Engine",
-    "Simulator",
-    "EF21Config",
-    "LayerSpec",
-    "COMPRESSOR_ROLES",
-    "ESTIMATORS",
-    "NONFINITE",
-    "DEFAULT_UPLINK",
-    "DEFAULT_DOWNLINK",
-    "DEFAULT_TOPOLOGY",
-]
+__all__ = ["EF21Engine", "Simulator", "LayerSpec"]
 
 _IDENTITY = _comp.build("identity")
 Closure = Callable[[], Any]

@@ -2,7 +2,8 @@
 
 Per-rank semantics (docs/algorithm.md §2): M_j and G_j differ between workers by design, and in ``sharded`` /
 ``server`` topologies X and G live only on the layers' owner. A state_dict holds one process's own state, keyed by
-parameter name; frameworks save one per rank. Everything is float32 whatever the training dtype.
+parameter name; frameworks save one per rank. M_j, G_j, V_j, X and G are float32 whatever the training
+dtype.
 """
 
 from __future__ import annotations

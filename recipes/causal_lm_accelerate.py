@@ -35,7 +35,7 @@ import ef_lightning as efl
 from ef_lightning.accelerate import EF21Plugin
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (PLOT_NAME, causal_lm_task, check_world_size, cpu_threads, dense_bytes, ef21_plugins,  # noqa: E402
+from recipe_utils import (PLOT_NAME, causal_lm_task, check_world_size, cpu_threads, dense_bytes, ef21_plugins,  # noqa: E402
                     plot_loss_vs_uplink, summary_row, write_summary)
 from config import CausalLMConfig, override, parse_args, save_resolved  # noqa: E402
 

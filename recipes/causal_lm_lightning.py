@@ -32,7 +32,7 @@ import ef_lightning as efl
 from ef_lightning.callbacks import CommunicationMonitor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (PLOT_NAME, causal_lm_task, cpu_threads, plot_loss_vs_uplink, role_specs, summary_row,  # noqa: E402
+from recipe_utils import (PLOT_NAME, causal_lm_task, cpu_threads, plot_loss_vs_uplink, role_specs, summary_row,  # noqa: E402
                     write_summary)
 from config import CausalLMConfig, override, parse_args, save_resolved  # noqa: E402
 

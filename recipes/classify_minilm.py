@@ -39,7 +39,7 @@ from ef_lightning.accelerate import EF21Plugin
 from ef_lightning.callbacks import EF21Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (PLOT_NAME, check_world_size, cpu_threads, dense_bytes, ef21_plugins,  # noqa: E402
+from recipe_utils import (PLOT_NAME, check_world_size, cpu_threads, dense_bytes, ef21_plugins,  # noqa: E402
                     plot_loss_vs_uplink, summary_row, write_summary)
 from config import RecipeConfig, override, parse_args, save_resolved  # noqa: E402
 from text_data import labelled_docstrings, load_labelled  # noqa: E402

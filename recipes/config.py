@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import yaml
 from transformers.hf_argparser import HfArg, HfArgumentParser
 
-from ef_lightning.ef21 import DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK
+from ef_lightning.config import DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK
 
 __all__ = ["RecipeConfig", "CausalLMConfig", "override", "load_config", "parse_args", "save_resolved",
            "RESOLVED_NAME"]

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 sys.path.insert(0, str(RECIPES))
 
-import common  # noqa: E402
+import recipe_utils  # noqa: E402
 import config as rc  # noqa: E402
 import text_data  # noqa: E402
 
@@ -55,12 +55,12 @@ def _accelerate_launch(*args: str) -> list[str]:
 
 def _outputs(out: Path, cls: type, runs: list[str]) -> list[dict]:
     """Check the three artefacts every recipe writes; returns the summary rows."""
-    png = out / common.PLOT_NAME
+    png = out / recipe_utils.PLOT_NAME
     assert png.is_file() and png.stat().st_size > 1000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     resolved = rc.load_config(cls, out / rc.RESOLVED_NAME)  # a complete config: loads back through the same checks
     assert resolved.out_dir == str(out)
-    rows = json.loads((out / common.SUMMARY_NAME).read_text())
+    rows = json.loads((out / recipe_utils.SUMMARY_NAME).read_text())
     assert [r["run"] for r in rows] == runs
     for r in rows:
         assert r["val_loss"] > 0 and r["uplink_bytes_per_worker"] > 0 and r["dense_bytes_per_worker"] > 0
@@ -170,7 +170,7 @@ def test_wrong_type_on_command_line_is_rejected(flag):
 
 
 def test_precedence_and_conversion(tmp_path):
-    from ef_lightning.ef21 import DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK
+    from ef_lightning.config import DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK
 
     path = tmp_path / "delta.yaml"
     path.write_text("steps: 10\nlr: 1\nbaseline: true\nuplink: rank:4\nval_every: 2\nmodel: from/file\n")
@@ -189,7 +189,7 @@ def test_precedence_and_conversion(tmp_path):
     saved = rc.save_resolved(cfg, tmp_path)
     assert saved.name == rc.RESOLVED_NAME and rc.load_config(rc.CausalLMConfig, saved) == cfg
     assert rc.parse_args(rc.CausalLMConfig, "", ["--config", str(saved)]) == cfg
-    # the shipped defaults are the library's (ef_lightning.ef21.DEFAULT_UPLINK / DEFAULT_DOWNLINK / DEFAULT_TOPOLOGY)
+    # the shipped defaults are the library's (ef_lightning.config.DEFAULT_UPLINK / DEFAULT_DOWNLINK / DEFAULT_TOPOLOGY)
     defaults = rc.CausalLMConfig()
     assert (defaults.uplink, defaults.downlink, defaults.topology) == (DEFAULT_UPLINK["hidden"],
                                                                        DEFAULT_DOWNLINK["hidden"], DEFAULT_TOPOLOGY)

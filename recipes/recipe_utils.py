@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ef_lightning.ef21 import DEFAULT_UPLINK
+from ef_lightning.config import DEFAULT_UPLINK
 
 from config import CausalLMConfig, RecipeConfig
 
@@ -51,7 +51,7 @@ def role_specs(spec: str) -> dict[str, str] | str:
     """A matrix compressor spec as the library's per-role mapping: matrices compressed, vectors dense.
 
     Vectors (biases, norm gains) are a tiny share of the bytes and stay dense, as in the library's defaults
-    (``ef_lightning.ef21.DEFAULT_UPLINK``, whose roles this mapping covers). ``"identity"`` stays a string.
+    (``ef_lightning.config.DEFAULT_UPLINK``, whose roles this mapping covers). ``"identity"`` stays a string.
     """
     if spec == "identity":
         return spec
