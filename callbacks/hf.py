@@ -171,7 +171,7 @@ class EF21Trainer(Trainer):
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         """``Trainer.evaluate`` at the server model X (docs/algorithm.md §2); W == X with an identity downlink."""
-        with self.ef21.server_model():
+        with self.ef21.at_server_model():
             return super().evaluate(*args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -31,7 +31,7 @@ class CommunicationMonitor(Callback):
 
     Per-worker counts are identical on every rank, except with partial participation (``participation=``), where a
     rank sends only in the rounds it takes part in: then they are averaged over the ranks with a torchmetrics
-    ``MeanMetric`` synchronised across processes (one small all-reduce per step).
+    ``MeanMetric`` per count, synchronised across processes (five small gathers per step).
 
     The monitor also checks that the compressed sync really ran (DeepSpeed's Muon once trained plain SGD silently):
     an optimizer step that produced no EF21 record, or compressors that sent as many bytes as dense, raises

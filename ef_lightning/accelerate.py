@@ -42,7 +42,6 @@ from ef_lightning.comm import TOPOLOGIES, Ledger
 from ef_lightning.config import (
     COMPRESSOR_ROLES,
     DEFAULT_DOWNLINK,
-    DEFAULT_TOPOLOGY,
     DEFAULT_UPLINK,
     ESTIMATORS,
     NONFINITE,
@@ -100,11 +99,18 @@ def _from_env(name: str, text: str, where: str) -> Any:
     return text
 
 
+_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EF21Config)}
+
+
 def _field(env: str, help: str) -> Any:
-    return dataclasses.field(default=None, metadata={"help": f"{help} Env {env}."})
+    """A plugin field: ``None`` (read ``env``, else EF21Config's default, which the help names)."""
+    name = env[len(ENV_PREFIX) :].lower()
+    default = _CONFIG_DEFAULTS.get(name, dataclasses.MISSING)
+    shown = "" if default in (None, dataclasses.MISSING) else f"; default {default!r}"
+    return dataclasses.field(default=None, metadata={"help": f"{help}{shown}. Env {env}."})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class EF21Plugin:
     """EF21-Muon for an Accelerate script: an :class:`~ef_lightning.config.EF21Config` filled from ``EF21_*``
     environment variables, Accelerate's own plugin pattern.
@@ -121,51 +127,48 @@ class EF21Plugin:
             ``optimizer.step(closure)`` (module docstring).
     """
 
-    enabled: bool | None = _field("EF21_MUON", "Run EF21-Muon instead of plain DDP (1/true/yes/on); default off.")
+    enabled: bool | None = _field("EF21_MUON", "Run EF21-Muon instead of plain DDP (1/true/yes/on); default off")
     uplink: str | Mapping[str, str] | None = _field(
         "EF21_UPLINK",
         "Uplink compressor spec ('top_k:0.05', 'top_k:0.05+natural', 'rank:4', ...) or a mapping "
         f"role -> spec ('role=spec,role=spec' in the environment; roles {', '.join(COMPRESSOR_ROLES)}); "
-        f"default {_spec_text(DEFAULT_UPLINK)!r}.",
+        f"default {_spec_text(DEFAULT_UPLINK)!r}",
     )
     downlink: str | Mapping[str, str] | None = _field(
         "EF21_DOWNLINK",
         "Downlink compressor spec or role mapping (identity with topology allgather); default "
-        f"{_spec_text(DEFAULT_DOWNLINK)!r} ('identity' with allgather).",
+        f"{_spec_text(DEFAULT_DOWNLINK)!r} ('identity' with allgather)",
     )
-    topology: str | None = _field(
-        "EF21_TOPOLOGY", f"Who serves which layer: {', '.join(TOPOLOGIES)}; default {DEFAULT_TOPOLOGY!r}."
-    )
-    server_rank: int | None = _field(
-        "EF21_SERVER_RANK", "Rank of the parameter server with topology 'server'; default 0."
-    )
+    topology: str | None = _field("EF21_TOPOLOGY", f"Who serves which layer: {', '.join(TOPOLOGIES)}")
+    server_rank: int | None = _field("EF21_SERVER_RANK", "Rank of the parameter server with topology 'server'")
     seed: int | None = _field(
         "EF21_SEED",
-        "Base seed of the compressors' shared random generators (rand_k, "
-        "natural, ...), identical on every rank; default 0.",
+        "Base seed of the compressors' shared random generators (rand_k, natural, ...), identical on every rank",
     )
     on_nonfinite: str | None = _field(
-        "EF21_ON_NONFINITE", f"On a non-finite gradient on any rank: {', '.join(NONFINITE)}; default {NONFINITE[0]!r}."
+        "EF21_ON_NONFINITE", f"On a non-finite gradient on any rank: {', '.join(NONFINITE)}"
     )
     estimator: str | None = _field(
         "EF21_ESTIMATOR",
         f"Gradient estimator: {', '.join(ESTIMATORS)} (all but "
-        f"{ESTIMATORS[0]!r} are variance-reduced and need optimizer.step(closure)); "
-        f"default {ESTIMATORS[0]!r}.",
+        f"{ESTIMATORS[0]!r} are variance-reduced and need optimizer.step(closure))",
     )
     p: float | None = _field(
-        "EF21_P", "Refresh probability in (0, 1] of estimators marina / ef21_page; default bits(uplink)/bits(dense)."
+        "EF21_P", "Refresh probability in (0, 1] of estimators marina / ef21_page; default bits(uplink)/bits(dense)"
     )
     participation: float | None = _field(
         "EF21_PARTICIPATION",
-        "Fraction of workers in (0, 1] that take part in each round (topology 'server' only); default every worker.",
+        "Fraction of workers in (0, 1] that take part in each round (topology 'server' only); default every worker",
     )
+    # resolved in __post_init__ (not arguments): the checked configuration, and what exists once attached
+    config: EF21Config = dataclasses.field(init=False, repr=False, compare=False)
+    _runtime: _Runtime | None = dataclasses.field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.enabled is None:
-            self.enabled = _flag(os.environ.get("EF21_MUON", ""), "EF21_MUON")
+            object.__setattr__(self, "enabled", _flag(os.environ.get("EF21_MUON", ""), "EF21_MUON"))
         elif not isinstance(self.enabled, bool):
-            self.enabled = _flag(str(self.enabled), "enabled")
+            object.__setattr__(self, "enabled", _flag(str(self.enabled), "enabled"))
         options: dict[str, Any] = {}
         raw: dict[str, tuple[str, str]] = {}  # option -> (environment variable, its text)
         for name in _CONFIG_FIELDS:
@@ -176,15 +179,15 @@ class EF21Plugin:
             if value is not None:
                 options[name] = value
         try:
-            self.config = EF21Config(**options)
+            config = EF21Config(**options)
         except EF21ConfigError as e:
             named = [f"{raw[f][0]}={raw[f][1]!r}" for f in e.fields if f in raw]
             if not named:
                 raise
             raise ValueError(f"{', '.join(named)}: {e}") from None
-        for name in _CONFIG_FIELDS:  # the fields show the resolved values
-            setattr(self, name, getattr(self.config, name))
-        self._runtime: _Runtime | None = None
+        # frozen: the fields say what was given (None: environment or default), .config what is in force
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "_runtime", None)
 
     # ------------------------------------------------------------------------------------------------- runtime
     @property
@@ -228,14 +231,14 @@ class EF21Plugin:
         return out
 
     @contextlib.contextmanager
-    def server_model(self) -> Iterator[None]:
+    def at_server_model(self) -> Iterator[None]:
         """Evaluate at the server model X: inside the block the model's parameters hold X (gathered to every rank,
         a collective), afterwards W again. Validation loss is reported at X (docs/algorithm.md §2); with an identity
         downlink W == X and nothing is gathered. Without EF21 (flag off) it does nothing.
 
         Example::
 
-            with plugin.server_model():
+            with plugin.at_server_model():
                 val_loss = evaluate(model, val_loader)
         """
         if self.engine is None:
@@ -265,13 +268,7 @@ class EF21Plugin:
                 return  # a second train() call on the same prepared objects
             raise ValueError("this EF21Plugin is already attached to another optimizer; use one plugin per run")
         _check_accelerator(accelerator)
-        if self.config.variance_reduced and accelerator.gradient_accumulation_steps > 1:
-            raise ValueError(
-                f"estimator={self.config.estimator!r} with gradient_accumulation_steps="
-                f"{accelerator.gradient_accumulation_steps}: the closure would recompute the second "
-                "gradient on the last micro-batch only, not on the accumulated minibatch; valid choices: "
-                "gradient_accumulation_steps=1 (use a larger batch), or estimator='ef21'"
-            )
+        self.config.check_accumulation(accelerator.gradient_accumulation_steps, "gradient_accumulation_steps")
         if accelerator.num_processes > 1:
             ddp = _find_ddp(model)
             if ddp is None:
@@ -289,10 +286,11 @@ class EF21Plugin:
             backward_done=True,
             on_step=lambda applied: _report_skipped(optimizer, not applied),
         )
-        self._runtime = _Runtime(accelerator, optimizer, engine)
-        optimizer.optimizer.register_load_state_dict_post_hook(lambda _: self._runtime.apply_pending())
+        runtime = _Runtime(accelerator, optimizer, engine)
+        object.__setattr__(self, "_runtime", runtime)
+        optimizer.optimizer.register_load_state_dict_post_hook(lambda _: runtime.apply_pending())
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: self.save(output_dir))
-        accelerator.register_load_state_pre_hook(lambda models, input_dir: self._runtime.stage(input_dir))
+        accelerator.register_load_state_pre_hook(lambda models, input_dir: runtime.stage(input_dir))
 
     # ------------------------------------------------------------------------------------------------- checkpoints
     def save(self, directory: str | os.PathLike) -> str:
@@ -373,7 +371,8 @@ def _report_skipped(optimizer: AcceleratedOptimizer, skipped: bool) -> None:
 
 
 def _find_ddp(model: nn.Module) -> DistributedDataParallel | None:
-    """The DDP wrapper inside a prepared model (Accelerate may put ``torch.compile`` outside it)."""
+    """The DDP wrapper inside a prepared model (Accelerate may put ``torch.compile`` outside it; its
+    ``_orig_mod`` has no public accessor: tests/test_compat.py pins it)."""
     while not isinstance(model, DistributedDataParallel):
         inner = getattr(model, "_orig_mod", None)
         if inner is None:

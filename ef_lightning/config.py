@@ -75,6 +75,22 @@ DEFAULT_TOPOLOGY = "sharded"
 CompressorSpec: TypeAlias = str | Mapping[str, str]
 
 
+class _FrozenDict(dict):
+    """A read-only dict: a config's compressor mapping cannot change after its checks. Still a dict (JSON, YAML,
+    ``==`` with plain dicts) and picklable (the spawn launcher pickles the strategy)."""
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("an EF21Config's compressor mapping is read-only; build a new config (config.replace(...))")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _readonly  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_FrozenDict, (dict(self),))
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+
 class EF21ConfigError(ValueError):
     """A bad :class:`EF21Config` value. ``fields`` names the option(s) at fault, so an adapter can say where the
     value came from (an environment variable, a command-line flag)."""
@@ -135,6 +151,8 @@ class EF21Config:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen: normalise once)
+        # options left to their defaults: replace() resolves them again (a new topology, a new downlink default)
+        set_("_defaulted", frozenset(n for n in ("uplink", "downlink") if getattr(self, n) is None))
         self._choice("topology", TOPOLOGIES)
         self._choice("on_nonfinite", NONFINITE)
         self._choice("estimator", ESTIMATORS)
@@ -214,7 +232,7 @@ class EF21Config:
                 )
             for role, s in spec.items():
                 EF21Config._compressor(f"{name}[{role!r}]", s)
-            return dict(spec)  # a copy: later changes to the caller's mapping do not reach the config
+            return _FrozenDict(spec)  # a copy: later changes to the caller's mapping do not reach the config
         if not isinstance(spec, str):
             raise EF21ConfigError(
                 name.split("[")[0],
@@ -232,6 +250,19 @@ class EF21Config:
     def variance_reduced(self) -> bool:
         """True for the estimators that take a second gradient per step (``marina``, ``ef21_page``, ``mvr``)."""
         return self.estimator != "ef21"
+
+    def check_accumulation(self, micro_batches: int, setting: str) -> None:
+        """The variance-reduced estimators take both gradients on ONE minibatch: with gradient accumulation the
+        second one could only be re-evaluated on the last micro-batch. ``setting`` names the framework's option
+        (``accumulate_grad_batches``, ``gradient_accumulation_steps``) for the error message."""
+        if self.variance_reduced and micro_batches > 1:
+            raise EF21ConfigError(
+                "estimator",
+                f"estimator={self.estimator!r} with {setting}={micro_batches}: the "
+                "second gradient (at the previous point) would be taken on the last micro-batch "
+                f"only, not on the accumulated minibatch; valid choices: {setting}=1 (use a larger "
+                "batch), or estimator='ef21'",
+            )
 
     def compressor(self, direction: str, role: str, shape: torch.Size) -> _comp.Compressor:
         """The compressor of one tensor.
@@ -251,8 +282,10 @@ class EF21Config:
         return comp if comp.supports(shape) else _comp.build("identity")
 
     def replace(self, **changes: Any) -> EF21Config:
-        """A copy with ``changes`` applied (and checked again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` applied (and checked again); options that were left to their defaults are
+        resolved again (``EF21Config().replace(topology="allgather")`` has the identity downlink of allgather)."""
+        defaulted: frozenset[str] = getattr(self, "_defaulted", frozenset())
+        return dataclasses.replace(self, **{**dict.fromkeys(defaulted), **changes})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (mappings as dicts), e.g. to store beside a checkpoint or in a run's resolved config."""

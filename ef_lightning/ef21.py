@@ -52,7 +52,7 @@ from torch.utils.hooks import RemovableHandle
 from ef_lightning import compressors as _comp
 from ef_lightning import kernels as K
 from ef_lightning.comm import Ledger, LocalTransport, ServerTransport, StepRecord, Transport, build_transport
-from ef_lightning.config import EF21Config
+from ef_lightning.config import REFRESH_ESTIMATORS, EF21Config
 from ef_lightning.optim import LMO, _classify
 from ef_lightning.state import LayerSpec, ServerState, WorkerState, load_optimizer_state, optimizer_state, tensors_state
 
@@ -135,15 +135,8 @@ class _EF21Base:
                     nesterov=bool(group.get("nesterov", False)) if worker_momentum else False,
                 )
             )
-        if config.estimator == "marina":  # per tensor, after fallbacks (the config checked the specs)
-            bad = [(L.name, L.up.spec) for L in self.layers if L.up.kind == "contractive"]
-            if bad:
-                raise ValueError(
-                    f"estimator='marina' needs unbiased compressors; uplink {bad[0][1]!r} for "
-                    f"{bad[0][0]!r} is contractive (valid estimators for it: ef21_page, mvr)"
-                )
         self.p = config.p
-        if self.p is None and config.estimator in ("marina", "ef21_page"):
+        if self.p is None and config.estimator in REFRESH_ESTIMATORS:
             # MARINA's choice p = (bits of Q) / (bits of a dense message) (arXiv 2102.07845, Cor. 2.1)
             dense = sum(32 * L.param.numel() for L in self.layers)
             self.p = min(1.0, max(1e-6, self._bits(self.layers, "up") / dense))
@@ -243,7 +236,7 @@ class _EF21Base:
     # --------------------------------------------------------------------------------------------- one step
     def _refresh(self) -> bool:
         """The shared Bernoulli(p) coin of ``marina`` / ``ef21_page`` (always heads on the first applied step)."""
-        if self.estimator not in ("marina", "ef21_page"):
+        if self.estimator not in REFRESH_ESTIMATORS:
             return False
         if self.applied == 0:
             return True
@@ -587,7 +580,8 @@ class EF21Engine(_EF21Base):
         else:
             prev = None
             if self.needs_previous_gradient and me:
-                prev = self._previous_gradients(self.quiet(closure) if self.quiet else closure)  # type: ignore[arg-type]
+                assert closure is not None  # checked above for every variance-reduced estimator
+                prev = self._previous_gradients(self.quiet(closure) if self.quiet else closure)
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()

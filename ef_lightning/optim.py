@@ -428,7 +428,7 @@ def _classify(model: nn.Module) -> list[tuple[str, Tensor, str, bool, list[str]]
     """(name, param, role, stored_transposed, all names) for every trainable parameter, shared ones once."""
     owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for mname, m in model.named_modules(remove_duplicate=False):
-        for pname, p in m._parameters.items():
+        for pname, p in m.named_parameters(recurse=False, remove_duplicate=False):
             if p is not None:
                 owners.setdefault(id(p), []).append((f"{mname}.{pname}" if mname else pname, m, pname))
     head = _find_head(model)

@@ -62,7 +62,7 @@ class WorkerState:
                 ws.M[L.index] = zeros32(L.param)
             if estimator != "marina":
                 ws.G[L.index] = zeros32(L.param)
-            if estimator in ("ef21_page", "mvr"):
+            if estimator in ("ef21_page", "mvr"):  # the estimators that keep V_j
                 ws.V[L.index] = zeros32(L.param)
         return ws
 

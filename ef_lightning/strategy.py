@@ -34,10 +34,10 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.optim import Optimizer
 
 from ef_lightning.comm import broadcast_module_
-from ef_lightning.config import DEFAULT_DOWNLINK, DEFAULT_TOPOLOGY, DEFAULT_UPLINK, EF21Config
+from ef_lightning.config import EF21Config
 from ef_lightning.ef21 import EF21Engine
 
-__all__ = ["EF21MuonStrategy", "DEFAULT_UPLINK", "DEFAULT_DOWNLINK", "DEFAULT_TOPOLOGY"]
+__all__ = ["EF21MuonStrategy"]
 
 RESUME_POLICIES = ("error", "reinit")
 
@@ -54,7 +54,8 @@ class EF21MuonStrategy(DDPStrategy):
         process_group_backend, timeout, start_method, accelerator, parallel_devices, cluster_environment,
             checkpoint_io, precision_plugin: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
         **options: :class:`~ef_lightning.config.EF21Config` fields: ``uplink`` (default
-            :data:`~ef_lightning.config.DEFAULT_UPLINK`), ``downlink``, ``topology`` (default ``sharded``),
+            :data:`~ef_lightning.config.DEFAULT_UPLINK`), ``downlink``, ``topology`` (default
+            :data:`~ef_lightning.config.DEFAULT_TOPOLOGY`),
             ``server_rank``, ``seed``, ``on_nonfinite``, ``estimator``, ``p``, ``participation``.
 
     The variance-reduced estimators (``estimator="marina"|"ef21_page"|"mvr"``) need the gradient on the same batch
@@ -119,12 +120,7 @@ class EF21MuonStrategy(DDPStrategy):
         self.engines = {}
         if trainer.state.fn != "fit":
             return
-        if self.config.variance_reduced and trainer.accumulate_grad_batches > 1:
-            raise ValueError(
-                f"estimator={self.config.estimator!r} needs the gradient of one minibatch at two points; "
-                f"with accumulate_grad_batches={trainer.accumulate_grad_batches} only the last micro-batch "
-                "could be re-evaluated. Valid choices: accumulate_grad_batches=1, or estimator='ef21'"
-            )
+        self.config.check_accumulation(trainer.accumulate_grad_batches, "accumulate_grad_batches")
         for opt in self.optimizers:
             self.engines[id(opt)] = self._new_engine(opt)
 

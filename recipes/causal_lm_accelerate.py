@@ -13,8 +13,8 @@ topology of the config (the config's values win over ``EF21_UPLINK`` / ``EF21_DO
     python recipes/causal_lm_accelerate.py --config recipes/configs/causal_lm_accelerate/tiny.yaml  # 1 process
 
 Outputs in ``out_dir`` (main process): ``resolved_config.yaml``, ``summary.json``, ``val_loss_vs_uplink.png``.
-Evaluation runs at the workers' model W (equal to the server model X with an identity downlink; see
-ef_lightning/accelerate.py). Uplink bytes of a plain run are the dense gradient all-reduced every step.
+Validation runs at the server model X (``plugin.at_server_model()``; W == X with an identity downlink; see
+docs/accelerate.md). Uplink bytes of a plain run are the dense gradient all-reduced every step.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def train(cfg: Config, accelerator: Accelerator, name: str, plugin: EF21Plugin) 
             step += 1
             shown["loss"] = f"{loss.item():.3f}"
             if step % cfg.val_every == 0 or step == cfg.steps:
-                with plugin.server_model():  # validation at X (docs/algorithm.md §2); W == X without a compressed downlink
+                with plugin.at_server_model():  # validation at X (docs/algorithm.md §2); W == X without a compressed downlink
                     curve.append((float(sent(step)), evaluate(accelerator, model, val_loader)))
                 shown.update(val_loss=f"{curve[-1][1]:.3f}", uplink_MB=f"{curve[-1][0] / 1e6:.2f}")
             bar.set_postfix(shown, refresh=False)
@@ -101,8 +101,8 @@ def train(cfg: Config, accelerator: Accelerator, name: str, plugin: EF21Plugin) 
     bar.close()
     seconds = time.perf_counter() - start
     row = summary_row(name, curve[-1][1], seconds, plugin.ledger.summary() if plugin.ledger else None, per_step, step,
-                      ef21=plugin.enabled, uplink=plugin.uplink, downlink=plugin.downlink, topology=plugin.topology,
-                      processes=accelerator.num_processes)
+                      ef21=plugin.enabled, uplink=plugin.config.uplink, downlink=plugin.config.downlink,
+                      topology=plugin.config.topology, processes=accelerator.num_processes)
     return row, curve
 
 

@@ -55,13 +55,15 @@ def test_env_configures_plugin_and_explicit_arguments_win(monkeypatch):
                                   "server_rank": 1, "seed": 7, "on_nonfinite": "raise", "estimator": "ef21", "p": None,
                                   "participation": None}
     q = EF21Plugin(enabled=False, uplink="identity", topology="sharded", seed=3)
-    assert (q.enabled, q.uplink, q.topology, q.seed, q.downlink) == (False, "identity", "sharded", 3, "top_k:0.5")
+    c = q.config
+    assert (q.enabled, c.uplink, c.topology, c.seed, c.downlink) == (False, "identity", "sharded", 3, "top_k:0.5")
+    assert q.downlink is None  # the field says what was given; .config what is in force
     # the environment's compressed downlink cannot go with an explicit allgather (which has no downlink): the
     # combination fails at start-up, naming the variable
     with pytest.raises(ValueError, match=r"EF21_DOWNLINK='top_k:0\.5'.*allgather.*downlink='identity'"):
         EF21Plugin(enabled=False, topology="allgather")
     monkeypatch.setenv("EF21_UPLINK", "hidden=top_k:0.1, default=identity")
-    assert EF21Plugin().uplink == {"hidden": "top_k:0.1", "default": "identity"}
+    assert EF21Plugin().config.uplink == {"hidden": "top_k:0.1", "default": "identity"}
 
 
 def test_defaults_without_environment(monkeypatch):
@@ -85,8 +87,10 @@ def test_plugin_fields_are_the_config_options():
 
     from ef_lightning.config import EF21Config
 
-    assert [f.name for f in dataclasses.fields(EF21Plugin)] == ["enabled"] + [
+    assert [f.name for f in dataclasses.fields(EF21Plugin) if f.init] == ["enabled"] + [
         f.name for f in dataclasses.fields(EF21Config)]
+    with pytest.raises(dataclasses.FrozenInstanceError):  # a later assignment could not reach .config: refused
+        EF21Plugin().uplink = "rank:4"
     assert "top_k:0.1+natural" in dataclasses.fields(EF21Plugin)[1].metadata["help"]  # default from the constant
 
 
@@ -486,7 +490,7 @@ def test_server_model_context_loads_x_and_restores_w():
     X = plugin.engine.server_model()
     W = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert any(not torch.equal(X[n], W[n]) for n in X)
-    with plugin.server_model():
+    with plugin.at_server_model():
         for n, p in model.named_parameters():
             assert torch.equal(p, X[n])
     for n, p in model.named_parameters():

@@ -90,3 +90,14 @@ def test_torch_lr_scheduler_wraps_the_engines_step(scheduler_first):
             sched.step()
     assert engine.ledger.summary()["steps"] == 3
     assert opt.param_groups[0]["lr"] == pytest.approx(lr0 * 0.5**3)
+
+
+def test_torch_compile_wrapper_exposes_the_wrapped_module_as_orig_mod():
+    """ef_lightning.accelerate._find_ddp looks through ``torch.compile`` (which Accelerate may put outside the DDP
+    wrapper) via ``OptimizedModule._orig_mod``; torch has no public accessor for it."""
+    from ef_lightning.accelerate import _find_ddp
+
+    module = nn.Linear(2, 2)
+    compiled = torch.compile(module)  # wrapping only: nothing is compiled until it is called
+    assert compiled._orig_mod is module, "torch.compile's OptimizedModule no longer exposes _orig_mod"
+    assert _find_ddp(compiled) is None  # looked through the wrapper and found no DDP (one process)
