@@ -8,13 +8,34 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torchmetrics import Metric
-from torchmetrics.aggregation import MeanMetric
 
 __all__ = ["CommunicationMonitor"]
 
-#: per-worker counts: identical on every rank unless workers skip rounds (partial participation); always present
-#: (a collective per key, in this order, on every rank); the compression ratio is recomputed from the means
+#: per-worker counts: identical on every rank unless workers skip rounds (partial participation); always present,
+#: so every rank synchronises the same vector; the compression ratio is recomputed from their means
 _PER_WORKER = ("uplink_bits", "uplink_bytes", "uplink_bits_total", "uplink_bytes_total", "dense_bytes_total")
+
+
+class _MeanOverRanks(Metric):
+    """The mean over processes of a vector of per-rank counts: one synchronisation per ``compute()``."""
+
+    full_state_update = False
+    total: torch.Tensor  # sum over processes of their count vectors
+    ranks: torch.Tensor  # number of processes that contributed
+
+    def __init__(self, size: int) -> None:
+        super().__init__(sync_on_compute=True)
+        self.add_state("total", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("ranks", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: torch.Tensor) -> None:
+        self.total += values
+        self.ranks += 1
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.ranks
+
+
 #: shown in the progress bar
 _PROG_BAR = ("uplink_bytes_total", "compression_ratio")
 
@@ -31,7 +52,7 @@ class CommunicationMonitor(Callback):
 
     Per-worker counts are identical on every rank, except with partial participation (``participation=``), where a
     rank sends only in the rounds it takes part in: then they are averaged over the ranks with a torchmetrics
-    ``MeanMetric`` per count, synchronised across processes (five small gathers per step).
+    metric synchronised across processes (one synchronisation of a 5-vector per step).
 
     The monitor also checks that the compressed sync really ran (DeepSpeed's Muon once trained plain SGD silently):
     an optimizer step that produced no EF21 record, or compressors that sent as many bytes as dense, raises
@@ -48,7 +69,8 @@ class CommunicationMonitor(Callback):
         self._seen = 0
         self._stepped = 0
         self._active = False
-        self._means: dict[str, Metric] = {}
+        self._mean: _MeanOverRanks | None = None
+        self._compressing = False
 
     @staticmethod
     def _engine(trainer: Trainer) -> Any:
@@ -72,11 +94,10 @@ class CommunicationMonitor(Callback):
         engine = self._engine(trainer)
         self._seen = len(engine.ledger.records)  # a resumed run's ledger already holds the earlier steps
         self._stepped = trainer.global_step
-        self._means = {}
+        self._compressing = any(L.up.kind != "identity" for L in engine.layers)
+        self._mean = None
         if getattr(engine, "participation", None) is not None and trainer.world_size > 1:
-            self._means = {
-                k: MeanMetric(sync_on_compute=True).set_dtype(torch.float64).to(pl_module.device) for k in _PER_WORKER
-            }
+            self._mean = _MeanOverRanks(len(_PER_WORKER)).to(pl_module.device)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -96,7 +117,7 @@ class CommunicationMonitor(Callback):
                     "optimizer's step was bypassed"
                 )
             return
-        if self.check and any(L.up.kind != "identity" for L in engine.layers):
+        if self.check and self._compressing:
             for rec in new:
                 if not rec.skipped and rec.uplink_wire_bytes >= rec.dense_bytes > 0:
                     raise RuntimeError(
@@ -105,11 +126,10 @@ class CommunicationMonitor(Callback):
                         "not run"
                     )
         metrics = engine.ledger.metrics(prefix="")
-        if self._means:  # partial participation: the mean over ranks
-            for key in _PER_WORKER:
-                self._means[key].update(torch.tensor(float(metrics[key]), dtype=torch.float64))
-                metrics[key] = float(self._means[key].compute())
-                self._means[key].reset()
+        if self._mean is not None:  # partial participation: the mean over ranks
+            self._mean.update(torch.tensor([float(metrics[k]) for k in _PER_WORKER], dtype=torch.float64))
+            metrics.update(zip(_PER_WORKER, self._mean.compute().tolist()))
+            self._mean.reset()
             metrics.pop("compression_ratio", None)
             if metrics["uplink_bytes_total"]:
                 metrics["compression_ratio"] = metrics["dense_bytes_total"] / metrics["uplink_bytes_total"]

@@ -39,6 +39,7 @@ __all__ = [
     "build_transport",
     "assign_owners",
     "broadcast_module_",
+    "broadcast_tensors_",
 ]
 
 
@@ -243,7 +244,7 @@ class Transport(abc.ABC):
         return out
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
-        """Broadcast ``tensor`` in place from ``src`` (start-up only: align W on every rank)."""
+        """Broadcast ``tensor`` in place from ``src`` (gathering X from its owners for evaluation)."""
         dist.broadcast(tensor, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group)
 
     @property
@@ -433,13 +434,24 @@ def build_transport(topology: str, group: dist.ProcessGroup | None = None, serve
 
 
 @torch.no_grad()
-def broadcast_module_(module: torch.nn.Module, src: int = 0, group: dist.ProcessGroup | None = None) -> None:
-    """Copy rank ``src``'s parameters and buffers into every rank's ``module`` (in place; a collective).
-
-    What DDP does at construction, with public torch.distributed calls only: one broadcast per tensor.
-    """
+@torch.no_grad()
+def broadcast_tensors_(tensors: Sequence[torch.Tensor], src: int = 0, group: dist.ProcessGroup | None = None) -> None:
+    """Copy rank ``src``'s ``tensors`` into every rank's, in place: one broadcast per (dtype, device), not one per
+    tensor (on gloo one large collective is far cheaper than many). A collective; nothing to do without a group."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     root = dist.get_global_rank(group, src) if group is not None else src
-    for t in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(t.data, src=root, group=group)
+    buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.dtype, t.device), []).append(t)
+    for same in buckets.values():
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.broadcast(flat, src=root, group=group)
+        for t, chunk in zip(same, flat.split([t.numel() for t in same])):
+            t.copy_(chunk.view_as(t))
+
+
+def broadcast_module_(module: torch.nn.Module, src: int = 0, group: dist.ProcessGroup | None = None) -> None:
+    """Copy rank ``src``'s parameters and buffers into every rank's ``module`` (in place; a collective), what DDP
+    does at construction, with public torch.distributed calls only."""
+    broadcast_tensors_([t.data for t in [*module.parameters(), *module.buffers()]], src, group)

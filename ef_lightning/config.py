@@ -100,6 +100,20 @@ class EF21ConfigError(ValueError):
         self.fields = (fields,) if isinstance(fields, str) else tuple(fields)
 
 
+def _check_spec(field: str, label: str, spec: Any) -> None:
+    """A compressor spec string that :func:`ef_lightning.compressors.build` accepts, else an error on ``field``."""
+    if not isinstance(spec, str):
+        raise EF21ConfigError(
+            field,
+            f"{label} must be a compressor spec string such as 'top_k:0.05' or a mapping "
+            f"role -> spec, got {type(spec).__name__} ({spec!r})",
+        )
+    try:
+        _comp.build(spec)
+    except (ValueError, TypeError) as e:
+        raise EF21ConfigError(field, f"{label}={spec!r} is not a valid compressor spec: {e}") from None
+
+
 def _specs(spec: CompressorSpec) -> list[str]:
     return list(spec.values()) if isinstance(spec, Mapping) else [spec]
 
@@ -223,27 +237,19 @@ class EF21Config:
             raise EF21ConfigError(name, f"{name}={value!r}; valid choices: {', '.join(choices)}")
 
     @staticmethod
-    def _compressor(name: str, spec: Any) -> CompressorSpec:
-        if isinstance(spec, Mapping):
-            bad = [k for k in spec if k not in COMPRESSOR_ROLES]
-            if bad:
-                raise EF21ConfigError(
-                    name, f"{name} mapping has unknown role(s) {bad}; valid roles: {', '.join(COMPRESSOR_ROLES)}"
-                )
-            for role, s in spec.items():
-                EF21Config._compressor(f"{name}[{role!r}]", s)
-            return _FrozenDict(spec)  # a copy: later changes to the caller's mapping do not reach the config
-        if not isinstance(spec, str):
+    def _compressor(field: str, spec: Any) -> CompressorSpec:
+        """``spec`` checked: a valid spec string, or a mapping from known roles to valid spec strings (copied)."""
+        if not isinstance(spec, Mapping):
+            _check_spec(field, field, spec)
+            return spec
+        bad = [k for k in spec if k not in COMPRESSOR_ROLES]
+        if bad:
             raise EF21ConfigError(
-                name.split("[")[0],
-                f"{name} must be a compressor spec string such as "
-                f"'top_k:0.05' or a mapping role -> spec, got {type(spec).__name__} ({spec!r})",
+                field, f"{field} mapping has unknown role(s) {bad}; valid roles: {', '.join(COMPRESSOR_ROLES)}"
             )
-        try:
-            _comp.build(spec)
-        except (ValueError, TypeError) as e:
-            raise EF21ConfigError(name.split("[")[0], f"{name}={spec!r} is not a valid compressor spec: {e}") from None
-        return spec
+        for role, s in spec.items():
+            _check_spec(field, f"{field}[{role!r}]", s)
+        return _FrozenDict(spec)  # a copy: later changes to the caller's mapping do not reach the config
 
     # ------------------------------------------------------------------------------------------------ queries
     @property

@@ -36,6 +36,7 @@ other torch optimizer works too: then there is no worker momentum and it receive
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import hashlib
@@ -51,7 +52,15 @@ from torch.utils.hooks import RemovableHandle
 
 from ef_lightning import compressors as _comp
 from ef_lightning import kernels as K
-from ef_lightning.comm import Ledger, LocalTransport, ServerTransport, StepRecord, Transport, build_transport
+from ef_lightning.comm import (
+    Ledger,
+    LocalTransport,
+    ServerTransport,
+    StepRecord,
+    Transport,
+    broadcast_tensors_,
+    build_transport,
+)
 from ef_lightning.config import REFRESH_ESTIMATORS, EF21Config
 from ef_lightning.optim import LMO, _classify
 from ef_lightning.state import LayerSpec, ServerState, WorkerState, load_optimizer_state, optimizer_state, tensors_state
@@ -86,7 +95,7 @@ def _nonfinite(grads: Sequence[Tensor]) -> bool:
     return not all(bool(torch.isfinite(g).all()) for g in grads)
 
 
-class _EF21Base:
+class _EF21Base(abc.ABC):
     """What the engine and the Simulator share: the layer table, state layout, one step's orchestration, the
     ledger, evaluation at X, checkpoint helpers, and the hold on the optimizer."""
 
@@ -104,7 +113,7 @@ class _EF21Base:
         optimizer: torch.optim.Optimizer,
         config: EF21Config,
         owners: Callable[[list[int]], list[int]],
-        route_step: bool,
+        route_step: Callable[[Closure | None], Any] | None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -135,11 +144,14 @@ class _EF21Base:
                     nesterov=bool(group.get("nesterov", False)) if worker_momentum else False,
                 )
             )
+        # bits one worker sends (by MARINA refresh round) and the server side sends per step: fixed by the shapes
+        self._up_bits = {r: self._bits(self.layers, "up", r) for r in (False, True)}
+        self._down_bits = self._bits(self.layers, "down")
         self.p = config.p
         if self.p is None and config.estimator in REFRESH_ESTIMATORS:
             # MARINA's choice p = (bits of Q) / (bits of a dense message) (arXiv 2102.07845, Cor. 2.1)
             dense = sum(32 * L.param.numel() for L in self.layers)
-            self.p = min(1.0, max(1e-6, self._bits(self.layers, "up") / dense))
+            self.p = min(1.0, max(1e-6, self._up_bits[False] / dense))
         self.step_count = 0  # steps taken, skipped ones included (seeds use it)
         self.applied = 0  # applied steps: the first one of a VR estimator is a full refresh
         self.ledger = Ledger()
@@ -166,7 +178,8 @@ class _EF21Base:
         return self.config.variance_reduced and self.applied > 0
 
     # --------------------------------------------------------------------------------------------- the optimizer
-    def _take_over(self, optimizer: torch.optim.Optimizer, route_step: bool) -> None:
+    def _take_over(self, optimizer: torch.optim.Optimizer, route_step: Callable[[Closure | None], Any] | None) -> None:
+        """Hold ``optimizer``: guard its own update, and with ``route_step`` make ``optimizer.step`` call it."""
         ref = _DRIVERS.get(optimizer)
         previous = ref() if ref is not None else None
         if previous is not None:
@@ -190,13 +203,11 @@ class _EF21Base:
                 )
 
         self._hook: RemovableHandle | None = optimizer.register_step_pre_hook(guard)
-        self._routed = route_step
-        if route_step:
-            assert isinstance(self, EF21Engine)  # the Simulator does not route step()
-            engine = self
+        self._routed = route_step is not None
+        if route_step is not None:
 
             def step(opt: torch.optim.Optimizer, closure: Closure | None = None, **kwargs: Any) -> Any:
-                return engine.optimizer_step(closure)  # (extra keyword arguments of a framework's call: unused)
+                return route_step(closure)  # (extra keyword arguments of a framework's call: unused)
 
             # says what it wraps: an LR scheduler's "step() is patched" mark carries over, and torch's scheduler
             # wrapper (which calls ``step.__func__``) needs a bound method
@@ -354,24 +365,27 @@ class _EF21Base:
         self.step_count += 1
 
     # what differs between one process of a group and n simulated workers
+    @abc.abstractmethod
     def _anywhere(self, flag: bool) -> bool:
-        raise NotImplementedError
+        """True everywhere when ``flag`` is True on any process."""
 
+    @abc.abstractmethod
     def _where(self, bad: Sequence[int]) -> str:
-        raise NotImplementedError
+        """Where a non-finite gradient was, for the warning."""
 
+    @abc.abstractmethod
     def _exchange_uplink(
         self, messages: Mapping[int, list[Tensor]], participants: Sequence[int], refresh: bool
     ) -> dict[int, list[Tensor]]:
         """Move the workers' messages; return, for each served layer, the senders' buffers in participant order."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _exchange_downlink(self, down: Mapping[int, Tensor]) -> list[Tensor]:
         """Move the served layers' S; return every layer's S buffer in layer order."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _record(self, refresh: bool, participants: Sequence[int], local: Sequence[int], vr: bool) -> StepRecord:
-        raise NotImplementedError
+        """This step's ledger record."""
 
     # --------------------------------------------------------------------------------------------- bits
     def _comp(self, L: LayerSpec, which: str, refresh: bool) -> _comp.Compressor:
@@ -387,13 +401,13 @@ class _EF21Base:
         return lengths
 
     # --------------------------------------------------------------------------------------------- the server model X
+    @abc.abstractmethod
     def server_model(self) -> dict[str, Tensor]:
         """The server model X, every layer, keyed like ``model.named_parameters()`` (float32 copies).
 
         :class:`EF21Engine` with ``sharded``/``server``: X lives on the layers' owners and is gathered to every rank
         (one broadcast per owner): a collective every rank must call.
         """
-        raise NotImplementedError
 
     def load_parameters(self, values: Mapping[str, Tensor]) -> None:
         """Copy tensors keyed by parameter name into the parameters (cast to their dtype); names not given keep
@@ -506,7 +520,7 @@ class EF21Engine(_EF21Base):
         self.transport: Transport = build_transport(config.topology, group, server_rank=config.server_rank)
         t = self.transport
         self.replicated = t.replicated
-        super().__init__(model, optimizer, config, owners=t.owners, route_step=True)
+        super().__init__(model, optimizer, config, owners=t.owners, route_step=self.optimizer_step)
         self.backward_done, self.quiet, self.on_step = backward_done, quiet, on_step
         self._check_agreement()
         self.served = [L for L in self.layers if L.owner in (-1, t.rank)]
@@ -514,9 +528,7 @@ class EF21Engine(_EF21Base):
         self.up_lengths = {r: self._lengths(self.layers, "up", n_owners, r) for r in (False, True)}  # by refresh
         self.down_lengths = self._lengths(self.layers, "down", n_owners)
         if sync_initial:
-            with torch.no_grad():
-                for L in self.layers:
-                    t.broadcast_(L.param.data, 0)
+            broadcast_tensors_([L.param.data for L in self.layers], 0, t.group)
         self._workers = {t.rank: WorkerState.new(self.layers, self.estimator)}
         self.server = ServerState.new(self.served, x_is_param=t.replicated)
 
@@ -568,12 +580,8 @@ class EF21Engine(_EF21Base):
         closure the gradients must already be in ``param.grad``. With ``backward_done=True`` see :meth:`step`.
         """
         me = self.transport.rank in self._participants(self.transport.world_size)
-        if self.config.variance_reduced and closure is None:
-            raise ValueError(
-                f"estimator={self.estimator!r} needs optimizer.step(closure): a closure that zeroes the "
-                "gradients, recomputes the loss on the SAME batch and calls backward(); it is also "
-                "evaluated at the previous point (valid estimator without a closure: 'ef21')"
-            )
+        if self.config.variance_reduced and closure is None:  # fail on the first step already
+            raise self._closure_missing()
         loss = None
         if self.backward_done and self.config.variance_reduced:
             applied = self.step(closure)
@@ -608,13 +616,16 @@ class EF21Engine(_EF21Base):
         prev = None
         if vr:
             if closure is None:
-                raise ValueError(
-                    f"estimator {self.estimator!r} needs a second gradient on the same minibatch at the "
-                    "previous point: pass a closure that zeroes the gradients, recomputes the loss on "
-                    "the same batch and calls backward()"
-                )
+                raise self._closure_missing()
             prev = self._previous_gradients(closure)
         return self._sync_mine(grads, prev)
+
+    def _closure_missing(self) -> ValueError:
+        return ValueError(
+            f"estimator={self.estimator!r} needs optimizer.step(closure): a closure that zeroes the gradients, "
+            "recomputes the loss on the SAME batch and calls backward(); it is also evaluated at the previous "
+            "point, a second gradient on the same minibatch (valid estimator without a closure: 'ef21')"
+        )
 
     def _sync_mine(self, grads: list[Tensor], prev: list[Tensor] | None) -> bool:
         r = self.transport.rank
@@ -671,9 +682,9 @@ class EF21Engine(_EF21Base):
         t, me = self.transport, bool(local)
         return StepRecord(
             step=self.step_count,
-            uplink_bits=self._bits(self.layers, "up", refresh) if me else 0,
+            uplink_bits=self._up_bits[refresh] if me else 0,
             uplink_wire_bytes=t.uplink_wire_bytes(self.up_lengths[refresh]) if me else 0,
-            downlink_bits=0 if t.replicated else self._bits(self.layers, "down"),
+            downlink_bits=0 if t.replicated else self._down_bits,
             downlink_wire_bytes=t.downlink_wire_bytes(self.down_lengths),
             dense_bytes=self.dense_bytes,
             gradient_evals=(1 + vr) if me else 0,
@@ -767,10 +778,12 @@ class Simulator(_EF21Base):
         if config is None:
             options.setdefault("topology", "server")
         config = EF21Config.build(config, **options)
-        super().__init__(model, optimizer, config, owners=lambda sizes: [0] * len(sizes), route_step=False)
+        super().__init__(model, optimizer, config, owners=lambda sizes: [0] * len(sizes), route_step=None)
         self.model = model
         self.n_workers = n_workers
         self.served = self.layers
+        self._up_wire = {r: self._lengths(self.layers, "up", 1, r)[0] for r in (False, True)}  # bytes, by refresh
+        self._down_wire = self._lengths(self.layers, "down", 1)[0]
         self._workers = {j: WorkerState.new(self.layers, self.estimator) for j in range(n_workers)}
         self.server = ServerState.new(self.layers, x_is_param=False)
 
@@ -845,10 +858,10 @@ class Simulator(_EF21Base):
         share = len(participants) / self.n_workers  # per-worker counts are averages over all n workers
         return StepRecord(
             step=self.step_count,
-            uplink_bits=round(self._bits(self.layers, "up", refresh) * share),
-            uplink_wire_bytes=round(sum(self._lengths(self.layers, "up", 1, refresh)) * share),
-            downlink_bits=self._bits(self.layers, "down"),
-            downlink_wire_bytes=sum(self._lengths(self.layers, "down", 1)),
+            uplink_bits=round(self._up_bits[refresh] * share),
+            uplink_wire_bytes=round(self._up_wire[refresh] * share),
+            downlink_bits=self._down_bits,
+            downlink_wire_bytes=self._down_wire,
             dense_bytes=self.dense_bytes,
             gradient_evals=1 + vr,
         )

@@ -70,8 +70,9 @@ def reference_run(
     W = [dict(workers.named_parameters())[name] for name in layer_names]
     L = len(X)
     # one spec for every layer; a compressor that cannot take a shape (rank on a vector) sends it dense (§3)
-    ups = [C.build(uplink) if C.build(uplink).supports(x.shape) else C.build("identity") for x in X]
-    downs = [C.build(downlink) if C.build(downlink).supports(x.shape) else C.build("identity") for x in X]
+    up, down, dense = C.build(uplink), C.build(downlink), C.build("identity")
+    ups = [up if up.supports(x.shape) else dense for x in X]
+    downs = [down if down.supports(x.shape) else dense for x in X]
     zeros = lambda: [torch.zeros_like(x, dtype=torch.float32) for x in X]  # noqa: E731
     M = [zeros() for _ in range(n_workers)]  # worker momentum
     G_j = [zeros() for _ in range(n_workers)]  # worker EF21 estimates
