@@ -21,9 +21,11 @@ d = numel (a 0-D tensor counts as d = 1), f = bits of one value as it travels = 
 Every compressor turns a tensor into a :class:`Message` (the payload tensors that would travel, their theoretical size
 in bits and their real size in bytes) and back. Payload sizes depend only on (shape, dtype) (:meth:`Compressor.layout`),
 so ranks can exchange fixed-size uint8 buffers (:meth:`Compressor.pack` / :meth:`Compressor.unpack`). Randomness comes
-only from a ``torch.Generator`` seeded with the ``seed`` argument, created on the tensor's device: compress and
-decompress must run on the same device type (CPU and CUDA generators give different streams); the global RNG is never
-touched. The seed is shared by all ranks and is not counted in the bits.
+only from the ``seed`` argument, never the global RNG: ``natural`` draws counter-based uniforms
+(:func:`uniform_rows`, the same stream on CPU and CUDA and for one layer or a whole group of layers at once);
+``rand_k`` and ``qsgd`` use a ``torch.Generator`` created on the tensor's device, so their compress and decompress
+must run on the same device type. The seed is shared by all ranks and is not counted in the bits. Top-k breaks ties
+towards the lower index (:func:`topk_rows`), so a message is a function of the values alone.
 
 References: EF21 (Richtárik, Sokolov, Fatkhullin 2021, arXiv 2106.05203); top-k / rand-k sparsification (Stich,
 Cordonnier, Jaggi 2018, arXiv 1809.07599); natural compression (Horváth et al. 2019, arXiv 1905.10988);
@@ -59,6 +61,10 @@ __all__ = [
     "build",
     "pack_bits",
     "unpack_bits",
+    "pack_rows",
+    "unpack_rows",
+    "uniform_rows",
+    "topk_rows",
     "NAMES",
 ]
 
@@ -76,23 +82,43 @@ ShapeLike = Sequence[int]
 # pure helpers
 
 
-def pack_bits(values: Tensor, width: int) -> Tensor:
-    """Pack the low ``width`` bits of each integer (LSB first, value after value) into ⌈n·width/8⌉ uint8 bytes.
+def pack_rows(values: Tensor, width: int) -> Tensor:
+    """Pack the low ``width`` bits of each integer of every row of a 2-D tensor (LSB first, value after value):
+    shape (L, n) -> (L, ⌈n·width/8⌉) uint8, row i = ``pack_bits(values[i], width)``.
 
-    Vectorised with broadcasting: a constant number of tensor ops whatever ``width`` or n (the per-bit-position
-    loops this replaced cost ~2x the whole compression on small layers). ``width == 0`` gives an empty tensor.
+    Vectorised with broadcasting: a constant number of tensor ops whatever ``width``, n or L. ``width == 0`` gives
+    zero bytes per row.
     """
-    v = values.reshape(-1).to(torch.int64)
-    n = v.numel()
+    L, n = values.shape
     nbytes = (n * width + 7) // 8
-    bits = torch.zeros(nbytes * 8, dtype=torch.uint8, device=v.device)
+    bits = torch.zeros(L, nbytes * 8, dtype=torch.uint8, device=values.device)
     if n and width == 1:  # bitmaps (top-k masks, signs): the values are the bits
-        bits[:n] = v.to(torch.uint8) & 1
+        bits[:, :n] = values.to(torch.uint8) & 1
     elif n and width:
-        shifts = torch.arange(width, device=v.device)
-        bits[: n * width] = ((v.unsqueeze(1) >> shifts) & 1).reshape(-1).to(torch.uint8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=v.device)
-    return (bits.view(nbytes, 8).to(torch.int32) * weights).sum(1).to(torch.uint8)
+        shifts = torch.arange(width, device=values.device)
+        bits[:, : n * width] = ((values.to(torch.int64).unsqueeze(-1) >> shifts) & 1).reshape(L, n * width)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=values.device)
+    return (bits.view(L, nbytes, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_rows(buf: Tensor, width: int, n: int) -> Tensor:
+    """Inverse of :func:`pack_rows`: (L, >= ⌈n·width/8⌉) uint8 -> the first ``n`` values of each row, int64 (L, n)."""
+    L = buf.shape[0]
+    if not n or not width:
+        return torch.zeros(L, n, dtype=torch.int64, device=buf.device)
+    need = (n * width + 7) // 8
+    bits = (buf[:, :need].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=buf.device)) & 1
+    bits = bits.reshape(L, need * 8)
+    if width == 1:
+        return bits[:, :n].to(torch.int64)
+    B = bits[:, : n * width].reshape(L, n, width).to(torch.int64)
+    return (B << torch.arange(width, device=buf.device)).sum(-1)
+
+
+def pack_bits(values: Tensor, width: int) -> Tensor:
+    """Pack the low ``width`` bits of each integer (LSB first, value after value) into ⌈n·width/8⌉ uint8 bytes
+    (one row of :func:`pack_rows`). ``width == 0`` gives an empty tensor."""
+    return pack_rows(values.reshape(1, -1), width)[0]
 
 
 def unpack_bits(buf: Tensor, width: int, n: int) -> Tensor:
@@ -102,14 +128,16 @@ def unpack_bits(buf: Tensor, width: int, n: int) -> Tensor:
         raise ValueError(
             f"unpack_bits needs >= {need} uint8 bytes for {n} values of {width} bits, got {buf.numel()} {buf.dtype}"
         )
-    if not n or not width:
-        return torch.zeros(n, dtype=torch.int64, device=buf.device)
-    buf = buf.reshape(-1)[:need]
-    bits = (buf.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=buf.device)) & 1  # (need, 8), LSB first
-    if width == 1:
-        return bits.reshape(-1)[:n].to(torch.int64)
-    B = bits.reshape(-1)[: n * width].view(n, width).to(torch.int64)
-    return (B << torch.arange(width, device=buf.device)).sum(1)
+    return unpack_rows(buf.reshape(1, -1), width, n)[0]
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """View uint8 bytes (last dim) as ``dtype`` (a copy when the storage offset is not aligned for it)."""
+    if dtype == torch.uint8:
+        return t
+    if t.storage_offset() % dtype.itemsize or not t.is_contiguous():
+        t = t.clone()
+    return t.view(dtype)
 
 
 def _index_bits(d: int) -> int:
@@ -134,6 +162,48 @@ def _f(dtype: torch.dtype) -> int:
 
 def _numel(shape: ShapeLike) -> int:
     return math.prod(shape)
+
+
+_M64 = (1 << 64) - 1
+
+
+def _i64(c: int) -> int:
+    """A 64-bit constant as the signed int64 with the same bits (tensors are signed)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic on signed integers)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def uniform_rows(seeds: Sequence[int], n: int, device: torch.device | str = "cpu") -> Tensor:
+    """Counter-based uniforms: row i, column k is SplitMix64(seed_i + (k + 1)·γ) → [0, 1) with 24 bits, float32.
+
+    Shape (len(seeds), n). A pure function of (seed, position) in int64 tensor arithmetic (wrapping multiply), so
+    one call draws every layer of a group at once, a single layer draws the same numbers as its row, and CPU and
+    CUDA give the same stream. ``seeds`` are 63-bit ints (:func:`ef_lightning.kernels.seed_for`).
+    """
+    s = torch.tensor([_i64(int(x) & _M64) for x in seeds], dtype=torch.int64, device=device).unsqueeze(1)
+    k = torch.arange(1, n + 1, dtype=torch.int64, device=device)
+    z = s + k * _i64(0x9E3779B97F4A7C15)
+    z = (z ^ _shr(z, 30)) * _i64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _i64(0x94D049BB133111EB)
+    z = z ^ _shr(z, 31)
+    return _shr(z, 40).to(torch.float32) * 2.0**-24
+
+
+def topk_rows(x: Tensor, K: int) -> Tensor:
+    """Indices of the K largest |x| in each row of a 2-D float tensor, ties broken towards the lower index.
+
+    The selection is canonical (a function of the values only, not of the top-k algorithm, the device or how many
+    rows are selected at once): the key is |x|'s IEEE bits (monotone for non-negative floats) above the reversed
+    index. Indices come back unordered.
+    """
+    d = x.shape[-1]
+    bits = x.float().abs().view(torch.int32).to(torch.int64)
+    key = (bits << 32) | (d - 1 - torch.arange(d, dtype=torch.int64, device=x.device))
+    return torch.topk(key, K, dim=-1, sorted=False).indices
 
 
 def _pow2(e: Tensor) -> Tensor:
@@ -293,6 +363,36 @@ class Compressor(abc.ABC):
         return Message(payload, self.bits(shape, dtype), shape, dtype, seed)
 
 
+    # -- many layers at once --------------------------------------------------------------------------------------
+    def encode_rows(self, x: Tensor, shape: ShapeLike, seeds: Sequence[int]) -> list[Tensor]:
+        """Compress every row of ``x`` (L, d): L tensors of ``shape`` (flattened, same dtype), row i with ``seeds[i]``.
+
+        Returns each payload part as an (L, nbytes) uint8 tensor: row i of part p holds the bytes of part p of
+        ``pack(compress(x[i].view(shape), seeds[i]))``, so the result is the per-layer messages, bit for bit. This base
+        version loops over the rows (the readable per-layer reference); the vectorised compressors override it with
+        a number of tensor ops that does not depend on L.
+        """
+        msgs = [self.compress(x[i].view(shape), seed=seeds[i]) for i in range(x.shape[0])]
+        return [
+            torch.stack([m.payload[p].reshape(-1).view(torch.uint8) for m in msgs]) for p in range(len(msgs[0].payload))
+        ]
+
+    def decode_rows(self, parts: Sequence[Tensor], shape: ShapeLike, dtype: torch.dtype, seeds: Sequence[int]) -> Tensor:
+        """Inverse of :meth:`encode_rows`: the decompressed rows as float32 (L, d). The base version loops over rows."""
+        shape = torch.Size(shape)
+        layout = self.layout(shape, dtype)
+        rows = []
+        for i, seed in enumerate(seeds):
+            payload = [_as_dtype(part[i], dt) for part, (_, dt) in zip(parts, layout)]
+            msg = Message(payload, self.bits(shape, dtype), shape, dtype, seed)
+            rows.append(self.decompress(msg).float().reshape(-1))
+        return torch.stack(rows)
+
+    def part_nbytes(self, shape: ShapeLike, dtype: torch.dtype) -> list[int]:
+        """Bytes of each payload part of one message (the row width of each :meth:`encode_rows` part)."""
+        return [n * dt.itemsize for n, dt in self.layout(shape, dtype)]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the compressors
 
@@ -316,6 +416,12 @@ class Identity(Compressor):
 
     def _decode(self, payload, shape, dtype, seed):
         return payload[0]
+
+    def encode_rows(self, x, shape, seeds):
+        return [x.contiguous().view(torch.uint8)]
+
+    def decode_rows(self, parts, shape, dtype, seeds):
+        return _as_dtype(parts[0], dtype).float()
 
 
 class _Sparsifier(Compressor):
@@ -366,26 +472,43 @@ class TopK(_Sparsifier):
         d, K = _numel(shape), self.k(shape)
         return _f(dtype) * K + min(K * _index_bits(d), d)
 
-    def _encode(self, x, seed):
-        v = x.reshape(-1)
-        d, K = v.numel(), self.k(x.shape)
-        idx = torch.topk(v.abs(), K, sorted=False).indices
+    def select_rows(self, x: Tensor, shape: ShapeLike) -> tuple[Tensor, Tensor]:
+        """Each row's index part (L, nbytes) uint8 and its K values (L, K) in ascending index order."""
+        L, d = x.shape
+        K = self.k(shape)
+        idx = topk_rows(x, K)  # canonical: ties go to the lower index
         if self._bitmap(d, K):
-            mask = torch.zeros(d, dtype=torch.bool, device=v.device)
-            mask[idx] = True
-            return [pack_bits(mask, 1), v[mask]]  # boolean indexing yields the values in ascending index order
-        idx = idx.sort().values  # ascending indices: a canonical message, identical for equal inputs
-        return [pack_bits(idx, _index_bits(d)), v[idx]]
+            mask = torch.zeros(L, d, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
+            return pack_rows(mask, 1), x[mask].view(L, K)  # boolean indexing: row-major, ascending in each row
+        idx = idx.sort(dim=1).values  # ascending indices: a canonical message, identical for equal inputs
+        return pack_rows(idx, _index_bits(d)), x.gather(1, idx)
+
+    def place_rows(self, aux: Tensor, vals: Tensor, shape: ShapeLike) -> Tensor:
+        """Inverse of :meth:`select_rows`: dense (L, d) rows in ``vals``' dtype, zero where not selected."""
+        L, K = vals.shape
+        d = _numel(shape)
+        out = vals.new_zeros(L, d)
+        if self._bitmap(d, K):
+            out[unpack_rows(aux, 1, d).bool()] = vals.reshape(-1)
+        else:
+            out.scatter_(1, unpack_rows(aux, _index_bits(d), K), vals)
+        return out
+
+    def _encode(self, x, seed):
+        aux, vals = self.select_rows(x.reshape(1, -1), x.shape)
+        return [aux[0], vals[0]]
 
     def _decode(self, payload, shape, dtype, seed):
         aux, vals = payload
-        d, K = _numel(shape), self.k(shape)
-        out = vals.new_zeros(d)
-        if self._bitmap(d, K):
-            out[unpack_bits(aux, 1, d).bool()] = vals
-        else:
-            out[unpack_bits(aux, _index_bits(d), K)] = vals
-        return out
+        return self.place_rows(aux.reshape(1, -1), vals.reshape(1, -1), shape)[0]
+
+    def encode_rows(self, x, shape, seeds):
+        aux, vals = self.select_rows(x, shape)
+        return [aux, vals.contiguous().view(torch.uint8)]
+
+    def decode_rows(self, parts, shape, dtype, seeds):
+        aux, vals = parts
+        return self.place_rows(aux, _as_dtype(vals, dtype), shape).float()
 
 
 class RandK(_Sparsifier):
@@ -441,7 +564,7 @@ class Natural(Compressor):
     """Natural compression (Horváth et al. 2019): each value rounded at random to one of its two neighbouring powers
     of two, with probabilities making it unbiased; ω = 1/8.
 
-    9 bits a value, bit-packed: bit 8 = sign, bits 0-7 = biased exponent e + 127 as in the IEEE float32 exponent
+    The rounding draws come from :func:`uniform_rows` (seeded, counter-based). 9 bits a value, bit-packed: bit 8 = sign, bits 0-7 = biased exponent e + 127 as in the IEEE float32 exponent
     field, 0 encoding zero. Computed in float32 (bf16/fp16 inputs included). Exponents are limited to what the input
     dtype represents exactly: [-126, 127] for float32/bf16, [-24, 15] for fp16. Below the range a value rounds to
     0 or the smallest power (still unbiased, but the ω bound no longer holds); at the top, values ≥ 2^e_max round
@@ -461,8 +584,9 @@ class Natural(Compressor):
     def bits(self, shape, dtype):
         return 9 * _numel(shape)
 
-    def _encode(self, x, seed):
-        v = x.reshape(-1).float()
+    def codes_rows(self, x: Tensor, seeds: Sequence[int]) -> Tensor:
+        """The 9-bit codes (L, d) int64 of every row of ``x`` (L, d), row i rounded with ``seeds[i]``."""
+        v = x.float()
         e_min, e_max = self._RANGE.get(x.dtype, (-126, 127))
         a = v.abs()
         e = torch.frexp(a).exponent.to(torch.int64) - 1  # a = m·2^e with m in [1, 2)
@@ -470,17 +594,29 @@ class Natural(Compressor):
         low = torch.where(below, 0.0, _pow2(e))
         high = torch.where(below, 2.0**e_min, _pow2(e + 1))
         p_up = (a - low) / (high - low)  # unbiased: E = low + p_up·(high − low) = a
-        up = torch.rand(v.numel(), generator=_generator(seed, v.device), device=v.device) < p_up
+        up = uniform_rows(seeds, v.shape[1], v.device) < p_up
         E = torch.where(below, torch.full_like(e, e_min), e + up).clamp(max=e_max)
         zero = (a == 0) | (below & ~up)
-        code = torch.where(zero, 0, E + 127) | ((v < 0).to(torch.int64) << 8)
-        return [pack_bits(code, 9)]
+        return torch.where(zero, 0, E + 127) | ((v < 0).to(torch.int64) << 8)
 
-    def _decode(self, payload, shape, dtype, seed):
-        code = unpack_bits(payload[0], 9, _numel(shape))
+    @staticmethod
+    def values_rows(code: Tensor) -> Tensor:
+        """Decode 9-bit codes to float32 values."""
         E = code & 255
         mag = torch.where(E == 0, 0.0, _pow2(E - 127))
         return torch.where((code >> 8).bool(), -mag, mag)
+
+    def _encode(self, x, seed):
+        return [pack_bits(self.codes_rows(x.reshape(1, -1), [seed]), 9)]
+
+    def _decode(self, payload, shape, dtype, seed):
+        return self.values_rows(unpack_bits(payload[0], 9, _numel(shape)))
+
+    def encode_rows(self, x, shape, seeds):
+        return [pack_rows(self.codes_rows(x, seeds), 9)]
+
+    def decode_rows(self, parts, shape, dtype, seeds):
+        return self.values_rows(unpack_rows(parts[0], 9, _numel(shape))).to(dtype).float()
 
 
 class Sign(Compressor):
@@ -650,6 +786,12 @@ class Cast(Compressor):
     def _decode(self, payload, shape, dtype, seed):
         return payload[0]
 
+    def encode_rows(self, x, shape, seeds):
+        return [x.to(self.to).view(torch.uint8)]
+
+    def decode_rows(self, parts, shape, dtype, seeds):
+        return _as_dtype(parts[0], self.to).to(dtype).float()
+
 
 class Composed(Compressor):
     """``outer+inner``: ``outer`` (top_k, rand_k or rank) runs first; ``inner`` compresses each of its value tensors
@@ -724,6 +866,23 @@ class Composed(Compressor):
         for k, v in enumerate(p[self.outer.n_aux :]):
             out += [t.reshape(-1) for t in self.inner._encode(v.reshape(-1).contiguous(), _subseed(seed, k))]
         return out
+
+    def encode_rows(self, x, shape, seeds):
+        if not isinstance(self.outer, TopK):
+            return super().encode_rows(x, shape, seeds)
+        aux, vals = self.outer.select_rows(x, shape)
+        K = vals.shape[1]
+        return [aux, *self.inner.encode_rows(vals.contiguous(), (K,), [_subseed(s, 0) for s in seeds])]
+
+    def decode_rows(self, parts, shape, dtype, seeds):
+        if not isinstance(self.outer, TopK):
+            return super().decode_rows(parts, shape, dtype, seeds)
+        K = self.outer.k(shape)
+        vals = self.inner.decode_rows(parts[1:], (K,), dtype, [_subseed(s, 0) for s in seeds]).to(dtype)
+        (scale,) = self.scales(shape)
+        if scale != 1.0:
+            vals = vals.float() * scale
+        return self.outer.place_rows(parts[0], vals, shape).float()
 
     def _decode(self, payload, shape, dtype, seed):
         n_aux = self.outer.n_aux
