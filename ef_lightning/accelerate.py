@@ -83,11 +83,14 @@ def _from_env(name: str, text: str, where: str) -> Any:
             return int(text)
         except ValueError:
             raise ValueError(f"{where}={text!r} is not an integer; valid values: integers >= 0") from None
-    if name in ("p", "participation"):
+    if name in ("fused", "overlap"):
+        return _flag(text, where)
+    if name in ("p", "participation", "bucket_cap_mb"):
         try:
             return float(text)
         except ValueError:
-            raise ValueError(f"{where}={text!r} is not a number; valid values: numbers in (0, 1]") from None
+            valid = "numbers > 0 (MiB)" if name == "bucket_cap_mb" else "numbers in (0, 1]"
+            raise ValueError(f"{where}={text!r} is not a number; valid values: {valid}") from None
     if name in ("uplink", "downlink") and "=" in text:
         pairs = [p.strip() for p in text.split(",") if p.strip()]
         if not all(p.count("=") == 1 for p in pairs):
@@ -122,7 +125,8 @@ class EF21Plugin:
 
     Args:
         enabled: run EF21-Muon; False makes :meth:`prepare` plain ``accelerator.prepare``.
-        uplink, downlink, topology, server_rank, seed, on_nonfinite, estimator, p, participation: the
+        uplink, downlink, topology, server_rank, seed, on_nonfinite, estimator, p, participation, fused, overlap,
+            bucket_cap_mb: the
             :class:`~ef_lightning.config.EF21Config` options of the same names. The variance-reduced estimators need
             ``optimizer.step(closure)`` (module docstring).
     """
@@ -160,6 +164,13 @@ class EF21Plugin:
         "EF21_PARTICIPATION",
         "Fraction of workers in (0, 1] that take part in each round (topology 'server' only); default every worker",
     )
+    fused: bool | None = _field(
+        "EF21_FUSED", "Vectorised compress/decode of all layers of a shape at once (0: the per-layer reference path)"
+    )
+    overlap: bool | None = _field(
+        "EF21_OVERLAP", "Start each bucket's uplink during backward as soon as its gradients are ready"
+    )
+    bucket_cap_mb: float | None = _field("EF21_BUCKET_CAP_MB", "Uplink bucket size in MiB of fp32 gradient")
     # resolved in __post_init__ (not arguments): the checked configuration, and what exists once attached
     config: EF21Config = dataclasses.field(init=False, repr=False, compare=False)
     _runtime: _Runtime | None = dataclasses.field(init=False, default=None, repr=False, compare=False)
@@ -285,6 +296,7 @@ class EF21Plugin:
             self.config,
             backward_done=True,
             on_step=lambda applied: _report_skipped(optimizer, not applied),
+            should_sync=lambda: accelerator.sync_gradients,  # overlap: send only on the step's last micro-batch
         )
         runtime = _Runtime(accelerator, optimizer, engine)
         object.__setattr__(self, "_runtime", runtime)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ __all__ = [
     "Ledger",
     "StepRecord",
     "Transport",
+    "Pending",
     "LocalTransport",
     "build_transport",
     "assign_owners",
@@ -57,6 +59,9 @@ class StepRecord:
         skipped: the step was skipped (non-finite gradient somewhere); nothing was sent.
         gradient_evals: forward/backward passes this worker spent on the step (2 for the variance-reduced
             estimators, which also need the gradient at the previous point; 0 when not participating).
+        uplink_seconds: wall time from the first uplink collective's start to the last one's completion.
+        uplink_overlap_seconds: the part of it before ``optimizer.step()`` began, i.e. hidden behind the backward
+            pass (only with ``overlap``; wall-clock, so not part of :meth:`Ledger.summary`).
     """
 
     step: int
@@ -67,6 +72,8 @@ class StepRecord:
     dense_bytes: int = 0
     skipped: bool = False
     gradient_evals: int = 1
+    uplink_seconds: float = 0.0
+    uplink_overlap_seconds: float = 0.0
 
 
 class Ledger:
@@ -111,6 +118,17 @@ class Ledger:
             "compression_ratio": (dense / up_wire) if up_wire else float("inf"),
             "gradient_evaluations_per_worker": sum(x.gradient_evals for x in r if not x.skipped),
         }
+
+    def overlap(self) -> dict[str, float]:
+        """Uplink wall time and how much of it overlapped with the backward pass, over all applied steps.
+
+        Returns:
+            ``uplink_seconds`` and ``uplink_overlap_seconds`` (sums, seconds) and ``uplink_overlap_fraction``
+            (their ratio; 0 when nothing was timed).
+        """
+        up = sum(x.uplink_seconds for x in self.records)
+        ov = sum(x.uplink_overlap_seconds for x in self.records)
+        return {"uplink_seconds": up, "uplink_overlap_seconds": ov, "uplink_overlap_fraction": ov / up if up else 0.0}
 
     def metrics(self, prefix: str = "comm/") -> dict[str, float]:
         """Per-step and cumulative communication numbers of a ledger, flat and ready for a logger.
@@ -175,6 +193,33 @@ def assign_owners(sizes: Sequence[int], world_size: int) -> list[int]:
     return owners
 
 
+class Pending:
+    """An uplink collective in flight: :meth:`wait` waits and returns the received buffers. ``started`` and
+    ``done_at`` (``time.perf_counter()`` seconds) time it; ``done_at`` is set by the collective's future when it
+    completes (or at the latest by :meth:`wait`)."""
+
+    def __init__(self, work: Any, result: Callable[[], list[torch.Tensor]]) -> None:
+        self.started = time.perf_counter()
+        self.done_at: float | None = None
+        self._work, self._result = work, result
+        if work is not None:
+            work.get_future().add_done_callback(self._done)
+
+    def _done(self, _: Any) -> None:
+        self.done_at = time.perf_counter()
+
+    def wait(self) -> list[torch.Tensor]:
+        if self._work is not None:
+            self._work.wait()
+        if self.done_at is None:
+            self.done_at = time.perf_counter()
+        return self._result()
+
+
+def _pending(work: Any, result: Callable[[], list[torch.Tensor]]) -> Pending:
+    return Pending(work, result)
+
+
 class Transport(abc.ABC):
     """Moves packed EF21 buffers between the ranks of a process group.
 
@@ -203,9 +248,15 @@ class Transport(abc.ABC):
         """Owner rank of each layer (``-1`` = every rank)."""
         ...
 
-    @abc.abstractmethod
     def uplink(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> list[torch.Tensor]:
-        """Send this worker's per-owner buffers; return the buffers addressed to this rank, one per worker.
+        """Send this worker's per-owner buffers; return the buffers addressed to this rank, one per worker
+        (:meth:`uplink_start` and wait)."""
+        return self.uplink_start(parts, lengths).wait()
+
+    @abc.abstractmethod
+    def uplink_start(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> Pending:
+        """Start sending this worker's per-owner buffers (an asynchronous collective); the returned callable waits
+        and returns the buffers addressed to this rank, one per worker.
 
         Args:
             parts: for each owner rank ``o``, this worker's packed messages for ``o``'s layers (uint8, 1-D,
@@ -237,6 +288,12 @@ class Transport(abc.ABC):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t.item() > 0)
 
+    def any_of(self, flags: Sequence[bool]) -> list[bool]:
+        """:meth:`any` for several flags in one all-reduce."""
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return [bool(x > 0) for x in t.tolist()]
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (used once at start-up for the configuration check)."""
         out: list[Any] = [None] * self.world_size
@@ -264,11 +321,11 @@ class AllGatherTransport(Transport):
     def owners(self, sizes: Sequence[int]) -> list[int]:
         return [-1] * len(sizes)
 
-    def uplink(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> list[torch.Tensor]:
+    def uplink_start(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> Pending:
         (buf,) = parts
         out = torch.empty(buf.numel() * self.world_size, dtype=torch.uint8, device=buf.device)
-        dist.all_gather_into_tensor(out, buf, group=self.group)
-        return list(out.chunk(self.world_size))
+        work = dist.all_gather_into_tensor(out, buf, group=self.group, async_op=True)
+        return _pending(work, lambda: list(out.chunk(self.world_size)))
 
     def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:
         return []
@@ -294,12 +351,12 @@ class ServerTransport(Transport):
     def owners(self, sizes: Sequence[int]) -> list[int]:
         return [self.server_rank] * len(sizes)
 
-    def uplink(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> list[torch.Tensor]:
+    def uplink_start(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> Pending:
         buf = parts[self.server_rank]
         is_server = self.rank == self.server_rank
         bufs = [torch.empty_like(buf) for _ in range(self.world_size)] if is_server else None
-        dist.gather(buf, bufs, dst=self._global(self.server_rank), group=self.group)
-        return bufs if bufs is not None else []
+        work = dist.gather(buf, bufs, dst=self._global(self.server_rank), group=self.group, async_op=True)
+        return _pending(work, lambda: bufs if bufs is not None else [])
 
     def uplink_wire_bytes(self, lengths: Sequence[int]) -> int:
         return lengths[self.server_rank]
@@ -346,14 +403,19 @@ class ShardedTransport(Transport):
     def owners(self, sizes: Sequence[int]) -> list[int]:
         return assign_owners(sizes, self.world_size)
 
-    def uplink(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> list[torch.Tensor]:
+    def uplink_start(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> Pending:
         send = torch.cat(parts) if len(parts) > 1 else parts[0]
         mine = lengths[self.rank]
         recv = torch.empty(mine * self.world_size, dtype=torch.uint8, device=send.device)
-        dist.all_to_all_single(
-            recv, send, output_split_sizes=[mine] * self.world_size, input_split_sizes=list(lengths), group=self.group
+        work = dist.all_to_all_single(
+            recv,
+            send,
+            output_split_sizes=[mine] * self.world_size,
+            input_split_sizes=list(lengths),
+            group=self.group,
+            async_op=True,
         )
-        return list(recv.split(mine)) if mine else []
+        return _pending(work, lambda: list(recv.split(mine)) if mine else [])
 
     def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:
         # all_gather needs equal sizes: pad every owner's buffer to the longest (balanced owners keep this small)
@@ -388,8 +450,8 @@ class LocalTransport(Transport):
     def owners(self, sizes: Sequence[int]) -> list[int]:
         return [-1 if self.replicated else 0] * len(sizes)
 
-    def uplink(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> list[torch.Tensor]:
-        return [parts[0]]
+    def uplink_start(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> Pending:
+        return Pending(None, lambda: [parts[0]])
 
     def uplink_from(
         self, buf: torch.Tensor | None, participants: Sequence[int], lengths: Sequence[int]
@@ -406,6 +468,9 @@ class LocalTransport(Transport):
 
     def any(self, flag: bool) -> bool:
         return flag
+
+    def any_of(self, flags: Sequence[bool]) -> list[bool]:
+        return list(flags)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return [obj]

@@ -362,7 +362,6 @@ class Compressor(abc.ABC):
             payload.append(chunk)
         return Message(payload, self.bits(shape, dtype), shape, dtype, seed)
 
-
     # -- many layers at once --------------------------------------------------------------------------------------
     def encode_rows(self, x: Tensor, shape: ShapeLike, seeds: Sequence[int]) -> list[Tensor]:
         """Compress every row of ``x`` (L, d): L tensors of ``shape`` (flattened, same dtype), row i with ``seeds[i]``.
@@ -377,7 +376,9 @@ class Compressor(abc.ABC):
             torch.stack([m.payload[p].reshape(-1).view(torch.uint8) for m in msgs]) for p in range(len(msgs[0].payload))
         ]
 
-    def decode_rows(self, parts: Sequence[Tensor], shape: ShapeLike, dtype: torch.dtype, seeds: Sequence[int]) -> Tensor:
+    def decode_rows(
+        self, parts: Sequence[Tensor], shape: ShapeLike, dtype: torch.dtype, seeds: Sequence[int]
+    ) -> Tensor:
         """Inverse of :meth:`encode_rows`: the decompressed rows as float32 (L, d). The base version loops over rows."""
         shape = torch.Size(shape)
         layout = self.layout(shape, dtype)
@@ -564,11 +565,12 @@ class Natural(Compressor):
     """Natural compression (Horváth et al. 2019): each value rounded at random to one of its two neighbouring powers
     of two, with probabilities making it unbiased; ω = 1/8.
 
-    The rounding draws come from :func:`uniform_rows` (seeded, counter-based). 9 bits a value, bit-packed: bit 8 = sign, bits 0-7 = biased exponent e + 127 as in the IEEE float32 exponent
-    field, 0 encoding zero. Computed in float32 (bf16/fp16 inputs included). Exponents are limited to what the input
-    dtype represents exactly: [-126, 127] for float32/bf16, [-24, 15] for fp16. Below the range a value rounds to
-    0 or the smallest power (still unbiased, but the ω bound no longer holds); at the top, values ≥ 2^e_max round
-    down to 2^e_max (biased there, never overflowing to inf). Non-finite inputs are not supported.
+    The rounding draws come from :func:`uniform_rows` (seeded, counter-based). 9 bits a value, bit-packed: bit 8 = sign,
+    bits 0-7 = biased exponent e + 127 as in the IEEE float32 exponent field, 0 encoding zero. Computed in float32
+    (bf16/fp16 inputs included). Exponents are limited to what the input dtype represents exactly: [-126, 127] for
+    float32/bf16, [-24, 15] for fp16. Below the range a value rounds to 0 or the smallest power (still unbiased, but the
+    ω bound no longer holds); at the top, values ≥ 2^e_max round down to 2^e_max (biased there, never overflowing to
+    inf). Non-finite inputs are not supported.
     """
 
     spec, kind = "natural", "unbiased"

@@ -143,6 +143,13 @@ class EF21Config:
             per step (MARINA's choice, arXiv 2102.07845 Cor. 2.1).
         participation: fraction in (0, 1] of the workers that send each round (``topology="server"`` only, the
             federated setting); ``None`` or 1: every worker every round.
+        fused: compress, pack and decode all layers of a group (same shape and compressors) with one tensor op each
+            (default); ``False`` runs the per-layer reference path (same bytes, same updates; slower).
+        overlap: start each bucket's uplink from the backward pass as soon as its gradients are ready
+            (:class:`~ef_lightning.EF21Engine` only; the Simulator has no backward to overlap). ``False``: one
+            uplink collective at ``optimizer.step()``.
+        bucket_cap_mb: size of the uplink buckets in MiB of fp32 gradient (the first bucket is at most 1 MiB, as in
+            DDP); only with ``overlap``.
 
     Raises:
         EF21ConfigError: (a ValueError) naming the option, the bad value and the valid choices.
@@ -162,6 +169,9 @@ class EF21Config:
     estimator: str = "ef21"
     p: float | None = None
     participation: float | None = None
+    fused: bool = True
+    overlap: bool = True
+    bucket_cap_mb: float = 25.0
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen: normalise once)
@@ -170,6 +180,13 @@ class EF21Config:
         self._choice("topology", TOPOLOGIES)
         self._choice("on_nonfinite", NONFINITE)
         self._choice("estimator", ESTIMATORS)
+        for name in ("fused", "overlap"):
+            if not isinstance(getattr(self, name), bool):
+                raise EF21ConfigError(name, f"{name}={getattr(self, name)!r}; valid values: True, False")
+        cap = self.bucket_cap_mb
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf"):
+            raise EF21ConfigError("bucket_cap_mb", f"bucket_cap_mb={cap!r}; valid values: numbers > 0 (MiB)")
+        set_("bucket_cap_mb", float(cap))
         for name in ("server_rank", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

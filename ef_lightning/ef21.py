@@ -40,6 +40,7 @@ import abc
 import contextlib
 import functools
 import hashlib
+import time
 import types
 import warnings
 import weakref
@@ -55,6 +56,7 @@ from ef_lightning import kernels as K
 from ef_lightning.comm import (
     Ledger,
     LocalTransport,
+    Pending,
     ServerTransport,
     StepRecord,
     Transport,
@@ -63,7 +65,19 @@ from ef_lightning.comm import (
 )
 from ef_lightning.config import REFRESH_ESTIMATORS, EF21Config
 from ef_lightning.optim import LMO, _classify
-from ef_lightning.state import LayerSpec, ServerState, WorkerState, load_optimizer_state, optimizer_state, tensors_state
+from ef_lightning.state import (
+    Group,
+    LayerSpec,
+    ServerState,
+    WireLayout,
+    WorkerState,
+    assign_buckets,
+    build_groups,
+    group_rows_,
+    load_optimizer_state,
+    optimizer_state,
+    tensors_state,
+)
 
 __all__ = ["EF21Engine", "Simulator", "LayerSpec"]
 
@@ -91,6 +105,33 @@ def _grads_of(layers: Sequence[LayerSpec], clone: bool) -> list[Tensor]:
     ]
 
 
+def _tentative(rows: Tensor | None, pending: list[tuple[Tensor, Tensor]]) -> Tensor | None:
+    if rows is None:
+        return None
+    copy = rows.clone()
+    pending.append((rows, copy))
+    return copy
+
+
+class _GradView(Sequence[Tensor]):
+    """``grads[i]``: layer i's current gradient (zeros when it has none), read when asked (a bucket at a time)."""
+
+    def __init__(self, layers: Sequence[LayerSpec]) -> None:
+        self.layers = layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
+        p = self.layers[i].param
+        return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+
+
+def _grad_version(p: Tensor) -> tuple[int, int] | None:
+    """Identity and in-place version of ``p.grad`` (changes when anything modifies or replaces it)."""
+    return None if p.grad is None else (id(p.grad), p.grad._version)
+
+
 def _nonfinite(grads: Sequence[Tensor]) -> bool:
     return not all(bool(torch.isfinite(g).all()) for g in grads)
 
@@ -100,6 +141,8 @@ class _EF21Base(abc.ABC):
     ledger, evaluation at X, checkpoint helpers, and the hold on the optimizer."""
 
     replicated = False  # every process computes X for every layer (allgather): no downlink
+    _bucketed = False  # several uplink buckets (overlap with backward), else one
+    _uplink_timing = (0.0, 0.0)  # this step's uplink seconds and the part of them hidden behind backward
     _step_hint = ""  # how to step instead, for the guard's error
     # set by the subclass's __init__ (after this class's): the layers this process serves, the server state (X, G)
     # of those layers, and the state of each worker this process runs, by worker index
@@ -144,6 +187,14 @@ class _EF21Base(abc.ABC):
                     nesterov=bool(group.get("nesterov", False)) if worker_momentum else False,
                 )
             )
+        self.fused = config.fused
+        buckets = [0] * len(self.layers)
+        if self._bucketed:
+            mib = 1 << 20
+            sizes = [4 * L.param.numel() for L in self.layers]
+            buckets = assign_buckets(sizes, int(config.bucket_cap_mb * mib), min(mib, int(config.bucket_cap_mb * mib)))
+        self.groups: list[Group] = build_groups(self.layers, buckets)
+        self.n_buckets = 1 + max((g.bucket for g in self.groups), default=0)
         # bits one worker sends (by MARINA refresh round) and the server side sends per step: fixed by the shapes
         self._up_bits = {r: self._bits(self.layers, "up", r) for r in (False, True)}
         self._down_bits = self._bits(self.layers, "down")
@@ -263,7 +314,7 @@ class _EF21Base(abc.ABC):
         g = torch.Generator().manual_seed(K.seed_for(self.seed, self.step_count, K.SUBSET))
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
-    def _up_comp(self, L: LayerSpec, refresh: bool) -> _comp.Compressor:
+    def _up_comp(self, L: LayerSpec | Group, refresh: bool) -> _comp.Compressor:
         """The uplink compressor this step: a MARINA refresh round sends full gradients."""
         return _IDENTITY if (refresh and self.estimator == "marina") else L.up
 
@@ -271,46 +322,129 @@ class _EF21Base(abc.ABC):
         # identity sends the value itself (not a difference) only when every worker reports every step
         return comp.kind == "identity" and self.participation is None
 
-    def _uplink_messages(
-        self, ws: WorkerState, grads: Sequence[Tensor], prev: Sequence[Tensor] | None, worker: int, refresh: bool
+    def _init_rows(self) -> None:
+        """Put each group's state in the rows of one (L, d) tensor (the per-layer dicts keep views); build the wire
+        layouts. Called by the subclasses once ``served``, ``_workers`` and ``server`` exist."""
+        n_owners = len(self._owner_slots())
+        self.up_layout = {
+            r: WireLayout(self.groups, lambda g, r=r: self._up_comp(g, r), n_owners, by_bucket=True)
+            for r in (False, True)
+        }
+        self.down_layout = WireLayout(self.groups, lambda g: g.down, n_owners, by_bucket=False)
+        served = {L.index for L in self.served}
+        self.served_groups = [g for g in self.groups if g.layers[0].index in served]
+        self._rows: dict[tuple[Any, ...], Tensor | None] = {}
+        for g in self.groups:
+            for j, ws in self._workers.items():
+                for k in ("M", "G", "V"):
+                    self._rows[j, k, g.index] = group_rows_(getattr(ws, k), g)
+        for g in self.served_groups:
+            for k in ("X", "G"):
+                self._rows["server", k, g.index] = group_rows_(getattr(self.server, k), g)
+
+    def _owner_slots(self) -> list[int]:
+        return [0]
+
+    def _seeds(self, g: Group, sender: int) -> list[int]:
+        return [K.seed_for(self.seed, self.step_count, i, sender) for i in g.indices]
+
+    @staticmethod
+    def _stack(tensors: Sequence[Tensor], g: Group) -> Tensor:
+        return torch.stack([tensors[i].reshape(-1) for i in g.indices]).float()
+
+    def _encode_bucket(
+        self,
+        bucket: int,
+        worker: int,
+        grads: Sequence[Tensor],
+        prev: Sequence[Tensor] | None,
+        refresh: bool,
+        finite: list[Tensor] | None = None,
+        tentative: list[tuple[Tensor, Tensor]] | None = None,
     ) -> list[Tensor]:
-        """Steps 2-3 for one worker: each layer's packed message (uint8). ``prev``: the gradients on the same
-        minibatch at the previous W (VR estimators after their first step; docs/algorithm.md §4)."""
-        out = []
-        for L in self.layers:
-            i = L.index
-            g = grads[i].float()
-            g_prev = prev[i].float() if prev is not None else None
-            comp = self._up_comp(L, refresh)
-            seed = K.seed_for(self.seed, self.step_count, i, worker)
-            if self.estimator == "marina":
-                out.append(K.uplink_marina(comp, g, g_prev, refresh, seed))
+        """Steps 2-3 for one worker and one bucket: its packed messages, one uint8 buffer per owner slot.
+        ``prev``: the gradients on the same minibatch at the previous W (VR estimators after their first step;
+        docs/algorithm.md §4). ``finite`` collects a flag per group; with ``tentative`` the worker state is updated
+        in copies, listed as (state, copy) pairs to commit later."""
+        layout = self.up_layout[refresh]
+        bufs = [torch.empty(n, dtype=torch.uint8, device=self._device) for n in layout.lengths[bucket]]
+        for g in self.groups:
+            if g.bucket != bucket:
                 continue
-            if self.estimator == "ef21":
-                D = K.ef21_direction(ws.M.get(i), g, L.momentum, L.nesterov)
-            elif self.estimator == "ef21_page":
-                D = K.page_direction(ws.V[i], g, g_prev, refresh)
+            gr = self._stack(grads, g)
+            if finite is not None:
+                finite.append(torch.isfinite(gr).all())
+            gp = self._stack(prev, g) if prev is not None else None
+            comp = self._up_comp(g, refresh)
+            seeds = self._seeds(g, worker)
+            if self.estimator == "marina":
+                parts = K.uplink_marina(comp, gr, gp, refresh, g.shape, seeds, self.fused)
             else:
-                D = K.mvr_direction(ws.V[i], g, g_prev, L.momentum)
-            out.append(K.uplink_ef21(comp, D, ws.G[i], seed, self._exact_identity(comp)))
-        return out
+                M, G_j, V = (self._rows[worker, k, g.index] for k in ("M", "G", "V"))
+                if tentative is not None:  # work on copies; the caller commits them once the step is known good
+                    M, G_j = (_tentative(t, tentative) for t in (M, G_j))
+                if self.estimator == "ef21":
+                    D = K.ef21_direction(M, gr, g.momentum, g.nesterov)
+                elif self.estimator == "ef21_page":
+                    assert V is not None
+                    D = K.page_direction(V, gr, gp, refresh)
+                else:
+                    assert V is not None
+                    D = K.mvr_direction(V, gr, gp, g.momentum)
+                assert G_j is not None  # every estimator but marina keeps G_j
+                parts = K.uplink_ef21(comp, D, G_j, g.shape, seeds, self._exact_identity(comp), self.fused)
+            _, slot = layout.where(g)
+            for dst, part in zip(layout.views(bufs[slot], g), parts):
+                dst.copy_(part)
+        return bufs
 
     def _aggregate(
-        self, L: LayerSpec, bufs: Sequence[Tensor], senders: Sequence[int], n_workers: int, refresh: bool
+        self, g: Group, bufs: Sequence[Tensor], senders: Sequence[int], n_workers: int, refresh: bool
     ) -> None:
-        """Step 4 for one served layer; MARINA: the mean of the senders' full gradients on a refresh round, else
+        """Step 4 for one served group; MARINA: the mean of the senders' full gradients on a refresh round, else
         G += the mean of their Q(gradient differences)."""
-        comp = self._up_comp(L, refresh)
+        comp = self._up_comp(g, refresh)
         marina = self.estimator == "marina"
+        G = self._rows["server", "G", g.index]
+        assert G is not None  # every served group has server rows
+        layout = self.up_layout[refresh]
         K.aggregate_(
-            self.server.G[L.index],
+            G,
             comp,
-            bufs,
-            [K.seed_for(self.seed, self.step_count, L.index, j) for j in senders],
+            [layout.views(buf, g) for buf in bufs],
+            [self._seeds(g, j) for j in senders],
+            g.shape,
             divisor=len(senders) if marina else n_workers,
             replace=(marina and refresh) or (not marina and self._exact_identity(comp)),
+            fused=self.fused,
             scale_unbiased=not marina,
         )
+
+    def _downlink(self) -> None:
+        """Steps 6-7: the served groups' S = C(X - W) into this rank's downlink buffer, exchanged, applied to W."""
+        layout = self.down_layout
+        mine = torch.empty(layout.lengths[0][self._my_slot()], dtype=torch.uint8, device=self._device)
+        for g in self.served_groups:
+            X = self._rows["server", "X", g.index]
+            assert X is not None  # not replicated: the server keeps X apart from the parameters
+            parts = K.downlink_message(
+                g.down, X, [L.param for L in g.layers], g.shape, self._seeds(g, K.SERVER), self.fused
+            )
+            for dst, part in zip(layout.views(mine, g), parts):
+                dst.copy_(part)
+        bufs = self._exchange_downlink(mine)
+        for g in self.groups:
+            parts = layout.views(bufs[max(g.owner, 0)], g)
+            K.apply_downlink_(
+                [L.param.data for L in g.layers], g.down, parts, g.shape, self._seeds(g, K.SERVER), self.fused
+            )
+
+    def _my_slot(self) -> int:
+        return 0
+
+    @property
+    def _device(self) -> torch.device:
+        return self.layers[0].param.device if self.layers else torch.device("cpu")
 
     @torch.no_grad()
     def _sync(
@@ -327,34 +461,37 @@ class _EF21Base(abc.ABC):
             return False
         if self.config.variance_reduced:  # remember W, where these gradients were taken
             self._W_prev = {L.index: L.param.detach().clone() for L in self.layers}
-        # 2-3: each local worker's messages
-        messages = {
-            j: self._uplink_messages(self._workers[j], grads[j], prev[j] if prev is not None else None, j, refresh)
-            for j in local
-        }
-        # 4-5: aggregate and step the served layers
-        received = self._exchange_uplink(messages, participants, refresh)
-        for L in self.served:
-            self._aggregate(L, received[L.index], participants, n_workers, refresh)
+        # 2-3: each local worker's messages, bucket by bucket, and 4: aggregate the served groups
+        received: dict[int, list[Tensor]] = {}
+        seconds = 0.0
+        for b in range(self.n_buckets):
+            messages = {
+                j: self._encode_bucket(b, j, grads[j], prev[j] if prev is not None else None, refresh) for j in local
+            }
+            t0 = time.perf_counter()
+            received[b] = self._exchange_uplink(b, messages, participants, refresh)
+            seconds += time.perf_counter() - t0
+        self._uplink_timing = (seconds, 0.0)
+        for g in self.served_groups:
+            self._aggregate(g, received[g.bucket], participants, n_workers, refresh)
+        self._finish(refresh, participants, local, prev is not None)
+        return True
+
+    def _finish(self, refresh: bool, participants: Sequence[int], local: Sequence[int], vr: bool) -> None:
+        """Steps 5-7 and the books, once G holds this step's aggregate."""
         # every rank runs the optimizer's update, serving layers or not (then it has no grads and moves nothing):
         # an LR scheduler counts optimizer steps through it
         self._server_update()
-        # 6-7: downlink
         if not self.replicated:
-            seeds = {L.index: K.seed_for(self.seed, self.step_count, L.index, K.SERVER) for L in self.layers}
-            down = {
-                L.index: K.downlink_message(L.down, self.server.X[L.index], L.param, seeds[L.index])
-                for L in self.served
-            }
-            for L, buf in zip(self.layers, self._exchange_downlink(down)):
-                K.apply_downlink_(L.param, L.down, buf, seeds[L.index])
+            self._downlink()
         elif any(L.param.dtype != torch.float32 for L in self.layers):
             for L in self.layers:  # replicated in a low-precision dtype: W is X cast to the training dtype
                 L.param.data.copy_(self.server.X[L.index])
-        self.ledger.record(self._record(refresh, participants, local, prev is not None))
+        rec = self._record(refresh, participants, local, vr)
+        rec.uplink_seconds, rec.uplink_overlap_seconds = self._uplink_timing
+        self.ledger.record(rec)
         self.step_count += 1
         self.applied += 1
-        return True
 
     def _skip(self, bad: Sequence[int]) -> None:
         msg = f"EF21 step {self.step_count}: non-finite gradient on {self._where(bad)}; step skipped on every worker"
@@ -375,13 +512,14 @@ class _EF21Base(abc.ABC):
 
     @abc.abstractmethod
     def _exchange_uplink(
-        self, messages: Mapping[int, list[Tensor]], participants: Sequence[int], refresh: bool
-    ) -> dict[int, list[Tensor]]:
-        """Move the workers' messages; return, for each served layer, the senders' buffers in participant order."""
+        self, bucket: int, messages: Mapping[int, list[Tensor]], participants: Sequence[int], refresh: bool
+    ) -> list[Tensor]:
+        """Move one bucket's messages (``messages[j]``: worker j's buffer per owner slot); return the buffers
+        addressed to this process (its owner slot), one per sender in participant order."""
 
     @abc.abstractmethod
-    def _exchange_downlink(self, down: Mapping[int, Tensor]) -> list[Tensor]:
-        """Move the served layers' S; return every layer's S buffer in layer order."""
+    def _exchange_downlink(self, mine: Tensor) -> list[Tensor]:
+        """Move this process's S buffer; return every owner slot's S buffer."""
 
     @abc.abstractmethod
     def _record(self, refresh: bool, participants: Sequence[int], local: Sequence[int], vr: bool) -> StepRecord:
@@ -489,6 +627,9 @@ class EF21Engine(_EF21Base):
             backward, and with a variance-reduced estimator the closure only re-evaluates the previous point.
         quiet: wraps the closure for its run at the previous point (e.g. to keep it from logging); ``None``: as is.
         on_step: called with True/False (applied/skipped) after every EF21 step that :meth:`optimizer_step` ran.
+        should_sync: with ``overlap``, asked when a bucket's gradients are ready: False means this backward is not
+            the last one before the step (gradient accumulation; e.g. ``lambda: accelerator.sync_gradients``), so
+            nothing is sent yet. ``None``: every backward may be the last; :meth:`no_sync` blocks one explicitly.
         **options: :class:`~ef_lightning.config.EF21Config` fields (``uplink``, ``downlink``, ``topology``, ...),
             applied over ``config``.
 
@@ -514,12 +655,18 @@ class EF21Engine(_EF21Base):
         backward_done: bool = False,
         quiet: Callable[[Closure], Closure] | None = None,
         on_step: Callable[[bool], None] | None = None,
+        should_sync: Callable[[], bool] | None = None,
         **options: Any,
     ) -> None:
         config = EF21Config.build(config, **options)
         self.transport: Transport = build_transport(config.topology, group, server_rank=config.server_rank)
         t = self.transport
         self.replicated = t.replicated
+        # overlap: EF21 with every worker each round, in a real group (VR estimators need their closure first)
+        self.overlapping = (
+            config.overlap and config.estimator == "ef21" and config.participation is None and t.world_size > 1
+        )
+        self._bucketed = self.overlapping
         super().__init__(model, optimizer, config, owners=t.owners, route_step=self.optimizer_step)
         self.backward_done, self.quiet, self.on_step = backward_done, quiet, on_step
         self._check_agreement()
@@ -531,6 +678,18 @@ class EF21Engine(_EF21Base):
             broadcast_tensors_([L.param.data for L in self.layers], 0, t.group)
         self._workers = {t.rank: WorkerState.new(self.layers, self.estimator)}
         self.server = ServerState.new(self.served, x_is_param=t.replicated)
+        self._init_rows()
+        self._should_sync = should_sync
+        self._blocked = 0  # depth of no_sync() blocks
+        self._grad_hooks: list[RemovableHandle] = []
+        if self.overlapping:
+            self._bucket_of = {i: g.bucket for g in self.groups for i in g.indices}
+            self._bucket_size = [
+                sum(len(g.layers) for g in self.groups if g.bucket == b) for b in range(self.n_buckets)
+            ]
+            self._reset_inflight()
+            for L in self.layers:
+                self._grad_hooks.append(L.param.register_post_accumulate_grad_hook(self._grad_ready(L.index)))
 
     @property
     def topology(self) -> str:
@@ -570,6 +729,104 @@ class EF21Engine(_EF21Base):
                     f"has {repr(mine[k])[:200]}, rank {r} has {shown[k]} (fields differing: {diff})"
                 )
 
+    # --------------------------------------------------------------------------------------------- overlap
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside the block only accumulate gradients (like ``DistributedDataParallel.no_sync``):
+        no bucket is sent before the step. Needed for overlap under gradient accumulation; without it a second
+        backward before ``optimizer.step()`` makes the engine discard the early sends and sync again at the step
+        (correct, but the early traffic is wasted)."""
+        self._blocked += 1
+        try:
+            yield
+        finally:
+            self._blocked -= 1
+
+    def _reset_inflight(self) -> None:
+        self._ready: list[set[int]] = [set() for _ in range(self.n_buckets)]
+        self._next_bucket = 0  # buckets start in order, like DDP's, so every rank issues the same collectives
+        self._inflight: dict[int, Pending] = {}
+        self._pending_state: list[tuple[Tensor, Tensor]] = []  # (worker rows, their updated copy) to commit
+        self._versions: list[tuple[Tensor, tuple[int, int] | None]] = []  # gradients the early sends read
+        self._finite: list[Tensor] = []
+        self._stale = False
+
+    def _grad_ready(self, index: int) -> Callable[[Tensor], None]:
+        def hook(param: Tensor) -> None:
+            if self._blocked or (self._should_sync is not None and not self._should_sync()):
+                return
+            b = self._bucket_of[index]
+            if b < self._next_bucket:  # a second backward after this bucket was sent: resync at the step
+                self._stale = True
+                return
+            self._ready[b].add(index)
+            while (
+                self._next_bucket < self.n_buckets
+                and len(self._ready[self._next_bucket]) == self._bucket_size[self._next_bucket]
+            ):
+                self._launch(self._next_bucket)
+
+        return hook
+
+    @torch.no_grad()
+    def _launch(self, b: int) -> None:
+        """Steps 2-3 for bucket ``b`` now and start its uplink collective (asynchronous). The worker state is
+        updated in copies, committed at the step once no rank had a non-finite gradient; the gradients' versions
+        are noted, so a change before the step (clipping, a hand edit) is caught and the step resyncs."""
+        rank = self.transport.rank
+        for g in self.groups:
+            if g.bucket == b:
+                self._versions.extend((L.param, _grad_version(L.param)) for L in g.layers)
+        bufs = self._encode_bucket(
+            b, rank, _GradView(self.layers), None, False, finite=self._finite, tentative=self._pending_state
+        )
+        self._inflight[b] = self.transport.uplink_start(bufs, self.up_layout[False].lengths[b])
+        self._next_bucket = b + 1
+
+    @torch.no_grad()
+    def _overlapped_step(self) -> bool:
+        """The step when buckets may already be in flight: start the rest, wait, check, aggregate, steps 5-7."""
+        began = time.perf_counter()
+        if not self._stale and any(_grad_version(p) != v for p, v in self._versions):
+            self._stale = True  # a gradient changed after its bucket was sent (e.g. clipping): sync it as it is now
+        while self._next_bucket < self.n_buckets:  # every rank issues every bucket's collective, stale or not
+            self._launch(self._next_bucket)
+        received = {b: p.wait() for b, p in self._inflight.items()}
+        bad = not bool(torch.stack(self._finite).all()) if self._finite else False
+        stale, bad_anywhere = self.transport.any_of([self._stale, bad])  # one small all-reduce for both
+        if stale:  # every rank resyncs together, from the gradients as they are now
+            warnings.warn(
+                "EF21 overlap: gradients changed after their bucket was sent (a second backward outside no_sync(), "
+                "gradient clipping, an edit between backward and step); this step was synced again at "
+                "optimizer.step(), without overlap",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._reset_inflight()
+            return self._sync_mine(_grads_of(self.layers, clone=False), None)
+        if bad_anywhere:
+            self._reset_inflight()
+            self._skip([self.transport.rank] if bad else [])
+            return False
+        for rows, copy in self._pending_state:
+            rows.copy_(copy)
+        first = min(p.started for p in self._inflight.values())
+        last = max(p.done_at or began for p in self._inflight.values())
+        self._uplink_timing = (last - first, max(0.0, min(last, began) - first))
+        self._reset_inflight()
+        everyone = list(range(self.transport.world_size))
+        for g in self.served_groups:
+            self._aggregate(g, received[g.bucket], everyone, self.transport.world_size, False)
+        self._finish(False, everyone, [self.transport.rank], False)
+        return True
+
+    def detach(self) -> None:
+        """Hand the optimizer back (see :meth:`_EF21Base.detach`) and remove the gradient hooks of ``overlap``."""
+        for h in self._grad_hooks:
+            h.remove()
+        self._grad_hooks = []
+        super().detach()
+
     # --------------------------------------------------------------------------------------------- stepping
     def optimizer_step(self, closure: Closure | None = None) -> Any:
         """What ``optimizer.step(closure)`` runs while the engine drives the optimizer. Returns the closure's loss.
@@ -593,7 +850,10 @@ class EF21Engine(_EF21Base):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            applied = self._sync_mine(_grads_of(self.layers, clone=False), prev)
+            if self.overlapping:
+                applied = self._overlapped_step()
+            else:
+                applied = self._sync_mine(_grads_of(self.layers, clone=False), prev)
         if self.on_step is not None:
             self.on_step(applied)
         return loss
@@ -611,6 +871,8 @@ class EF21Engine(_EF21Base):
             True if the step was applied; False if it was skipped because some worker's gradient was non-finite
             (then no state changed anywhere).
         """
+        if self.overlapping:
+            return self._overlapped_step()
         vr = self.needs_previous_gradient and self.transport.rank in self._participants(self.transport.world_size)
         grads = _grads_of(self.layers, clone=vr)  # the closure below overwrites .grad
         prev = None
@@ -642,41 +904,28 @@ class EF21Engine(_EF21Base):
     def _where(self, bad: Sequence[int]) -> str:
         return f"rank {self.transport.rank}" if bad else "another rank"
 
-    def _exchange_uplink(
-        self, messages: Mapping[int, list[Tensor]], participants: Sequence[int], refresh: bool
-    ) -> dict[int, list[Tensor]]:
+    def _owner_slots(self) -> list[int]:
         t = self.transport
-        lengths = self.up_lengths[refresh]
-        parts = None
-        if t.rank in messages:  # grouped by owner in layer order: one buffer per owner, one collective
-            empty = torch.empty(0, dtype=torch.uint8, device=t.device)
-            grouped: list[list[Tensor]] = [[] for _ in lengths]
-            for L, buf in zip(self.layers, messages[t.rank]):
-                grouped[max(L.owner, 0)].append(buf)
-            parts = [torch.cat(g) if g else empty for g in grouped]
+        return [0] if t.replicated else list(range(t.world_size))
+
+    def _my_slot(self) -> int:
+        return 0 if self.transport.replicated else self.transport.rank
+
+    def _exchange_uplink(
+        self, bucket: int, messages: Mapping[int, list[Tensor]], participants: Sequence[int], refresh: bool
+    ) -> list[Tensor]:
+        t = self.transport
+        lengths = self.up_layout[refresh].lengths[bucket]
+        parts = messages.get(t.rank)
         if self.participation is None:
             assert parts is not None  # every rank takes part in every round
-            received = t.uplink(parts, lengths)
-        else:  # server topology: only this round's participants send (point to point)
-            assert isinstance(t, (ServerTransport, LocalTransport))  # the config allows participation with it only
-            received = t.uplink_from(parts[t.server_rank] if parts is not None else None, participants, lengths)
-        out, offset = {}, 0
-        for L in self.served:
-            n = self._up_comp(L, refresh).wire_nbytes(L.shape, torch.float32)
-            out[L.index] = [b[offset : offset + n] for b in received]
-            offset += n
-        return out
+            return t.uplink(parts, lengths)
+        # server topology: only this round's participants send (point to point)
+        assert isinstance(t, (ServerTransport, LocalTransport))  # the config allows participation with it only
+        return t.uplink_from(parts[t.server_rank] if parts is not None else None, participants, lengths)
 
-    def _exchange_downlink(self, down: Mapping[int, Tensor]) -> list[Tensor]:
-        mine = [down[L.index] for L in self.served]
-        bufs = self.transport.downlink(torch.cat(mine) if mine else None, self.down_lengths)
-        offsets = [0] * len(bufs)
-        out = []
-        for L in self.layers:
-            o, n = L.owner, L.down.wire_nbytes(L.shape, torch.float32)
-            out.append(bufs[o][offsets[o] : offsets[o] + n])
-            offsets[o] += n
-        return out
+    def _exchange_downlink(self, mine: Tensor) -> list[Tensor]:
+        return self.transport.downlink(mine, self.down_layout.lengths[0])
 
     def _record(self, refresh: bool, participants: Sequence[int], local: Sequence[int], vr: bool) -> StepRecord:
         t, me = self.transport, bool(local)
@@ -786,6 +1035,7 @@ class Simulator(_EF21Base):
         self._down_wire = self._lengths(self.layers, "down", 1)[0]
         self._workers = {j: WorkerState.new(self.layers, self.estimator) for j in range(n_workers)}
         self.server = ServerState.new(self.layers, x_is_param=False)
+        self._init_rows()
 
     @property
     def workers(self) -> list[WorkerState]:
@@ -847,12 +1097,12 @@ class Simulator(_EF21Base):
         return f"worker(s) {list(bad)}"
 
     def _exchange_uplink(
-        self, messages: Mapping[int, list[Tensor]], participants: Sequence[int], refresh: bool
-    ) -> dict[int, list[Tensor]]:
-        return {L.index: [messages[j][L.index] for j in participants] for L in self.layers}
+        self, bucket: int, messages: Mapping[int, list[Tensor]], participants: Sequence[int], refresh: bool
+    ) -> list[Tensor]:
+        return [messages[j][0] for j in participants]
 
-    def _exchange_downlink(self, down: Mapping[int, Tensor]) -> list[Tensor]:
-        return [down[L.index] for L in self.layers]
+    def _exchange_downlink(self, mine: Tensor) -> list[Tensor]:
+        return [mine]
 
     def _record(self, refresh: bool, participants: Sequence[int], local: Sequence[int], vr: bool) -> StepRecord:
         share = len(participants) / self.n_workers  # per-worker counts are averages over all n workers

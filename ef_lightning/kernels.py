@@ -1,10 +1,14 @@
-"""The per-layer kernels of EF21-Muon: pure functions on tensors, one per step of docs/algorithm.md §2 and §4.
+"""The kernels of EF21-Muon: pure functions on tensors, one per step of docs/algorithm.md §2 and §4.
 
-Each function does one step for one layer (one parameter tensor); :class:`~ef_lightning.EF21Engine` and
+Each function does one step for one group of layers (:class:`~ef_lightning.state.Group`: same shape and compressors)
+held as the rows of an (L, d) float32 tensor; one layer is L = 1. :class:`~ef_lightning.EF21Engine` and
 :class:`~ef_lightning.Simulator` call them in the same order, so their arithmetic is identical operation for
-operation. Math names follow the paper (arXiv 2510.00643): ``g`` worker gradient, ``M`` worker momentum, ``D``
-worker direction, ``G_j`` worker estimate, ``R`` uplink message, ``G`` server aggregate, ``X`` server model,
-``W`` shadow model (the parameters), ``S`` downlink message. Shapes are the parameter's; state is float32.
+operation. ``fused`` picks the compressors' vectorised row kernels (a number of tensor ops independent of L) or the
+per-layer reference loop; both give the same bytes and floats (tests/test_fused.py, tests/test_ef21_dist.py).
+
+Math names follow the paper (arXiv 2510.00643): ``g`` worker gradient, ``M`` worker momentum, ``D`` worker direction,
+``G_j`` worker estimate, ``R`` uplink message, ``G`` server aggregate, ``X`` server model, ``W`` shadow model (the
+parameters), ``S`` downlink message. Shapes are the parameter's; state is float32.
 
 Randomness: every compressor call gets a seed from :func:`seed_for` (step, layer, sender), identical on every rank,
 so a receiver rebuilds rand-k indices or stochastic rounding without the global RNG.
@@ -26,6 +30,7 @@ __all__ = [
     "COIN",
     "SUBSET",
     "seed_for",
+    "encode",
     "decode",
     "ef21_direction",
     "page_direction",
@@ -54,12 +59,30 @@ def seed_for(*xs: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-def decode(comp: _comp.Compressor, msg: _comp.Message, scale_unbiased: bool = True) -> Tensor:
-    """Decompress to float32. An unbiased Q(omega) under EF21 is scaled by 1/(omega + 1) (docs/algorithm.md §3);
-    MARINA needs E Q(x) = x and passes ``scale_unbiased=False``."""
-    x = comp.decompress(msg).float()
+def encode(comp: _comp.Compressor, x: Tensor, shape: torch.Size, seeds: Sequence[int], fused: bool) -> list[Tensor]:
+    """Compress the rows of ``x`` (L, d): each part as (L, nbytes) uint8. ``fused``: the compressor's vectorised
+    :meth:`~ef_lightning.compressors.Compressor.encode_rows`; else the per-layer reference loop (same bytes)."""
+    if fused:
+        return comp.encode_rows(x, shape, seeds)
+    return _comp.Compressor.encode_rows(comp, x, shape, seeds)
+
+
+def decode(
+    comp: _comp.Compressor,
+    parts: Sequence[Tensor],
+    shape: torch.Size,
+    seeds: Sequence[int],
+    fused: bool,
+    scale_unbiased: bool = True,
+) -> Tensor:
+    """Decompress rows to float32 (L, d). An unbiased Q(omega) under EF21 is scaled by 1/(omega + 1)
+    (docs/algorithm.md §3); MARINA needs E Q(x) = x and passes ``scale_unbiased=False``."""
+    if fused:
+        x = comp.decode_rows(parts, shape, torch.float32, seeds)
+    else:
+        x = _comp.Compressor.decode_rows(comp, parts, shape, torch.float32, seeds)
     if scale_unbiased and comp.kind == "unbiased":
-        x.mul_(1.0 / (1.0 + comp.constant(msg.shape)))
+        x.mul_(1.0 / (1.0 + comp.constant(shape)))
     return x
 
 
@@ -83,48 +106,66 @@ def mvr_direction(V: Tensor, g: Tensor, g_prev: Tensor | None, mu: float) -> Ten
 
 
 # ----------------------------------------------------------------------------------------- step 3: uplink messages
-def uplink_ef21(comp: _comp.Compressor, D: Tensor, G_j: Tensor, seed: int, exact_identity: bool) -> Tensor:
-    """EF21 step 3: R = C(D - G_j); G_j <- G_j + R; returns R packed (uint8).
+def uplink_ef21(
+    comp: _comp.Compressor,
+    D: Tensor,
+    G_j: Tensor,
+    shape: torch.Size,
+    seeds: Sequence[int],
+    exact_identity: bool,
+    fused: bool,
+) -> list[Tensor]:
+    """EF21 step 3 on rows: R = C(D - G_j); G_j <- G_j + R; returns R's parts (uint8).
 
     With ``exact_identity`` (identity compressor, every worker reporting) D itself is sent and G_j = D: the same
     bits, and bit-exact data-parallel averaging instead of G + mean(D - G_j) rounding drift.
     """
     if exact_identity:
-        msg = comp.compress(D)
         G_j.copy_(D)
-    else:
-        msg = comp.compress(D - G_j, seed=seed)
-        G_j.add_(decode(comp, msg))
-    return comp.pack(msg)
+        return encode(comp, D, shape, seeds, fused)
+    parts = encode(comp, D - G_j, shape, seeds, fused)
+    G_j.add_(decode(comp, parts, shape, seeds, fused))
+    return parts
 
 
-def uplink_marina(comp: _comp.Compressor, g: Tensor, g_prev: Tensor | None, refresh: bool, seed: int) -> Tensor:
+def uplink_marina(
+    comp: _comp.Compressor,
+    g: Tensor,
+    g_prev: Tensor | None,
+    refresh: bool,
+    shape: torch.Size,
+    seeds: Sequence[int],
+    fused: bool,
+) -> list[Tensor]:
     """MARINA: a refresh round sends g itself (``comp`` is identity then); otherwise Q(g - g_prev), unscaled."""
     if refresh:
-        return comp.pack(comp.compress(g))
+        return encode(comp, g, shape, seeds, fused)
     assert g_prev is not None  # every round but a refresh one has the previous point's gradient
-    return comp.pack(comp.compress(g - g_prev, seed=seed))
+    return encode(comp, g - g_prev, shape, seeds, fused)
 
 
 # ----------------------------------------------------------------------------------------- step 4: aggregate
 def aggregate_(
     G: Tensor,
     comp: _comp.Compressor,
-    bufs: Sequence[Tensor],
-    seeds: Sequence[int],
+    messages: Sequence[Sequence[Tensor]],
+    seeds: Sequence[Sequence[int]],
+    shape: torch.Size,
     divisor: int,
     replace: bool,
+    fused: bool,
     scale_unbiased: bool = True,
 ) -> None:
-    """Step 4: G <- G + (1/divisor) * sum_j R_j (``replace``: G <- that mean), senders summed in the given order.
+    """Step 4 on rows: G <- G + (1/divisor) * sum_j R_j (``replace``: G <- that mean), senders summed in order.
 
-    ``divisor`` is n (every worker: non-participants contribute R_j = 0, which keeps G = mean_j G_j) or the number
-    of senders (MARINA). ``replace`` holds when the messages are the D_j themselves (identity uplink) or MARINA's
-    full gradients on a refresh round.
+    ``messages[j]``: sender j's parts; ``seeds[j]``: its per-row seeds. ``divisor`` is n (every worker:
+    non-participants contribute R_j = 0, which keeps G = mean_j G_j) or the number of senders (MARINA).
+    ``replace`` holds when the messages are the D_j themselves (identity uplink) or MARINA's full gradients on a
+    refresh round.
     """
     acc: Tensor | None = None
-    for buf, seed in zip(bufs, seeds):
-        R = decode(comp, comp.unpack(buf, G.shape, torch.float32, seed=seed), scale_unbiased=scale_unbiased)
+    for parts, s in zip(messages, seeds):
+        R = decode(comp, parts, shape, s, fused, scale_unbiased=scale_unbiased)
         acc = R if acc is None else acc.add_(R)
     if acc is None:
         raise ValueError("aggregate_ needs at least one message")
@@ -157,18 +198,31 @@ def server_view(
 
 
 # ----------------------------------------------------------------------------------------- steps 6-7: the downlink
-def downlink_message(comp: _comp.Compressor, X: Tensor, W: Tensor, seed: int) -> Tensor:
-    """EF21-P step 6: S = C_down(X - W), packed. Identity sends X itself (same bits, and W = X exactly)."""
+def downlink_message(
+    comp: _comp.Compressor, X: Tensor, W: Sequence[Tensor], shape: torch.Size, seeds: Sequence[int], fused: bool
+) -> list[Tensor]:
+    """EF21-P step 6 on rows: S = C_down(X - W), packed. Identity sends X itself (same bits, and W = X exactly)."""
     if comp.kind == "identity":
-        return comp.pack(comp.compress(X))
-    return comp.pack(comp.compress(X - W.detach().float(), seed=seed))
+        return encode(comp, X, shape, seeds, fused)
+    W_rows = torch.stack([w.detach().reshape(-1) for w in W]).float()
+    return encode(comp, X - W_rows, shape, seeds, fused)
 
 
 @torch.no_grad()
-def apply_downlink_(W: Tensor, comp: _comp.Compressor, buf: Tensor, seed: int) -> None:
-    """Step 7: W <- W + S (identity: W <- X), in W's own dtype."""
+def apply_downlink_(
+    W: Sequence[Tensor],
+    comp: _comp.Compressor,
+    parts: Sequence[Tensor],
+    shape: torch.Size,
+    seeds: Sequence[int],
+    fused: bool,
+) -> None:
+    """Step 7: W <- W + S (identity: W <- X), in W's own dtype, every row at once."""
+    rows = decode(comp, parts, shape, seeds, fused)
+    if comp.kind != "identity":
+        rows = rows.to(W[0].dtype)
+    views = [r.view(shape) for r in rows]
     if comp.kind == "identity":
-        W.copy_(comp.decompress(comp.unpack(buf, W.shape, torch.float32)))
+        torch._foreach_copy_(list(W), views)
     else:
-        S = decode(comp, comp.unpack(buf, W.shape, torch.float32, seed=seed))
-        W.add_(S.to(W.dtype))
+        torch._foreach_add_(list(W), views)

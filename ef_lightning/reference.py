@@ -111,8 +111,10 @@ def reference_run(
             for j in range(n_workers):
                 # 2. the direction D_j
                 if estimator == "ef21":
-                    M[j][i] = momentum * M[j][i] + (1 - momentum) * g[j][i]
-                    D = ((1 - momentum) * g[j][i] + momentum * M[j][i]) if nesterov else M[j][i]
+                    # M = mu*M + (1-mu)*g, D = (1-mu)*g + mu*M, written as torch.optim.Muon writes them (lerp), so
+                    # the rounding matches and stochastic rounding downstream (natural) sees the same inputs
+                    M[j][i] = M[j][i].lerp(g[j][i], 1 - momentum)
+                    D = g[j][i].lerp(M[j][i], momentum) if nesterov else M[j][i]
                     if momentum == 0:
                         D = g[j][i]
                 elif estimator == "ef21_page":

@@ -131,3 +131,102 @@ def load_optimizer_state(
             optimizer.state[L.param] = {
                 k: (v.clone() if isinstance(v, Tensor) else v) for k, v in state[L.name].items()
             }
+
+
+# ------------------------------------------------------------------------------------------------ groups and buckets
+@dataclasses.dataclass
+class Group:
+    """Layers that one tensor op serves at once: same bucket, owner, compressors, shape and momentum.
+
+    The fused path stores a group's per-layer state as the rows of one (L, d) float32 tensor (the per-layer tensors
+    in :class:`WorkerState` / :class:`ServerState` are views of those rows) and compresses, decodes and updates all L
+    layers with one call each, so the number of tensor ops per step depends on the number of groups, not layers.
+    In a transformer the groups are the distinct weight shapes of a bucket: their count does not grow with depth.
+    """
+
+    index: int
+    bucket: int  # uplink bucket (one collective each when overlapping with backward)
+    owner: int  # as LayerSpec.owner
+    layers: list[LayerSpec]
+    up: _comp.Compressor
+    down: _comp.Compressor
+    shape: torch.Size
+    momentum: float
+    nesterov: bool
+
+    @property
+    def indices(self) -> list[int]:
+        return [L.index for L in self.layers]
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+def assign_buckets(nbytes: Sequence[int], cap: int, first_cap: int) -> list[int]:
+    """Bucket index of each layer: layers in reverse order (gradients arrive roughly last layer first), filled up to
+    ``first_cap`` bytes for bucket 0 and ``cap`` for the others, as DDP does (a small first bucket starts sending
+    early). A layer larger than the cap gets a bucket of its own."""
+    out = [0] * len(nbytes)
+    b, filled, limit = 0, 0, first_cap
+    for i in reversed(range(len(nbytes))):
+        if filled and filled + nbytes[i] > limit:
+            b, filled, limit = b + 1, 0, cap
+        out[i] = b
+        filled += nbytes[i]
+    return out
+
+
+def build_groups(layers: Sequence[LayerSpec], buckets: Sequence[int]) -> list[Group]:
+    """Group ``layers`` (in order) by (bucket, owner, compressors, shape, momentum); groups ordered by bucket, then
+    by their first layer."""
+    by_key: dict[tuple[Any, ...], Group] = {}
+    for L, b in sorted(zip(layers, buckets), key=lambda t: (t[1], t[0].index)):
+        key = (b, L.owner, L.up.spec, L.down.spec, tuple(L.shape), L.momentum, L.nesterov)
+        g = by_key.get(key)
+        if g is None:
+            g = by_key[key] = Group(len(by_key), b, L.owner, [], L.up, L.down, L.shape, L.momentum, L.nesterov)
+        g.layers.append(L)
+    return list(by_key.values())
+
+
+def group_rows_(store: dict[int, Tensor], g: Group) -> Tensor | None:
+    """Move the per-layer tensors of ``g``'s layers in ``store`` into the rows of one (L, d) tensor, leaving views
+    in ``store``; returns the rows (None when ``store`` holds none of them)."""
+    if not all(L.index in store for L in g.layers):
+        return None
+    rows = torch.stack([store[L.index].reshape(-1) for L in g.layers])
+    for r, L in enumerate(g.layers):
+        store[L.index] = rows[r].view(L.shape)
+    return rows
+
+
+class WireLayout:
+    """Where each group's message parts sit in the flat uint8 buffers of one direction.
+
+    One buffer per (bucket, owner); inside it the groups follow each other, and each group's parts are stored part
+    after part, each an (L, nbytes) block (row r = layer r's part). Every rank derives the same layout from the
+    shapes, so buffers of fixed length travel without headers. Sizes: ``lengths[bucket][owner]`` bytes.
+    """
+
+    def __init__(self, groups: Sequence[Group], comp: Any, n_owners: int, by_bucket: bool) -> None:
+        n_buckets = 1 + max((g.bucket for g in groups), default=0) if by_bucket else 1
+        self.lengths = [[0] * n_owners for _ in range(n_buckets)]
+        self.slots: dict[int, tuple[int, int, list[tuple[int, int]]]] = {}
+        for g in groups:
+            b, o = (g.bucket if by_bucket else 0), max(g.owner, 0)
+            parts = []
+            for nb in comp(g).part_nbytes(g.shape, torch.float32):
+                parts.append((self.lengths[b][o], nb))
+                self.lengths[b][o] += nb * len(g.layers)
+            self.slots[g.index] = (b, o, parts)
+
+    def views(self, buf: Tensor, g: Group) -> list[Tensor]:
+        """The (L, nbytes) blocks of ``g``'s parts in ``buf`` (this group's bucket and owner buffer)."""
+        n = len(g.layers)
+        return [buf[off : off + nb * n].view(n, nb) for off, nb in self.slots[g.index][2]]
+
+    def where(self, g: Group) -> tuple[int, int]:
+        """(bucket, owner slot) of ``g``'s buffer."""
+        b, o, _ = self.slots[g.index]
+        return b, o

@@ -124,6 +124,14 @@ class EF21MuonStrategy(DDPStrategy):
         for opt in self.optimizers:
             self.engines[id(opt)] = self._new_engine(opt)
 
+    @contextlib.contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        """Lightning's gradient-accumulation micro-batches: no bucket is sent before the step's last backward."""
+        with contextlib.ExitStack() as stack:
+            for engine in self.engines.values():
+                stack.enter_context(engine.no_sync())
+            yield
+
     def _new_engine(self, optimizer: Optimizer) -> EF21Engine:
         assert self.lightning_module is not None  # setup() connected it
         return EF21Engine(self.lightning_module, optimizer, self.config, sync_initial=False, quiet=self._quiet)

@@ -6,6 +6,8 @@ can compare them with an independent reference (the Simulator, plain data-parall
 
 from __future__ import annotations
 
+import hashlib
+
 import datetime
 import os
 import socket
@@ -109,6 +111,7 @@ class CollectiveCounter:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []
+        self.digests: list[str] = []  # sha1 of the bytes each call was handed (its input as sent)
         self._orig = {}
 
     def __enter__(self) -> "CollectiveCounter":
@@ -120,6 +123,11 @@ class CollectiveCounter:
                 # input tensor: all_gather_into_tensor(out, inp), all_to_all_single(out, inp), gather(inp), broadcast(t)
                 t = args[1] if __name in ("all_gather_into_tensor", "all_to_all_single") else args[0]
                 self.calls.append((__name, t.numel() * t.element_size()))
+                if __name == "broadcast" and kw.get("src", args[1] if len(args) > 1 else None) != dist.get_rank():
+                    self.digests.append("received")  # a receiver's broadcast tensor is its (unfilled) output
+                else:
+                    data = t.detach().cpu().contiguous().view(torch.uint8).numpy()
+                    self.digests.append(hashlib.sha1(data).hexdigest())
                 return __orig(*args, **kw)
 
             setattr(dist, name, wrapped)
@@ -169,6 +177,7 @@ def engine_run(rank: int, world: int, configs: list[dict], steps: int, lr: float
             lmo.newton_schulz = orig_ns
         res = _state_snapshot(model, eng)
         res["collectives"] = counter.calls
+        res["digests"] = counter.digests
         res["ns_calls"] = len(ns_calls)
         res["losses"] = losses
         out[key] = res
@@ -267,4 +276,49 @@ def engine_vr_run(rank: int, world: int, configs: list[dict], steps: int) -> dic
             closure()
             eng.step(closure if eng.needs_previous_gradient else None)
         out[repr(sorted(cfg.items()))] = {**_state_snapshot(model, eng)}
+    return out
+
+
+def engine_overlap(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """The same training with and without overlap (tiny buckets: one per layer), and with gradient clipping between
+    backward and step; records the order of uplink collectives and the first layer's gradient in each backward."""
+    import warnings
+
+    from ef_lightning import EF21Engine
+
+    out = {}
+    data = make_data(world, steps)
+    for overlap in (True, False):
+        for clip in (False, True):
+            model = make_model(0)
+            opt = make_optimizer(model)
+            eng = EF21Engine(model, opt, topology="sharded", uplink="top_k:0.25", downlink="top_k:0.5",
+                             overlap=overlap, bucket_cap_mb=1e-4)
+            events: list[str] = []
+            first = next(model.parameters())  # the first layer's weight: among the last gradients of a backward
+            first.register_post_accumulate_grad_hook(lambda p: events.append("first-layer-grad"))
+            orig = dist.all_to_all_single
+
+            def wrapped(*a, __orig=orig, **k):
+                events.append("uplink")
+                return __orig(*a, **k)
+
+            dist.all_to_all_single = wrapped
+            try:
+                with warnings.catch_warnings(record=True) as w:
+                    warnings.simplefilter("always")
+                    for s in range(steps):
+                        events.append("step")
+                        opt.zero_grad(set_to_none=True)
+                        mse(model, data[s][rank]).backward()
+                        events.append("backward-done")
+                        if clip:
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                        opt.step()
+            finally:
+                dist.all_to_all_single = orig
+            res = _state_snapshot(model, eng)
+            res.update(events=events, n_buckets=eng.n_buckets, overlapping=eng.overlapping,
+                       timing=eng.ledger.overlap(), warned=[str(x.message) for x in w])
+            out[repr((overlap, clip))] = res
     return out

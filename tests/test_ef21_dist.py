@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ef_lightning as efl
-from dist_helpers import (check_ok, engine_mismatch, engine_nan, engine_resume, engine_run, make_data, make_model,
+from dist_helpers import (check_ok, engine_mismatch, engine_nan, engine_overlap, engine_resume, engine_run, make_data, make_model,
                           make_optimizer, mse, run_distributed)
 
 pytestmark = pytest.mark.slow  # multi-process: the bulk of the suite's time (deselect: -m 'not slow')
@@ -150,3 +150,56 @@ def test_mismatched_uplink_raises_on_every_rank(tmp_path):
         assert "top_k:0.1" in out["error"] and "top_k:0.2" in out["error"]
         assert out["seconds"] < 10
     assert time.monotonic() - t0 < 60
+
+
+PARITY = [
+    {"topology": t, "uplink": up, "downlink": down, "fused": fused}
+    for t, up, down in (("allgather", "top_k:0.1+natural", "identity"), ("server", "top_k:0.1", "top_k:0.25+natural"),
+                        ("sharded", "top_k:0.05+natural", "natural"))
+    for fused in (True, False)
+]
+
+
+@pytest.mark.parametrize("topology", ["allgather", "server", "sharded"])
+def test_fused_and_per_layer_paths_are_bit_identical(tmp_path, topology):
+    """The vectorised path and the per-layer reference send the same bytes in every collective (uplink and
+    downlink) and reach the same X and W, bit for bit, in 2 processes."""
+    cfgs = [c for c in PARITY if c["topology"] == topology]
+    res = check_ok(run_distributed(engine_run, 2, tmp_path, configs=cfgs, steps=5))
+    fused, ref = (repr(sorted(c.items())) for c in cfgs)
+    for r in res:
+        assert r[fused]["digests"] == r[ref]["digests"] and len(r[fused]["digests"]) >= 5
+        assert r[fused]["ledger"] == r[ref]["ledger"]
+        for part in ("X", "W"):
+            assert r[fused][part].keys() == r[ref][part].keys()
+            for k, v in r[fused][part].items():
+                assert torch.equal(v, r[ref][part][k]), (part, k)
+
+
+def test_overlap_sends_during_backward_and_changes_nothing(tmp_path):
+    """With overlap the first bucket's uplink collective is issued before backward finishes (before the first
+    layer's gradient exists), and training is bit-identical to the step-time sync; gradients clipped after
+    backward are caught (the step resyncs with the clipped gradients, with a warning)."""
+    steps = 4
+    res = check_ok(run_distributed(engine_overlap, 2, tmp_path, steps=steps))
+    for r in res:
+        on, off = r[repr((True, False))], r[repr((False, False))]
+        assert on["overlapping"] and on["n_buckets"] > 1 and not off["overlapping"]
+        events = on["events"]
+        for start in [i for i, e in enumerate(events) if e == "step"]:  # each step: uplink before the first layer's grad
+            step_events = events[start:]
+            assert step_events.index("uplink") < step_events.index("first-layer-grad") < step_events.index(
+                "backward-done")
+        off_events = off["events"]  # without overlap nothing is sent during backward
+        assert off_events.index("uplink") > off_events.index("backward-done")
+        assert on["timing"]["uplink_seconds"] > 0 and 0 <= on["timing"]["uplink_overlap_fraction"] <= 1
+        assert off["timing"]["uplink_overlap_seconds"] == 0
+        for a, b in ((on, off), (r[repr((True, True))], r[repr((False, True))])):
+            assert a["ledger"] == b["ledger"]
+            for part in ("X", "W"):
+                for k, v in a[part].items():
+                    assert torch.equal(v, b[part][k]), (part, k)
+        clipped = r[repr((True, True))]
+        assert any("gradients changed after their bucket was sent" in w for w in clipped["warned"])
+        assert not any("overlap" in w for w in on["warned"])
+        assert any(not torch.equal(clipped["W"][k], on["W"][k]) for k in on["W"])  # clipping took effect
