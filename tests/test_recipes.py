@@ -135,6 +135,127 @@ def test_classify_minilm_one_process(tmp_path):
     assert all(r["processes"] == 1 and 0.0 <= r["accuracy"] <= 1.0 for r in rows)
 
 
+def _csv_points(log_dir: Path) -> tuple[list[tuple[int, float]], dict[int, dict[str, float]]]:
+    """From a run's CSVLogger metrics.csv (written by Lightning and the CommunicationMonitor, not by the demo's own
+    bookkeeping): the validations as (optimizer steps, val loss) and the monitor's cumulative counts by step."""
+    import csv
+
+    with open(log_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    comm = {int(r["step"]): r for r in rows if r.get("comm/steps")}
+    counts = {
+        int(float(r["comm/steps"])): {
+            "uplink": float(r["comm/uplink_bytes_total"]),
+            "downlink": float(r["comm/downlink_bytes_total"]),
+        }
+        for r in comm.values()
+    }
+    # a validation's row has the step of the training row logged after the same optimizer step
+    vals = [(int(float(comm[int(r["step"])]["comm/steps"])), float(r["val_loss"])) for r in rows if r.get("val_loss")]
+    return vals, counts
+
+
+def test_demo_compressed_run_reaches_the_uncompressed_loss(tmp_path):
+    """recipes/demo.py, tiny: the uncompressed run sets the target (its final loss at X), the compressed run (package
+    defaults) stops at the first validation at or below it, within its budget; the report's steps and bytes to the
+    loss are checked against Lightning's CSV logs, the ledger's records and the dense fp32 size of the model."""
+    import re
+
+    import demo
+
+    steps, every, mult = 20, 5, 3
+    args = [
+        "--steps",
+        str(steps),
+        "--val-every",
+        str(every),
+        "--budget-mult",
+        str(mult),
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--block",
+        "32",
+        "--batch",
+        "4",
+        "--val-batches",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(RECIPES / "demo.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    out = proc.stdout
+    assert re.search(r"Epoch \d+/-\d", proc.stderr) is None  # the progress bar knows its length (was "Epoch 0/-2")
+    report = json.loads((tmp_path / "report.json").read_text())
+    base, comp = report["runs"]
+    assert (base["tag"], comp["tag"]) == ("uncompressed", "ef21_muon")
+    assert comp["uplink"] != "identity" and comp["budget_steps"] == steps * mult
+
+    # the target is the uncompressed run's last validation (at step `steps`) as Lightning logged it
+    base_vals, base_counts = _csv_points(Path(base["log_dir"]))
+    assert base_vals[-1][0] == steps and [s for s, _ in base_vals] == list(range(every, steps + 1, every))
+    target = base_vals[-1][1]
+    assert comp["target"] == pytest.approx(target, rel=1e-6)
+    b = report["to_loss"]["uncompressed"]
+    assert b["steps"] == next(s for s, v in base_vals if v <= target)
+    # identity compressors send the dense fp32 gradient: 4 bytes per parameter per step, per worker
+    numel = sum(p.numel() for p in demo.ByteLM(32, 1).parameters())
+    assert b["uplink"] == b["steps"] * 4 * numel == base_counts[b["steps"]]["uplink"]
+
+    # the compressed run: the first validation at or below the target, and it stopped there
+    vals, counts = _csv_points(Path(comp["log_dir"]))
+    assert [s for s, _ in vals] == list(range(every, vals[-1][0] + 1, every))
+    c = report["to_loss"]["ef21_muon"]
+    hit = next((s for s, v in vals if v <= target), None)
+    ran = counts[max(counts)]  # the monitor's last count: the steps the run took
+    assert max(counts) == vals[-1][0] == comp["steps_run"] == len(comp["per_step"])
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in out.splitlines()
+        if line.startswith(("uncompressed ", "ef21_muon "))
+    }
+    assert int(rows["uncompressed"][0]) == b["steps"]
+    assert rows["ef21_muon"][0] == (str(c["steps"]) if hit is not None else f">{steps * mult}")
+    if hit is not None:
+        assert comp["reached"] and c["steps"] == hit == vals[-1][0] <= steps * mult
+        # bytes to the loss = the ledger's cumulative bytes at the stopping step (= the monitor's logged totals)
+        ledger_up = sum(r["uplink_bytes_per_worker"] for r in comp["per_step"][:hit])
+        ledger_down = sum(r["downlink_bytes"] for r in comp["per_step"][:hit])
+        assert c["uplink"] == ledger_up == ran["uplink"] and c["downlink"] == ledger_down == ran["downlink"]
+        assert c["total"] == ledger_up + ledger_down
+        assert c["uplink"] < b["uplink"]
+        up_ratio, total_ratio = b["uplink"] / c["uplink"], b["total"] / c["total"]
+        assert f"{up_ratio:.1f}x less uplink per worker" in out and f"{total_ratio:.1f}x fewer bytes in total" in out
+        assert "NOT REACHED" not in out
+    else:  # the budget ran out: said so, with the gap, and nothing claimed
+        assert not comp["reached"] and vals[-1][0] == steps * mult and c["steps"] == steps * mult
+        assert c["uplink"] == ran["uplink"] and c["downlink"] == ran["downlink"]
+        best = min(v for _, v in vals)
+        assert "NOT REACHED" in out and f"{best - target:.4f} nats/byte" in out and "less uplink" not in out
+    for name, t in (("uncompressed", b), ("ef21_muon", c)):  # the table's MB columns: up, down, total (1e6 bytes)
+        assert [float(x) for x in rows[name][1:4]] == pytest.approx(
+            [t["uplink"] / 1e6, t["downlink"] / 1e6, t["total"] / 1e6], abs=0.006
+        )
+        assert float(rows[name][4]) > 0
+    assert "loopback" in out and "docs/benchmarks.md" in out
+
+
 # ---------------------------------------------------------------------------------------------------- config
 def test_unknown_key_is_rejected_with_valid_keys(tmp_path):
     path = tmp_path / "bad.yaml"
