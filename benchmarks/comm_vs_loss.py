@@ -2,25 +2,37 @@
 
 Every method in one invocation (docs/benchmarks.md):
 
+* ``tune`` — each peer's learning rate on a short grid: DDP + AdamW, DDP + torch.optim.Muon, DDP + PowerSGD r4 + LMO,
+  DeMo and DDP + the LMO optimizer, each at LR × {1/3, 1, 3} for 1/3 of the uncompressed budget (2 processes); the
+  multiplier with the lowest validation loss is used in the ``real``/``sim`` runs (ddp_lmo's also for every EF21-Muon
+  run: the same LMO optimizer). Grid, losses and choice go to the meta JSON (``tune``).
 * ``real`` — n = 2 gloo processes on loopback (torch.multiprocessing, spawn): uncompressed EF21-Muon in the three
-  topologies (= data-parallel Gluon) and DDP + the same LMO optimizer (their max weight difference is reported),
-  EF21-Muon with uplink top_k (several ratios), rank:r, natural, top_k+natural, downlink identity and top_k in the
-  server and sharded topologies; peers DDP + AdamW, DDP + torch.optim.Muon (hidden) + AdamW (rest), DDP + PowerSGD
-  hook (rank 1 and 4, error feedback) + AdamW and + the LMO optimizer.
+  topologies (= data-parallel Gluon) and DDP + the same LMO optimizer (their max weight difference is reported);
+  EF21-Muon with uplink top_k:0.05, rank:4 (sharded, dense downlink); the default uplink (``EF21Config()``'s,
+  top_k:0.1+natural on matrices) in allgather (= any topology with a dense downlink) and with the downlinks top_k:0.5
+  (the default), top_k:0.2, top_k:0.1+natural, rank:4, natural (sharded), and the best of them (fewest uplink +
+  downlink bytes to target) in the server topology; peers DDP + AdamW, DDP + torch.optim.Muon (hidden) + AdamW (rest),
+  DDP + PowerSGD hook (rank 4, error feedback) + the LMO optimizer, and DeMo (benchmarks/demo_peer.py, implemented
+  from the paper; its all_gather is real). ``DROPPED`` lists the runs of the earlier list left out, and why.
 * ``sim`` — n = 4 workers in ``ef_lightning.Simulator`` (one process): uncompressed and a few compressors.
 * ``bytes_vs_n`` — per-worker bytes per step for n = 2 … 64 in the Simulator (analytic from the ledger: two steps on
   synthetic gradients per point; message sizes do not depend on the values) for every compressor, beside DDP
   (dense fp32 rule and ring all-reduce) and PowerSGD.
 
-The uncompressed run (EF21-Muon sharded, identity) has budget ``--steps``; its final validation loss × 1.01 is the
-target. Every other method gets up to ``--budget-mult`` × that budget with the same schedule shape (linear warm-up,
-then constant LR, so a longer budget is the same schedule run longer) and, by default, stops at the first
-validation at or below the target (``--full-budget`` runs it out). Validation loss is measured at the server model X.
+Two targets. ``target``: the uncompressed run (EF21-Muon sharded, identity) has budget ``--steps``; its final
+validation loss × 1.01. ``target_adamw``: DDP + AdamW's validation loss at that same budget × 1.01 (AdamW's ground,
+where DeMo is judged in its paper). Every other method gets up to ``--budget-mult`` × that budget with the same
+schedule shape (linear warm-up, then constant LR, so a longer budget is the same schedule run longer) and, by default,
+stops at the first validation at or below both targets (``--full-budget`` runs it out). Validation loss is measured
+at the server model X. Every record reports steps, seconds and bytes to both targets, ``default`` (the package's
+``EF21Config()`` uplink, downlink and topology) and ``total_saving_vs_uncompressed`` (``TOTAL_RULE``).
 
 Outputs ``benchmarks/results/comm_vs_loss.json`` (a list of runs), ``comm_vs_loss_meta.json`` (machine, versions,
 arguments, DDP/EF21 agreement, bytes vs n) and ``comm_vs_loss.png``.
 
-    nice -n 10 timeout 3600 python benchmarks/comm_vs_loss.py              # the full run (~25 min on 2 cores)
+    nice -n 10 timeout 3600 python benchmarks/comm_vs_loss.py              # the full run (~23 min on 2 idle cores:
+                                                                            # tune ~2, real ~17, agreement, sim ~3)
+    python benchmarks/comm_vs_loss.py --parts real --only demo --append  # rerun a method (keeps the LR choice)
     python benchmarks/comm_vs_loss.py --smoke                               # seconds; used by the tests
 """
 
@@ -39,72 +51,230 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore", ".*lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`.*")
 warnings.filterwarnings("ignore", ".*all_gather_into_tensor` is deprecated.*")
 
+import common as C  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import common as C  # noqa: E402
-
 # ----------------------------------------------------------------------------------------------- the method lists
-REF = {"kind": "ef21", "topology": "sharded", "uplink": "identity", "downlink": "identity", "optimizer": "lmo",
-       "budget_mult": 1, "reference": True}
+REF = {
+    "kind": "ef21",
+    "topology": "sharded",
+    "uplink": "identity",
+    "downlink": "identity",
+    "optimizer": "lmo",
+    "budget_mult": 1,
+    "reference": True,
+}
+BEST = "@best_sharded"  # a downlink resolved during the run: the sharded candidate with the fewest bytes to target
+#: methods dropped from the earlier list (docs/benchmarks.md), and why
+DROPPED = {
+    "ef21_muon_sharded up=top_k:0.1+natural down=identity": "the same arithmetic as ef21_muon_allgather "
+    "up=top_k:0.1+natural (a dense downlink makes X = W in every topology: identical curves); the allgather run is "
+    "kept (it is also EF21Config(topology='allgather')'s default) and is the dense-downlink baseline of the downlink "
+    "candidates",
+    "ef21_muon_sharded and ef21_muon_allgather up=top_k:0.1 down=identity": "plain top_k:0.1 sends the same "
+    "indices as the default top_k:0.1+natural with 4x the value bytes and was dominated by it (6.0x vs 11.6x fewer "
+    "uplink bytes to target); the one allgather compressed run is now the default uplink's (run-time budget)",
+    "ef21_muon_sharded up=natural down=identity": "natural alone compresses 3.5x (388992 B/step) and is dominated by "
+    "its combination top_k:0.1+natural (the default); natural stays among the downlink candidates",
+    "ef21_muon_sharded/server up=top_k:0.1 down=top_k:0.5": "replaced by the downlink candidates on the default uplink "
+    "(top_k:0.5 among them) and the best candidate in the server topology",
+    "ddp_powersgd_r1_adamw": "never reached the target (final 2.877 vs 2.689); PowerSGD is kept as r4 + LMO",
+    "ddp_powersgd_r4_adamw": "dominated by ddp_powersgd_r4_lmo (1075 vs 575 steps to target, same bytes per step)",
+}
 
 
 def ef21(topology: str, up: str, down: str = "identity", mult: float | None = None) -> dict[str, Any]:
-    return {"kind": "ef21", "topology": topology, "uplink": up, "downlink": down, "optimizer": "lmo",
-            "budget_mult": mult}
+    return {
+        "kind": "ef21",
+        "topology": topology,
+        "uplink": up,
+        "downlink": down,
+        "optimizer": "lmo",
+        "budget_mult": mult,
+    }
 
 
 def ddp(opt: str, rank: int | None = None, mult: float | None = None) -> dict[str, Any]:
-    return {"kind": "ddp", "optimizer": opt, "psgd_rank": rank, "uplink": "dense_fp32" if not rank else f"powersgd:{rank}",
-            "downlink": "identity", "budget_mult": mult}
+    return {
+        "kind": "ddp",
+        "optimizer": opt,
+        "psgd_rank": rank,
+        "uplink": "dense_fp32" if not rank else f"powersgd:{rank}",
+        "downlink": "identity",
+        "budget_mult": mult,
+    }
+
+
+ADAMW_REF = dict(ddp("adamw"), adamw_reference=True)  # its loss at the reference budget defines target_adamw
+
+
+def _dedupe(xs: list[str]) -> list[str]:
+    return list(dict.fromkeys(xs))
+
+
+def downlink_candidates(smoke: bool) -> list[str]:
+    """Downlinks tried on the default uplink (sharded): the package default and the issue's candidates."""
+    if smoke:
+        return _dedupe([C.default_matrix_spec("downlink"), "rank:4"])
+    return _dedupe(
+        [C.default_matrix_spec("downlink"), "top_k:0.5", "top_k:0.2", "top_k:0.1+natural", "rank:4", "natural"]
+    )
 
 
 def real_methods(smoke: bool) -> list[dict[str, Any]]:
-    if smoke:
-        return [REF, ef21("allgather", "identity", mult=1), ef21("server", "identity", mult=1), ddp("lmo", mult=1),
-                ef21("sharded", "top_k:0.1", "top_k:0.5"), ef21("server", "rank:2"), ddp("adamw"), ddp("muon"),
-                ddp("adamw", 1)]
-    return [
+    """The 2-process runs in order: the reference first, then DDP + AdamW (so both targets are known before the
+    runs that stop at them), the uncompressed runs, the uplink sweep, the downlink candidates on the default uplink
+    (sharded) and the best of them in the server topology, then the peers."""
+    up = C.default_matrix_spec("uplink")
+    downs = [ef21("sharded", up, d) for d in downlink_candidates(smoke)] + [ef21("server", up, BEST)]
+    peers = [ddp("muon"), ddp("lmo", 4), C.demo_spec()]
+    head = [
         REF,
-        ef21("allgather", "identity", mult=1), ef21("server", "identity", mult=1), ddp("lmo", mult=1),
-        # uplink compressors (sharded, downlink dense)
-        ef21("sharded", "top_k:0.1"), ef21("sharded", "top_k:0.05"), ef21("sharded", "rank:4"),
-        ef21("sharded", "natural"), ef21("sharded", "top_k:0.1+natural"),
-        # downlink compressed (sharded and server); compressed uplink on allgather
-        ef21("sharded", "top_k:0.1", "top_k:0.5"), ef21("server", "top_k:0.1", "top_k:0.5"),
-        ef21("allgather", "top_k:0.1"),
-        # peers
-        ddp("adamw"), ddp("muon"), ddp("adamw", 1), ddp("adamw", 4), ddp("lmo", 4),
+        ADAMW_REF,
+        ef21("allgather", "identity", mult=1),
+        ef21("server", "identity", mult=1),
+        ddp("lmo", mult=1),
     ]
+    if smoke:
+        return [*head, *downs, *peers]
+    uplinks = [ef21("sharded", u) for u in _dedupe(["top_k:0.05", "rank:4"]) if u != up]
+    return [*head, *uplinks, ef21("allgather", up), *downs, *peers]
+
+
+def tune_methods() -> list[dict[str, Any]]:
+    """The peers whose LR the ``tune`` part picks (ddp_lmo's choice also sets every EF21-Muon run's LR: the same
+    LMO optimizer, and uncompressed EF21-Muon is DDP + LMO)."""
+    return [ddp("adamw"), ddp("muon"), ddp("lmo", 4), C.demo_spec(), ddp("lmo")]
+
+
+def tune_key(spec: dict[str, Any]) -> str:
+    """Which tuned LR a run uses: its own method's, or ddp_lmo's for EF21-Muon."""
+    return "ddp_lmo" if spec["kind"] == "ef21" else C.method_name(spec)
+
+
+def with_lr(methods: list[dict[str, Any]], chosen: dict[str, Any]) -> list[dict[str, Any]]:
+    """Copies of ``methods`` with ``lr_mult`` from the tune choice (1 where none)."""
+    return [dict(m, lr_mult=chosen.get(tune_key(m), {}).get("lr_mult", 1.0)) for m in methods]
 
 
 def sim_methods(smoke: bool) -> list[dict[str, Any]]:
     sim = lambda up, down="identity", mult=None, ref=False: {  # noqa: E731
-        "kind": "ef21", "topology": "sim", "uplink": up, "downlink": down, "optimizer": "lmo", "budget_mult": mult,
-        "reference": ref}
+        "kind": "ef21",
+        "topology": "sim",
+        "uplink": up,
+        "downlink": down,
+        "optimizer": "lmo",
+        "budget_mult": mult,
+        "reference": ref,
+    }
     if smoke:
         return [sim("identity", mult=1, ref=True), sim("top_k:0.1", "top_k:0.5")]
     return [sim("identity", mult=1, ref=True), sim("top_k:0.1", "top_k:0.5")]
 
 
+def demo_meta(task: C.Task) -> dict[str, Any]:
+    """What the DeMo peer is and how its bytes are counted (benchmarks/demo_peer.py)."""
+    import demo_peer
+
+    model = C.build_model(task)
+    shapes = [p.shape for p in model.parameters()]
+    b = demo_peer.payload_bytes(shapes, C.DEMO_TOPK, C.DEMO_CHUNK)
+    return {
+        "source": "benchmarks/demo_peer.py: implemented from the paper's Algorithm 1; not the authors' code",
+        "paper": demo_peer.PAPER,
+        "beta": C.DEMO_BETA,
+        "topk": C.DEMO_TOPK,
+        "chunk": C.DEMO_CHUNK,
+        "lr_default": C.DEMO_LR,
+        "update": "theta <- theta - lr * sign(Q), Q = mean over workers of IDCT(q_j); weight decay 0",
+        "parameters": "every parameter (as the paper): matrices in chunks of the largest divisors <= 64 of "
+        "(shape[0], numel/shape[0]); 1-D tensors (RMSNorm gains) as one row in chunks of the largest divisor "
+        "<= 64 of their length (96 -> 48), k = min(32, chunk numel)",
+        "byte_rule": "per worker per step = sum over chunks of k * (4 B fp32 value + 2 B int16 index): the exact "
+        "size of the uint8 buffer handed to torch.distributed.all_gather (int16 indices travel as bytes; gloo "
+        "has no int16). Downlink 0 (every worker decodes the gathered q's itself), like the DDP rule",
+        "bytes_per_step": b,
+        "packed_index_bytes_per_step": demo_peer.packed_bits_bytes(shapes, C.DEMO_TOPK, C.DEMO_CHUNK),
+        "packed_index_rule": "indices at ceil(log2(chunk numel)) bits (12 for 64x64): reported, not sent",
+        "dense_fp32_bytes_per_step": C.fp32_bytes(model),
+        "ratio_vs_dense": C.fp32_bytes(model) / b,
+    }
+
+
 # ----------------------------------------------------------------------------------------------- training loops
 def _curve_point(step: int, up: int, down: int, loss: float, t0: float) -> dict[str, Any]:
-    return {"step": step, "uplink_bytes_per_worker": up, "downlink_bytes_total": down, "val_loss": loss,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "step": step,
+        "uplink_bytes_per_worker": up,
+        "downlink_bytes_total": down,
+        "val_loss": loss,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-def train_real(rank: int, world: int, methods: list[dict[str, Any]], task: C.Task, budget_mult: float,
-               early_stop: bool, partial: str | None = None) -> list[dict[str, Any]]:
-    """Runs every method in turn inside the 2-process group (rank 0 returns the records)."""
+def _bytes_to(curve: list[dict[str, Any]], target: float | None) -> float | None:
+    """Uplink per worker + downlink received per worker (the server side's downlink messages) to ``target``."""
+    hit = C.bytes_to_target(curve, target) if target is not None else None
+    return hit["uplink_bytes_per_worker"] + hit["downlink_bytes_total"] if hit else None
+
+
+def resolve_best(spec: dict[str, Any], done: list[dict[str, Any]], target: float | None) -> dict[str, Any] | None:
+    """``spec`` with downlink ``BEST`` replaced by the sharded run on the same uplink with a compressed downlink and
+    the fewest uplink + downlink bytes to the target (the lowest final loss when none reached it); None: no such run."""
+    cands = [
+        r
+        for r in done
+        if r["spec"]["kind"] == "ef21"
+        and r["spec"]["topology"] == "sharded"
+        and r["spec"]["uplink"] == spec["uplink"]
+        and r["spec"]["downlink"] not in ("identity", BEST)
+    ]
+    if not cands:
+        return None
+    reached = [r for r in cands if _bytes_to(r["curve"], target) is not None]
+    best = (
+        min(reached, key=lambda r: _bytes_to(r["curve"], target))
+        if reached
+        else min(cands, key=lambda r: r["curve"][-1]["val_loss"])
+    )
+    return dict(
+        spec,
+        downlink=best["spec"]["downlink"],
+        downlink_choice=f"{BEST}: the sharded run on this uplink with the fewest uplink + downlink bytes to "
+        "target (lowest final loss if none reached it)",
+    )
+
+
+def train_real(
+    rank: int,
+    world: int,
+    methods: list[dict[str, Any]],
+    task: C.Task,
+    budget_mult: float,
+    early_stop: bool,
+    partial: str | None = None,
+) -> list[dict[str, Any]]:
+    """Runs every method in turn inside the 2-process group (rank 0 returns the records). A run stops early (with
+    ``early_stop``, not before the reference's step count) once it reached both targets known so far."""
+    import torch.distributed as dist
+
     data = C.Data(task)
     val = data.val_batches(rank, world)
-    target = None
+    target = target_adamw = None
     out = []
     for spec in methods:
+        if spec["downlink"] == BEST:
+            box = [resolve_best(spec, out, target)]
+            dist.broadcast_object_list(box, src=0)  # the same choice on every rank
+            if box[0] is None:
+                continue
+            spec = box[0]
         mult = spec["budget_mult"] or budget_mult
-        budget = int(round(task.steps * mult))
+        budget = round(task.steps * mult)
         r = C.Runner(spec, task)
         curve, up, down = [], 0, 0
+        hit, hit_a = False, False
         t0 = time.perf_counter()
         curve.append(_curve_point(0, 0, 0, r.val_loss(val), t0))
         bar = tqdm(range(budget), desc=C.label(spec)[:48], unit="step", disable=rank != 0, leave=False, mininterval=10)
@@ -116,30 +286,96 @@ def train_real(rank: int, world: int, methods: list[dict[str, Any]], task: C.Tas
                 v = r.val_loss(val)
                 curve.append(_curve_point(s + 1, up, down, v, t0))
                 bar.set_postfix(train=f"{loss:.3f}", val=f"{v:.3f}")
-                # stop once the target is reached, but not before the uncompressed step count (loss at it is reported)
-                if early_stop and target is not None and v <= target and s + 1 >= task.steps:
+                hit = hit or (target is not None and v <= target)
+                hit_a = hit_a or target_adamw is None or v <= target_adamw
+                # stop once the targets are reached, but not before the uncompressed step count (loss at it is reported)
+                if early_stop and hit and hit_a and s + 1 >= task.steps:
                     break
         seconds = time.perf_counter() - t0
-        rec = {"spec": spec, "curve": curve, "budget_steps": budget, "steps": curve[-1]["step"], "seconds": seconds,
-               "train_seconds_per_step": None}
+        rec = {
+            "spec": spec,
+            "curve": curve,
+            "budget_steps": budget,
+            "steps": curve[-1]["step"],
+            "seconds": seconds,
+            "train_seconds_per_step": None,
+            "base_lrs": r.base_lrs,
+        }
         if r.engine is not None:
             rec["ledger"] = r.engine.ledger.summary()
         if r.counter is not None:
             rec["powersgd_measured_hook_bytes"] = r.counter.bytes
             rec["powersgd_analytic_bytes"] = sum(r.psgd if i >= 2 else r.dense for i in range(r.step_count))
             rec["powersgd_state_iter"] = r.psgd_state.iter
-        if spec["uplink"] == "identity" or (spec["kind"] == "ddp" and spec["optimizer"] == "lmo"
-                                            and not spec.get("psgd_rank")):
+        if spec["kind"] == "demo":
+            rec["demo_bytes_per_step"] = r.opt.bytes_per_step
+            rec["demo_measured_bytes_total"] = up
+            rec["demo_packed_bits_bytes_per_step"] = r.opt.packed_bits_bytes_per_step
+        if spec["uplink"] == "identity" or (
+            spec["kind"] == "ddp" and spec["optimizer"] == "lmo" and not spec.get("psgd_rank")
+        ):
             rec["final_params"] = {k: v.float() for k, v in r.final_params().items()}
         rec["state_bytes"] = r.state_bytes()
         rec["peak_rss_mb"] = C.peak_rss_mb()
         r.close()
         if spec.get("reference"):
             target = curve[-1]["val_loss"] * 1.01
+        if spec.get("adamw_reference"):
+            target_adamw = C.loss_at_step(curve, task.steps) * 1.01
         out.append(rec)
         if partial and rank == 0:  # survives a timeout: --from-partial summarises what finished
             torch.save(out, partial)
     return out if rank == 0 else []
+
+
+def train_tune(
+    rank: int, world: int, methods: list[dict[str, Any]], grid: list[float], task: C.Task, steps: int
+) -> list[dict[str, Any]]:
+    """Each method at each LR multiplier for ``steps`` steps (same schedule shape); validation loss at the end."""
+    data = C.Data(task)
+    val = data.val_batches(rank, world)
+    out = []
+    for spec in methods:
+        for m in grid:
+            r = C.Runner(dict(spec, lr_mult=m), task)
+            t0 = time.perf_counter()
+            for s in range(steps):
+                r.step(data.batch(s, rank, world))
+            v = r.val_loss(val)
+            out.append(
+                {
+                    "method": C.method_name(spec),
+                    "lr_mult": m,
+                    "base_lrs": [x / m for x in r.base_lrs],
+                    "lrs": r.base_lrs,
+                    "steps": steps,
+                    "val_loss": v,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            r.close()
+            if rank == 0:
+                print(
+                    f"tune {C.method_name(spec):<22} lr x{m:<6.3g} val {v:.4f} ({out[-1]['seconds']:.0f} s)", flush=True
+                )
+    return out if rank == 0 else []
+
+
+def choose_lrs(grid_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per method the multiplier with the lowest validation loss (non-finite counts as +inf; ties: the smaller LR)."""
+    import math
+
+    chosen = {}
+    for name in dict.fromkeys(r["method"] for r in grid_rows):
+        rows = [r for r in grid_rows if r["method"] == name]
+        best = min(rows, key=lambda r: (r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf, r["lr_mult"]))
+        chosen[name] = {
+            "lr_mult": best["lr_mult"],
+            "lrs": best["lrs"],
+            "base_lrs": best["base_lrs"],
+            "val_loss": best["val_loss"],
+        }
+    return chosen
 
 
 def agreement_trace(rank: int, world: int, task: C.Task, steps: int, every: int) -> list[dict[str, Any]]:
@@ -148,8 +384,9 @@ def agreement_trace(rank: int, world: int, task: C.Task, steps: int, every: int)
     difference: the latter would appear at once)."""
     data = C.Data(task)
     a = C.Runner(REF, task)
-    b = C.Runner({"kind": "ddp", "optimizer": "lmo", "psgd_rank": None, "uplink": "dense_fp32",
-                  "downlink": "identity"}, task)
+    b = C.Runner(
+        {"kind": "ddp", "optimizer": "lmo", "psgd_rank": None, "uplink": "dense_fp32", "downlink": "identity"}, task
+    )
     trace = []
     for s in range(steps):
         batch = data.batch(s, rank, world)
@@ -163,8 +400,9 @@ def agreement_trace(rank: int, world: int, task: C.Task, steps: int, every: int)
     return trace
 
 
-def train_sim(methods: list[dict[str, Any]], task: C.Task, n: int, budget_mult: float,
-              early_stop: bool) -> list[dict[str, Any]]:
+def train_sim(
+    methods: list[dict[str, Any]], task: C.Task, n: int, budget_mult: float, early_stop: bool
+) -> list[dict[str, Any]]:
     import ef_lightning as efl
 
     data = C.Data(task)
@@ -173,15 +411,27 @@ def train_sim(methods: list[dict[str, Any]], task: C.Task, n: int, budget_mult: 
     out = []
     for spec in methods:
         mult = spec["budget_mult"] or budget_mult
-        budget = int(round(task.steps * mult))
+        budget = round(task.steps * mult)
         model = C.build_model(task)
-        opt = C.build_optimizer(model, "lmo", task)
+        opt = C.build_optimizer(model, "lmo", task, spec.get("lr_mult") or 1.0)
         sched = C.warmup_scheduler(opt, task)
-        sim = efl.Simulator(model, opt, n_workers=n, uplink=C.role_spec(spec["uplink"]),
-                            downlink=C.role_spec(spec["downlink"]), seed=task.seed)
+        sim = efl.Simulator(
+            model,
+            opt,
+            n_workers=n,
+            uplink=C.role_spec(spec["uplink"]),
+            downlink=C.role_spec(spec["downlink"]),
+            seed=task.seed,
+        )
         t0 = time.perf_counter()
         curve, up, down = [_curve_point(0, 0, 0, C.evaluate(model, val), t0)], 0, 0
-        bar = tqdm(range(budget), desc=f"sim n={n} {spec['uplink']}/{spec['downlink']}", unit="step", leave=False, mininterval=10)
+        bar = tqdm(
+            range(budget),
+            desc=f"sim n={n} {spec['uplink']}/{spec['downlink']}",
+            unit="step",
+            leave=False,
+            mininterval=10,
+        )
         for s in bar:
             sim.step(C.lm_loss, [data.batch(s, j, n) for j in range(n)])
             sched.step()
@@ -196,8 +446,17 @@ def train_sim(methods: list[dict[str, Any]], task: C.Task, n: int, budget_mult: 
         sim.detach()
         if spec.get("reference"):
             target = curve[-1]["val_loss"] * 1.01
-        out.append({"spec": spec, "curve": curve, "budget_steps": budget, "steps": curve[-1]["step"],
-                    "seconds": time.perf_counter() - t0, "ledger": sim.ledger.summary()})
+        out.append(
+            {
+                "spec": spec,
+                "curve": curve,
+                "budget_steps": budget,
+                "steps": curve[-1]["step"],
+                "seconds": time.perf_counter() - t0,
+                "ledger": sim.ledger.summary(),
+                "base_lrs": C.base_lrs(opt),
+            }
+        )
     return out
 
 
@@ -217,72 +476,153 @@ def bytes_vs_n(task: C.Task, ns: list[int], specs: list[str], psgd_ranks: list[i
             for _ in range(2):
                 sim.apply([[torch.randn(L.param.shape, generator=g) * 1e-3 for L in sim.layers] for _ in range(n)])
             last = sim.ledger.last
-            rows.append({"method": "ef21_muon_sim", "uplink": spec, "downlink": down, "n_workers": n,
-                         "uplink_bytes_per_worker_per_step": last.uplink_wire_bytes,
-                         "uplink_bits_per_worker_per_step": last.uplink_bits,
-                         "downlink_bytes_per_step": last.downlink_wire_bytes,
-                         "sharded_bytes_sent_per_rank_per_step": last.uplink_wire_bytes + last.downlink_wire_bytes / n,
-                         "dense_bytes_per_worker_per_step": dense,
-                         "uplink_ratio_vs_dense": dense / last.uplink_wire_bytes})
+            rows.append(
+                {
+                    "method": "ef21_muon_sim",
+                    "uplink": spec,
+                    "downlink": down,
+                    "n_workers": n,
+                    "uplink_bytes_per_worker_per_step": last.uplink_wire_bytes,
+                    "uplink_bits_per_worker_per_step": last.uplink_bits,
+                    "downlink_bytes_per_step": last.downlink_wire_bytes,
+                    "sharded_bytes_sent_per_rank_per_step": last.uplink_wire_bytes + last.downlink_wire_bytes / n,
+                    "dense_bytes_per_worker_per_step": dense,
+                    "uplink_ratio_vs_dense": dense / last.uplink_wire_bytes,
+                }
+            )
             sim.detach()
             # restore the model's parameters (the Simulator stepped it)
             model = C.build_model(task)
     for n in ns:
-        rows.append({"method": "ddp", "uplink": "dense_fp32", "downlink": "(all-reduce)", "n_workers": n,
-                     "uplink_bytes_per_worker_per_step": dense,
-                     "ring_allreduce_bytes_sent_per_worker_per_step": 2 * (n - 1) / n * dense,
-                     "dense_bytes_per_worker_per_step": dense, "uplink_ratio_vs_dense": 1.0})
+        rows.append(
+            {
+                "method": "ddp",
+                "uplink": "dense_fp32",
+                "downlink": "(all-reduce)",
+                "n_workers": n,
+                "uplink_bytes_per_worker_per_step": dense,
+                "ring_allreduce_bytes_sent_per_worker_per_step": 2 * (n - 1) / n * dense,
+                "dense_bytes_per_worker_per_step": dense,
+                "uplink_ratio_vs_dense": 1.0,
+            }
+        )
         for r in psgd_ranks:
             b = C.powersgd_bytes_per_step(model, r)
-            rows.append({"method": f"ddp_powersgd_r{r}", "uplink": f"powersgd:{r}", "downlink": "(all-reduce)",
-                         "n_workers": n, "uplink_bytes_per_worker_per_step": b,
-                         "dense_bytes_per_worker_per_step": dense, "uplink_ratio_vs_dense": dense / b})
+            rows.append(
+                {
+                    "method": f"ddp_powersgd_r{r}",
+                    "uplink": f"powersgd:{r}",
+                    "downlink": "(all-reduce)",
+                    "n_workers": n,
+                    "uplink_bytes_per_worker_per_step": b,
+                    "dense_bytes_per_worker_per_step": dense,
+                    "uplink_ratio_vs_dense": dense / b,
+                }
+            )
     return rows
 
 
 # ----------------------------------------------------------------------------------------------- summarising
-def summarise(records: list[dict[str, Any]], n: int, task: C.Task, model_bytes: int, seed: int,
-              tokens_per_step: int) -> list[dict[str, Any]]:
+TOTAL_RULE = (
+    "total bytes to a target per worker = uplink bytes it sent + downlink bytes it received (the server "
+    "side's downlink messages, downlink_bytes_total); total_saving_vs_uncompressed = that of the same "
+    "topology's uncompressed EF21-Muon run (up=identity down=identity; the Simulator's for sim) / this "
+    "run's. DDP-family peers (DDP+AdamW/Muon/LMO, PowerSGD, DeMo) are compared with ddp_lmo (the uncompressed "
+    "DDP run) by the DDP rule: all-reduce counted as one dense fp32 send per worker per step (numel*4 B), "
+    "downlink 0; PowerSGD: r(m+n) fp32 per compressed matrix; DeMo: the bytes of its all_gather buffer, "
+    "downlink 0. Suffix _adamw: the same at target_adamw."
+)
+
+
+def summarise(
+    records: list[dict[str, Any]], n: int, task: C.Task, model_bytes: int, seed: int, tokens_per_step: int
+) -> list[dict[str, Any]]:
     ref = next(r for r in records if r["spec"].get("reference"))
     target = ref["curve"][-1]["val_loss"] * 1.01
-    hit_ref = C.bytes_to_target(ref["curve"], target)
-    same_topo_ref = {r["spec"]["topology"]: r for r in records
-                     if r["spec"]["kind"] == "ef21" and r["spec"]["uplink"] == "identity"
-                     and r["spec"]["downlink"] == "identity"}
+    adamw = next((r for r in records if r["spec"].get("adamw_reference")), None)
+    targets = {"": target, "_adamw": C.loss_at_step(adamw["curve"], task.steps) * 1.01 if adamw is not None else None}
+    same_topo_ref = {
+        r["spec"]["topology"]: r
+        for r in records
+        if r["spec"]["kind"] == "ef21" and r["spec"]["uplink"] == "identity" and r["spec"]["downlink"] == "identity"
+    }
+    ddp_ref = next(
+        (
+            r
+            for r in records
+            if r["spec"]["kind"] == "ddp" and r["spec"]["optimizer"] == "lmo" and not r["spec"].get("psgd_rank")
+        ),
+        None,
+    )
     runs = []
     for r in records:
         spec, curve = r["spec"], r["curve"]
-        hit = C.bytes_to_target(curve, target)
         row = {
             "method": "ef21_muon_sim" if spec.get("topology") == "sim" else C.method_name(spec),
-            "label": C.label(spec), "topology": spec.get("topology", "allreduce"), "optimizer": spec["optimizer"],
-            "uplink": spec["uplink"], "downlink": spec["downlink"], "n_workers": n, "seed": seed,
-            "budget_steps": r["budget_steps"], "budget_tokens": r["budget_steps"] * tokens_per_step,
-            "reference_steps": task.steps, "steps": r["steps"], "tokens_per_step": tokens_per_step,
-            "final_val_loss": curve[-1]["val_loss"], "target_val_loss": target,
+            "label": C.label(spec),
+            "topology": spec.get("topology", "allreduce"),
+            "optimizer": spec["optimizer"],
+            "uplink": spec["uplink"],
+            "downlink": spec["downlink"],
+            "default": C.is_default(spec),
+            "default_compressors": C.is_default(spec, topology=False),
+            "n_workers": n,
+            "seed": seed,
+            "lr_mult": spec.get("lr_mult", 1.0),
+            "lrs": r.get("base_lrs"),
+            "budget_steps": r["budget_steps"],
+            "budget_tokens": r["budget_steps"] * tokens_per_step,
+            "reference_steps": task.steps,
+            "steps": r["steps"],
+            "tokens_per_step": tokens_per_step,
+            "final_val_loss": curve[-1]["val_loss"],
+            "target_val_loss": target,
+            "target_adamw_val_loss": targets["_adamw"],
             "val_loss_at_reference_steps": C.loss_at_step(curve, task.steps),
-            "reached_target": hit is not None,
-            "steps_to_target": hit["step"] if hit else None,
-            "bytes_to_target_per_worker": hit["uplink_bytes_per_worker"] if hit else None,
-            "bytes_to_target_model_sizes": hit["uplink_bytes_per_worker"] / model_bytes if hit else None,
-            "downlink_bytes_to_target": hit["downlink_bytes_total"] if hit else None,
-            "saving_vs_uncompressed": (hit_ref["uplink_bytes_per_worker"] / hit["uplink_bytes_per_worker"])
-            if hit and hit["uplink_bytes_per_worker"] else None,
-            "uplink_bytes_total_per_worker": curve[-1]["uplink_bytes_per_worker"],
-            "downlink_bytes_total": curve[-1]["downlink_bytes_total"],
-            "seconds": r["seconds"],
-            "val_curve": curve,
         }
-        base = same_topo_ref.get(spec.get("topology"))
-        if hit and base is not None:
-            bh = C.bytes_to_target(base["curve"], target)
-            if bh is not None:
-                tot = hit["uplink_bytes_per_worker"] + hit["downlink_bytes_total"]
-                row["total_bytes_to_target"] = tot
-                row["saving_total_vs_uncompressed_same_topology"] = \
-                    (bh["uplink_bytes_per_worker"] + bh["downlink_bytes_total"]) / tot
-        for k in ("ledger", "powersgd_measured_hook_bytes", "powersgd_analytic_bytes", "powersgd_state_iter",
-                  "state_bytes", "peak_rss_mb"):
+        if "downlink_choice" in spec:
+            row["downlink_choice"] = spec["downlink_choice"]
+        base = same_topo_ref.get(spec.get("topology")) if spec["kind"] == "ef21" else ddp_ref
+        for sfx, tgt in targets.items():
+            hit = C.bytes_to_target(curve, tgt) if tgt is not None else None
+            hit_ref = C.bytes_to_target(ref["curve"], tgt) if tgt is not None else None
+            tot, base_tot = _bytes_to(curve, tgt), _bytes_to(base["curve"], tgt) if base is not None else None
+            row.update(
+                {
+                    f"reached_target{sfx}": hit is not None,
+                    f"steps_to_target{sfx}": hit["step"] if hit else None,
+                    f"seconds_to_target{sfx}": hit["seconds"] if hit else None,
+                    f"bytes_to_target{sfx}_per_worker": hit["uplink_bytes_per_worker"] if hit else None,
+                    f"bytes_to_target{sfx}_model_sizes": hit["uplink_bytes_per_worker"] / model_bytes if hit else None,
+                    f"downlink_bytes_to_target{sfx}": hit["downlink_bytes_total"] if hit else None,
+                    f"total_bytes_to_target{sfx}_per_worker": tot,
+                    f"saving_vs_uncompressed{sfx}": (
+                        hit_ref["uplink_bytes_per_worker"] / hit["uplink_bytes_per_worker"]
+                    )
+                    if hit and hit_ref and hit["uplink_bytes_per_worker"]
+                    else None,
+                    f"total_saving_vs_uncompressed{sfx}": base_tot / tot if tot and base_tot else None,
+                }
+            )
+        row.update(
+            {
+                "uplink_bytes_total_per_worker": curve[-1]["uplink_bytes_per_worker"],
+                "downlink_bytes_total": curve[-1]["downlink_bytes_total"],
+                "seconds": r["seconds"],
+                "val_curve": curve,
+            }
+        )
+        for k in (
+            "ledger",
+            "powersgd_measured_hook_bytes",
+            "powersgd_analytic_bytes",
+            "powersgd_state_iter",
+            "demo_bytes_per_step",
+            "demo_measured_bytes_total",
+            "demo_packed_bits_bytes_per_step",
+            "state_bytes",
+            "peak_rss_mb",
+        ):
             if k in r:
                 row[k] = r[k]
         runs.append(row)
@@ -291,8 +631,14 @@ def summarise(records: list[dict[str, Any]], n: int, task: C.Task, model_bytes: 
 
 def agreement(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Max |weight difference| between uncompressed EF21-Muon (each topology) and DDP + the same LMO optimizer."""
-    ddp = next((r for r in records if r["spec"]["kind"] == "ddp" and r["spec"]["optimizer"] == "lmo"
-                and not r["spec"].get("psgd_rank")), None)
+    ddp = next(
+        (
+            r
+            for r in records
+            if r["spec"]["kind"] == "ddp" and r["spec"]["optimizer"] == "lmo" and not r["spec"].get("psgd_rank")
+        ),
+        None,
+    )
     out = {}
     if ddp is None:
         return out
@@ -303,7 +649,8 @@ def agreement(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "max_abs_weight_diff": max(float((P[k] - Q[k]).abs().max()) for k in P),
                 "max_abs_weight": max(float(Q[k].abs().max()) for k in Q),
                 "final_val_loss_diff": abs(r["curve"][-1]["val_loss"] - ddp["curve"][-1]["val_loss"]),
-                "steps": r["steps"]}
+                "steps": r["steps"],
+            }
     return out
 
 
@@ -313,8 +660,10 @@ def plot(runs: list[dict[str, Any]], path: Path, model_bytes: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [("n = 2 gloo processes", [r for r in runs if r["n_workers"] == 2]),
-              ("n = 4 Simulator", [r for r in runs if r["method"] == "ef21_muon_sim"])]
+    groups = [
+        ("n = 2 gloo processes", [r for r in runs if r["n_workers"] == 2]),
+        ("n = 4 Simulator", [r for r in runs if r["method"] == "ef21_muon_sim"]),
+    ]
     groups = [g for g in groups if g[1]]
     fig, axes = plt.subplots(1, len(groups), figsize=(8 * len(groups), 6), squeeze=False)
     for ax, (title, rs) in zip(axes[0], groups):
@@ -322,9 +671,18 @@ def plot(runs: list[dict[str, Any]], path: Path, model_bytes: int) -> None:
             xs = [max(c["uplink_bytes_per_worker"], 1) / model_bytes for c in r["val_curve"][1:]]
             ys = [c["val_loss"] for c in r["val_curve"][1:]]
             style = "-" if r["method"].startswith("ef21") else "--"
-            ax.plot(xs, ys, style, label=r["label"].replace("ef21_muon_", "EF21 "), lw=1.2)
+            name = r["label"].replace("ef21_muon_", "EF21 ") + (" (default)" if r.get("default") else "")
+            ax.plot(xs, ys, style, label=name, lw=2.0 if r.get("default") else 1.2)
         if rs:
             ax.axhline(rs[0]["target_val_loss"], color="k", lw=0.8, ls=":", label="target (uncompressed × 1.01)")
+            if rs[0].get("target_adamw_val_loss"):
+                ax.axhline(
+                    rs[0]["target_adamw_val_loss"],
+                    color="grey",
+                    lw=0.8,
+                    ls="-.",
+                    label="target_adamw (DDP+AdamW at reference steps × 1.01)",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("cumulative uplink bytes per worker / fp32 model size")
         ax.set_ylabel("validation loss at X (nats/byte)")
@@ -345,16 +703,43 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="uncompressed budget in optimizer steps (default 300)")
     p.add_argument("--budget-mult", type=float, default=4.0, help="compressed/peer budget × uncompressed (default 4)")
     p.add_argument("--full-budget", action="store_true", help="do not stop a run once it reached the target")
-    p.add_argument("--parts", default="real,agreement,sim,bytes_vs_n", help="comma list of: real, agreement, sim, bytes_vs_n")
+    p.add_argument(
+        "--parts",
+        default="tune,real,agreement,sim,bytes_vs_n",
+        help="comma list of: tune, real, agreement, sim, bytes_vs_n",
+    )
+    p.add_argument("--tune-grid", default=None, help="LR multipliers of the tune part (default 0.333,1,3; smoke 1,3)")
+    p.add_argument(
+        "--tune-frac",
+        type=float,
+        default=1 / 3,
+        help="tune runs' length as a fraction of the uncompressed budget (default 1/3)",
+    )
+    p.add_argument(
+        "--lr-from",
+        default=None,
+        help="without the tune part: take the LR choice from this meta JSON's tune.chosen (default with "
+        "--append: the meta JSON appended to)",
+    )
     p.add_argument("--sim-workers", type=int, default=4)
-    p.add_argument("--only", default=None, help="comma list of substrings: keep only real methods whose label "
-                   "contains one (the reference and ddp_lmo are always kept)")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma list of substrings: keep only real methods whose label "
+        "contains one (the reference, ddp_adamw and ddp_lmo are always kept)",
+    )
     p.add_argument("--out", default=str(C.RESULTS), help="results folder")
-    p.add_argument("--append", action="store_true",
-                   help="merge into the existing results (runs of the parts run now replace those with the same "
-                        "label and n; meta keys are updated)")
-    p.add_argument("--from-partial", action="store_true",
-                   help="summarise the real-process methods that finished in an interrupted run (no training)")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="merge into the existing results (runs of the parts run now replace those with the same "
+        "label and n; meta keys are updated)",
+    )
+    p.add_argument(
+        "--from-partial",
+        action="store_true",
+        help="summarise the real-process methods that finished in an interrupted run (no training)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     task = dataclasses.replace(C.SMOKE if args.smoke else C.Task(steps=300), seed=args.seed)
@@ -364,54 +749,148 @@ def main(argv: list[str] | None = None) -> None:
     stem = "comm_vs_loss_smoke" if args.smoke else "comm_vs_loss"
     parts = set(args.parts.split(","))
     model_bytes = C.fp32_bytes(C.build_model(task))
-    print(f"task: {task} | params {model_bytes // 4} (untied head) | fp32 model {model_bytes / 1e6:.3f} MB | "
-          f"seed {args.seed} | uncompressed budget {task.steps} steps, others up to {args.budget_mult}x", flush=True)
-    runs, meta = [], {"environment": C.environment(), "args": vars(args), "task": dataclasses.asdict(task),
-                      "params": model_bytes // 4, "fp32_model_bytes": model_bytes, "tied_head": False,
-                      "target_rule": "uncompressed final val loss x 1.01", "early_stop_at_target": not args.full_budget}
+    print(
+        f"task: {task} | params {model_bytes // 4} (untied head) | fp32 model {model_bytes / 1e6:.3f} MB | "
+        f"seed {args.seed} | uncompressed budget {task.steps} steps, others up to {args.budget_mult}x",
+        flush=True,
+    )
+    runs, meta = (
+        [],
+        {
+            "environment": C.environment(),
+            "args": vars(args),
+            "task": dataclasses.asdict(task),
+            "params": model_bytes // 4,
+            "fp32_model_bytes": model_bytes,
+            "tied_head": False,
+            "target_rule": "target: the uncompressed EF21-Muon run's (sharded, identity; = DDP + LMO) final "
+            "val loss x 1.01",
+            "target_adamw_rule": "target_adamw: the DDP + AdamW run's val loss at the uncompressed budget "
+            "(reference_steps; its final loss when given the reference's budget; the schedule is warm-up "
+            "then constant, so this is the prefix of its longer run) x 1.01",
+            "early_stop_at_target": not args.full_budget,
+            "early_stop_rule": "a run stops at the first validation at or below both targets (once both "
+            "were reached), not before reference_steps",
+            "seconds_to_target_rule": "seconds from the run's start to the first validation at or below "
+            "the target, validations included (2 processes on this machine's cores)",
+            "total_saving_rule": TOTAL_RULE,
+            "default_rule": "default: EF21-Muon with uplink, downlink (role by role) and topology equal to "
+            "ef_lightning.config.EF21Config()'s, read at run time (package_defaults); default_compressors: "
+            "the same without the topology",
+            "package_defaults": C.package_defaults(),
+            "dropped_methods": DROPPED,
+            "demo": demo_meta(task),
+        },
+    )
     t_all = time.perf_counter()
+    chosen: dict[str, Any] = {}
+    if "tune" in parts:
+        grid = [float(x) for x in (args.tune_grid or ("1,3" if args.smoke else "0.333333,1,3")).split(",")]
+        steps = max(2, round(task.steps * args.tune_frac))
+        t0 = time.perf_counter()
+        rows = C.run_processes(
+            train_tune, 2, C.TMP / "comm_vs_loss", methods=tune_methods(), grid=grid, task=task, steps=steps
+        )[0]
+        chosen = choose_lrs(rows)
+        meta["tune"] = {
+            "grid": grid,
+            "steps": steps,
+            "n_workers": 2,
+            "rows": rows,
+            "chosen": chosen,
+            "rule": "each peer at each LR multiplier (every group's LR x mult, same warm-up/constant "
+            "schedule) for `steps` steps; the multiplier with the lowest validation loss at the end is "
+            "used in the real runs; ddp_lmo's choice is also every EF21-Muon run's (same LMO optimizer) "
+            "and the Simulator's",
+            "seconds": time.perf_counter() - t0,
+        }
+        for k, v in chosen.items():
+            print(
+                f"tune: {k:<22} lr x{v['lr_mult']:.3g} (lrs {', '.join(f'{x:.3g}' for x in v['lrs'])}) "
+                f"val {v['val_loss']:.4f}",
+                flush=True,
+            )
+    elif args.lr_from or (args.append and (out / f"{stem}_meta.json").exists()):
+        import json
+
+        # --append without the tune part: the runs added keep the LR choice of the results they join
+        lr_from = args.lr_from or str(out / f"{stem}_meta.json")
+        src = json.loads(Path(lr_from).read_text())
+        chosen = src.get("tune", {}).get("chosen", {})
+        meta["tune"] = dict(src["tune"], reused_from=lr_from) if "tune" in src else {"reused_from": lr_from}
+        print(f"LR multipliers from {lr_from}: {({k: v['lr_mult'] for k, v in chosen.items()}) or 'none (x1)'}")
+    meta["lr_mults"] = {k: v["lr_mult"] for k, v in chosen.items()}
     if "real" in parts:
-        methods = real_methods(args.smoke)
+        methods = with_lr(real_methods(args.smoke), chosen)
         if args.only:
             keys = args.only.split(",")
-            methods = [m for m in methods if m.get("reference") or (m["kind"] == "ddp" and m["optimizer"] == "lmo"
-                       and not m.get("psgd_rank")) or any(k in C.label(m) for k in keys)]
+            methods = [
+                m
+                for m in methods
+                if m.get("reference")
+                or m.get("adamw_reference")
+                or (m["kind"] == "ddp" and m["optimizer"] == "lmo" and not m.get("psgd_rank"))
+                or any(k in C.label(m) for k in keys)
+            ]
         t0 = time.perf_counter()
         partial = C.TMP / "comm_vs_loss" / f"{stem}_partial.pt"
         if args.from_partial:
             recs = torch.load(partial, weights_only=False)
             meta["partial"] = f"interrupted run: {len(recs)} of {len(methods)} real methods finished"
         else:
-            recs = C.run_processes(train_real, 2, C.TMP / "comm_vs_loss", methods=methods, task=task,
-                                   budget_mult=args.budget_mult, early_stop=not args.full_budget,
-                                   partial=str(partial))[0]
+            recs = C.run_processes(
+                train_real,
+                2,
+                C.TMP / "comm_vs_loss",
+                methods=methods,
+                task=task,
+                budget_mult=args.budget_mult,
+                early_stop=not args.full_budget,
+                partial=str(partial),
+            )[0]
         meta["real_seconds"] = time.perf_counter() - t0
         meta["agreement_ef21_identity_vs_ddp_lmo"] = agreement(recs)
         runs += summarise(recs, 2, task, model_bytes, args.seed, task.tokens_per_step(2))
     if "agreement" in parts:
         t0 = time.perf_counter()
         meta["agreement_trace_ef21_sharded_identity_vs_ddp_lmo"] = C.run_processes(
-            agreement_trace, 2, C.TMP / "comm_vs_loss", task=task, steps=task.steps, every=max(1, task.steps // 30))[0]
+            agreement_trace, 2, C.TMP / "comm_vs_loss", task=task, steps=task.steps, every=max(1, task.steps // 30)
+        )[0]
         meta["agreement_trace_seconds"] = time.perf_counter() - t0
         for x in meta["agreement_trace_ef21_sharded_identity_vs_ddp_lmo"]:
             print(f"agreement step {x['step']:>4}: max |ΔW| = {x['max_abs_weight_diff']:.3g} ({x['worst_param']})")
     if "sim" in parts:
         t0 = time.perf_counter()
-        recs = train_sim(sim_methods(args.smoke), task, args.sim_workers, args.budget_mult, not args.full_budget)
+        recs = train_sim(
+            with_lr(sim_methods(args.smoke), chosen), task, args.sim_workers, args.budget_mult, not args.full_budget
+        )
         meta["sim_seconds"] = time.perf_counter() - t0
         runs += summarise(recs, args.sim_workers, task, model_bytes, args.seed, task.tokens_per_step(args.sim_workers))
     if "bytes_vs_n" in parts:
         ns = [2, 4, 8] if args.smoke else [2, 4, 8, 16, 32, 64]
-        specs = ["identity", "top_k:0.1", "rank:4"] if args.smoke else \
-            ["identity", "top_k:0.2", "top_k:0.1", "top_k:0.05", "rank:4", "rank:8", "natural", "top_k:0.1+natural"]
+        specs = (
+            ["identity", "top_k:0.1", "rank:4"]
+            if args.smoke
+            else [
+                "identity",
+                "top_k:0.2",
+                "top_k:0.1",
+                "top_k:0.05",
+                "rank:4",
+                "rank:8",
+                "natural",
+                "top_k:0.1+natural",
+            ]
+        )
         meta["bytes_vs_n"] = bytes_vs_n(task, ns, specs, [1, 4])
     meta["total_seconds"] = time.perf_counter() - t_all
     if args.append and (out / f"{stem}.json").exists():
         import json
 
         new = {(r["label"], r["n_workers"]) for r in runs}
-        runs = [r for r in json.loads((out / f"{stem}.json").read_text()) if (r["label"], r["n_workers"]) not in new] \
-            + runs
+        runs = [
+            r for r in json.loads((out / f"{stem}.json").read_text()) if (r["label"], r["n_workers"]) not in new
+        ] + runs
         old = json.loads((out / f"{stem}_meta.json").read_text())
         old.setdefault("invocations", []).append(meta["args"])
         meta["total_seconds"] += old.get("total_seconds", 0)
@@ -422,18 +901,30 @@ def main(argv: list[str] | None = None) -> None:
     if runs:
         plot(runs, out / f"{stem}.png", model_bytes)
     # a readable table (units: bytes are per worker; "x" = times fewer bytes than uncompressed)
-    print(f"\n{'config':<58} {'n':>2} {'final val':>9} {'@ref steps':>10} {'steps→tgt':>9} "
-          f"{'up MB→tgt':>9} {'saving':>7} {'total sav':>9}")
+    print(
+        f"\n{'config':<54} {'n':>2} {'lr x':>5} {'final val':>9} {'@ref steps':>10} {'steps→tgt':>9} "
+        f"{'up MB→tgt':>9} {'saving':>7} {'total sav':>9} {'steps→tgtA':>10} {'total savA':>10}"
+    )
     for r in runs:
         f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
-        print(f"{r['label'][:58]:<58} {r['n_workers']:>2} {r['final_val_loss']:>9.4f} "
-              f"{f(r['val_loss_at_reference_steps'], '%.4f'):>10} {f(r['steps_to_target'], '%d'):>9} "
-              f"{f(r['bytes_to_target_per_worker'] and r['bytes_to_target_per_worker'] / 1e6, '%.2f'):>9} "
-              f"{f(r['saving_vs_uncompressed'], '%.2fx'):>7} "
-              f"{f(r.get('saving_total_vs_uncompressed_same_topology'), '%.2fx'):>9}")
+        print(
+            f"{('* ' if r['default'] else '') + r['label'][:52]:<54} {r['n_workers']:>2} {r['lr_mult']:>5.3g} "
+            f"{r['final_val_loss']:>9.4f} "
+            f"{f(r['val_loss_at_reference_steps'], '%.4f'):>10} {f(r['steps_to_target'], '%d'):>9} "
+            f"{f(r['bytes_to_target_per_worker'] and r['bytes_to_target_per_worker'] / 1e6, '%.2f'):>9} "
+            f"{f(r['saving_vs_uncompressed'], '%.2fx'):>7} "
+            f"{f(r['total_saving_vs_uncompressed'], '%.2fx'):>9} {f(r['steps_to_target_adamw'], '%d'):>10} "
+            f"{f(r['total_saving_vs_uncompressed_adamw'], '%.2fx'):>10}"
+        )
+    print(
+        "* = the package default (EF21Config()); savings: bytes to target of the uncompressed run / this run's; "
+        "A = at target_adamw (DDP + AdamW's loss at the reference budget x 1.01)"
+    )
     for k, v in meta.get("agreement_ef21_identity_vs_ddp_lmo", {}).items():
-        print(f"agreement {k}: max |ΔW| = {v['max_abs_weight_diff']:.3g} (max |W| {v['max_abs_weight']:.3g}), "
-              f"|Δ val loss| = {v['final_val_loss_diff']:.3g}")
+        print(
+            f"agreement {k}: max |ΔW| = {v['max_abs_weight_diff']:.3g} (max |W| {v['max_abs_weight']:.3g}), "
+            f"|Δ val loss| = {v['final_val_loss_diff']:.3g}"
+        )
     print(f"total {meta['total_seconds']:.1f} s; wrote {out / (stem + '.json')}")
 
 

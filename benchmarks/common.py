@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks (docs/benchmarks.md): the standard CPU-sized NanoGPT task, optimizers of every method,
-deterministic per-worker data shards, evaluation at the server model X, byte accounting for peers, process helpers.
+"""Shared pieces of the benchmarks (docs/benchmarks.md): the standard CPU-sized NanoGPT task, optimizers of every
+method, deterministic per-worker data shards, evaluation at the server model X, byte accounting for peers, process
+helpers.
 
 The task: a byte-level Llama causal LM built from a ``transformers.LlamaConfig`` (no download), **untied** input
 embedding and output head, trained on the Python standard library's docstrings (``recipes/text_data.py``: offline,
@@ -10,6 +11,7 @@ same order, and a real process and the Simulator's worker j see the same shard.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -42,12 +44,12 @@ class Task:
     hidden: int = 96
     layers: int = 2
     heads: int = 4
-    block: int = 64          # sequence length in bytes (= tokens)
-    batch: int = 8           # sequences per worker per step
-    steps: int = 300         # uncompressed budget
-    warmup: int = 20         # linear warm-up steps, then constant LR (same shape at every budget)
+    block: int = 64  # sequence length in bytes (= tokens)
+    batch: int = 8  # sequences per worker per step
+    steps: int = 300  # uncompressed budget
+    warmup: int = 20  # linear warm-up steps, then constant LR (same shape at every budget)
     val_every: int = 25
-    val_batches: int = 8     # validation batches of ``batch`` sequences, fixed, split across ranks
+    val_batches: int = 8  # validation batches of ``batch`` sequences, fixed, split across ranks
     seed: int = 0
 
     def tokens_per_step(self, n_workers: int) -> int:
@@ -63,9 +65,16 @@ def build_model(task: Task) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    cfg = LlamaConfig(vocab_size=256, hidden_size=task.hidden, intermediate_size=4 * task.hidden,
-                      num_hidden_layers=task.layers, num_attention_heads=task.heads, num_key_value_heads=task.heads,
-                      max_position_embeddings=max(512, task.block), tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=task.hidden,
+        intermediate_size=4 * task.hidden,
+        num_hidden_layers=task.layers,
+        num_attention_heads=task.heads,
+        num_key_value_heads=task.heads,
+        max_position_embeddings=max(512, task.block),
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(task.seed)
     return LlamaForCausalLM(cfg)
 
@@ -98,11 +107,11 @@ class Data:
     def batch(self, step: int, worker: int, n_workers: int) -> dict[str, torch.Tensor]:
         B = self.task.batch
         start = ((step * n_workers + worker) * B) % (len(self.perm) - B)
-        return self._stack(self.train, self.perm[start:start + B].tolist())
+        return self._stack(self.train, self.perm[start : start + B].tolist())
 
     def val_batches(self, rank: int = 0, world: int = 1) -> list[dict[str, torch.Tensor]]:
         B = self.task.batch
-        chunks = [self.val_idx[i:i + B] for i in range(0, len(self.val_idx), B)]
+        chunks = [self.val_idx[i : i + B] for i in range(0, len(self.val_idx), B)]
         return [self._stack(self.val, c) for c in chunks[rank::world]]
 
 
@@ -126,8 +135,12 @@ def evaluate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], distr
 
 
 @torch.no_grad()
-def evaluate_at(model: nn.Module, params: dict[str, torch.Tensor], batches: Sequence[dict[str, torch.Tensor]],
-                distributed: bool = False) -> float:
+def evaluate_at(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    batches: Sequence[dict[str, torch.Tensor]],
+    distributed: bool = False,
+) -> float:
     """Validation loss with the module's parameters temporarily replaced by ``params`` (the server model X)."""
     named = dict(model.named_parameters())
     saved = {k: named[k].detach().clone() for k in params}
@@ -141,8 +154,12 @@ def evaluate_at(model: nn.Module, params: dict[str, torch.Tensor], batches: Sequ
 
 
 # ------------------------------------------------------------------------------------------------------ optimizers
-ADAMW_LR = 3e-3     # peers' AdamW learning rate (small model; not tuned per method, stated in the doc)
-MUON_LR = 0.02      # torch.optim.Muon on hidden matrices (Keller's default)
+ADAMW_LR = 3e-3  # peers' AdamW learning rate (default; comm_vs_loss.py's tune part picks a multiplier)
+MUON_LR = 0.02  # torch.optim.Muon on hidden matrices (Keller's default)
+DEMO_LR = 3e-3  # DeMo's sign step (an AdamW-sized step per entry; the tune part searches x1/3, x3 around it)
+DEMO_BETA = 0.999  # DeMo's momentum decay (the paper's value)
+DEMO_TOPK = 32  # DeMo's fast components kept per chunk (the paper's value)
+DEMO_CHUNK = 64  # DeMo's chunk side (64x64, the paper's value)
 
 
 def hidden_matrix_names(model: nn.Module) -> set[str]:
@@ -151,25 +168,49 @@ def hidden_matrix_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.ndim == 2 and p is not emb and p is not head}
 
 
-def build_optimizer(model: nn.Module, kind: str, task: Task) -> torch.optim.Optimizer:
-    """``lmo`` (the Gluon preset of ef_lightning, default LR), ``adamw``, or ``muon`` (torch.optim.Muon on hidden
-    matrices + AdamW on the rest, combined in one optimizer object)."""
+def build_optimizer(model: nn.Module, kind: str, task: Task, lr_mult: float = 1.0) -> torch.optim.Optimizer:
+    """``lmo`` (the Gluon preset of ef_lightning, default LR), ``adamw``, ``muon`` (torch.optim.Muon on hidden
+    matrices + AdamW on the rest, combined in one optimizer object) or ``demo`` (benchmarks/demo_peer.py, on every
+    parameter). ``lr_mult`` multiplies every group's learning rate (the LR grid of comm_vs_loss.py's ``tune`` part)."""
     import ef_lightning as efl
 
     if kind == "lmo":
-        return efl.build_lmo_optimizer(model, preset="gluon", verbose=False)
-    if kind == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=ADAMW_LR, betas=(0.9, 0.95), weight_decay=0.0)
-    if kind == "muon":
+        opt: torch.optim.Optimizer = efl.build_lmo_optimizer(model, preset="gluon", verbose=False)
+    elif kind == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=ADAMW_LR, betas=(0.9, 0.95), weight_decay=0.0)
+    elif kind == "muon":
         hidden = hidden_matrix_names(model)
         named = list(model.named_parameters())
-        return _Combined([
-            torch.optim.Muon([p for n, p in named if n in hidden], lr=MUON_LR, weight_decay=0.0, momentum=0.95,
-                             nesterov=True, adjust_lr_fn="original"),
-            torch.optim.AdamW([p for n, p in named if n not in hidden], lr=ADAMW_LR, betas=(0.9, 0.95),
-                              weight_decay=0.0),
-        ])
-    raise ValueError(f"optimizer kind {kind!r}; valid: lmo, adamw, muon")
+        opt = _Combined(
+            [
+                torch.optim.Muon(
+                    [p for n, p in named if n in hidden],
+                    lr=MUON_LR,
+                    weight_decay=0.0,
+                    momentum=0.95,
+                    nesterov=True,
+                    adjust_lr_fn="original",
+                ),
+                torch.optim.AdamW(
+                    [p for n, p in named if n not in hidden], lr=ADAMW_LR, betas=(0.9, 0.95), weight_decay=0.0
+                ),
+            ]
+        )
+    elif kind == "demo":
+        from demo_peer import DeMo
+
+        opt = DeMo(model.parameters(), lr=DEMO_LR, beta=DEMO_BETA, topk=DEMO_TOPK, chunk=DEMO_CHUNK, weight_decay=0.0)
+    else:
+        raise ValueError(f"optimizer kind {kind!r}; valid: lmo, adamw, muon, demo")
+    if lr_mult != 1.0:  # before the scheduler is built (LambdaLR records initial_lr from group["lr"])
+        for g in opt.param_groups:
+            g["lr"] = g["lr"] * lr_mult
+    return opt
+
+
+def base_lrs(opt: torch.optim.Optimizer) -> list[float]:
+    """The distinct learning rates of ``opt``'s groups (as built, before any scheduler factor)."""
+    return sorted({float(g.get("initial_lr", g["lr"])) for g in opt.param_groups})
 
 
 class _Combined(torch.optim.Optimizer):
@@ -218,8 +259,7 @@ def role_spec(spec: str) -> dict[str, str] | str:
     """Compressor on every matrix role; vectors (norm gains) stay dense (what the strategy's defaults do)."""
     if spec == "identity":
         return "identity"
-    return {"hidden": spec, "embedding": spec, "head": spec, "conv": spec, "vector": "identity",
-            "default": "identity"}
+    return {"hidden": spec, "embedding": spec, "head": spec, "conv": spec, "vector": "identity", "default": "identity"}
 
 
 # ------------------------------------------------------------------------------------------------------ byte rules
@@ -267,11 +307,13 @@ def free_port() -> int:
 def _entry(rank: int, world: int, init: str, fn: Callable[..., Any], out_dir: str, kwargs: dict) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     import warnings
+
     warnings.filterwarnings("ignore", r".*before `optimizer.step\(\)`.*")
     warnings.filterwarnings("ignore", ".*all_gather_into_tensor` is deprecated.*")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300)
+    )
     try:
         res = fn(rank, world, **kwargs)
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
@@ -294,8 +336,13 @@ def run_processes(fn: Callable[..., Any], world: int, out_dir: Path, **kwargs: A
     for f in files:
         f.unlink(missing_ok=True)
     try:
-        mp.start_processes(_entry, args=(world, f"tcp://127.0.0.1:{free_port()}", fn, str(out_dir), kwargs),
-                           nprocs=world, join=True, start_method="spawn")
+        mp.start_processes(
+            _entry,
+            args=(world, f"tcp://127.0.0.1:{free_port()}", fn, str(out_dir), kwargs),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
     except mp.ProcessExitedException:
         if not all(f.exists() for f in files):  # gloo sometimes aborts at exit after the results are written
             raise
@@ -306,24 +353,32 @@ def run_processes(fn: Callable[..., Any], world: int, out_dir: Path, **kwargs: A
     return res
 
 
+def _version(md: Any, pkg: str) -> str | None:
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict[str, Any]:
     """Machine and versions, for every results file."""
     import importlib.metadata as md
 
     vers = {}
     for pkg in ("torch", "transformers", "lightning", "accelerate", "ef_lightning"):
-        try:
-            vers[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            vers[pkg] = None
+        vers[pkg] = _version(md, pkg)
     cpu = platform.processor() or ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "versions": vers, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "threads_per_process": 1}
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "versions": vers,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "threads_per_process": 1,
+    }
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -333,12 +388,69 @@ def write_json(path: Path, obj: Any) -> None:
 
 # ------------------------------------------------------------------------------------------------------ methods
 def method_name(spec: dict[str, Any]) -> str:
-    """``ef21_muon_<topology>`` for ours, ``ddp_<optimizer>`` / ``ddp_powersgd_r<rank>_<optimizer>`` for peers."""
+    """``ef21_muon_<topology>`` for ours, ``ddp_<optimizer>`` / ``ddp_powersgd_r<rank>_<optimizer>`` / ``demo`` for
+    peers."""
     if spec["kind"] == "ef21":
         return f"ef21_muon_{spec['topology']}"
+    if spec["kind"] == "demo":
+        return "demo"
     if spec.get("psgd_rank"):
         return f"ddp_powersgd_r{spec['psgd_rank']}_{spec['optimizer']}"
     return f"ddp_{spec['optimizer']}"
+
+
+def demo_spec(mult: float | None = None) -> dict[str, Any]:
+    """The DeMo peer (benchmarks/demo_peer.py): ``uplink`` names its message (top-k DCT coefficients per chunk)."""
+    return {
+        "kind": "demo",
+        "optimizer": "demo",
+        "psgd_rank": None,
+        "topology": "allgather",
+        "uplink": f"dct_top{DEMO_TOPK}_chunk{DEMO_CHUNK}",
+        "downlink": "identity",
+        "budget_mult": mult,
+    }
+
+
+def _roles(spec: Any, keys: set[str]) -> dict[str, str]:
+    """A compressor spec (string or per-role mapping) as one string per role in ``keys``."""
+    if isinstance(spec, str):
+        return dict.fromkeys(keys, spec)
+    d = dict(spec)
+    return {k: d.get(k, d.get("default", "identity")) for k in keys}
+
+
+def package_defaults() -> dict[str, Any]:
+    """``ef_lightning.config.EF21Config()``'s uplink, downlink and topology, read now (they may change)."""
+    from ef_lightning.config import EF21Config
+
+    cfg = EF21Config()
+    return {
+        "uplink": cfg.uplink if isinstance(cfg.uplink, str) else dict(cfg.uplink),
+        "downlink": cfg.downlink if isinstance(cfg.downlink, str) else dict(cfg.downlink),
+        "topology": cfg.topology,
+    }
+
+
+def default_matrix_spec(which: str) -> str:
+    """The package default's compressor on matrices (``hidden``) for ``which`` = uplink | downlink."""
+    spec = package_defaults()[which]
+    return spec if isinstance(spec, str) else spec.get("hidden", spec.get("default", "identity"))
+
+
+def is_default(spec: dict[str, Any], topology: bool = True) -> bool:
+    """True when ``spec`` is EF21-Muon with the package's default uplink and downlink (role by role, as
+    :func:`role_spec` maps the spec) and, with ``topology``, its default topology: what ``EF21Config()`` gives."""
+    if spec.get("kind") != "ef21":
+        return False
+    d = package_defaults()
+    for which in ("uplink", "downlink"):
+        ours = role_spec(spec[which])
+        keys = set(ours if isinstance(ours, dict) else ()) | set(d[which] if isinstance(d[which], dict) else ())
+        keys = keys or {"default"}
+        if _roles(ours, keys) != _roles(d[which], keys):
+            return False
+    return not topology or spec["topology"] == d["topology"]
 
 
 def label(spec: dict[str, Any]) -> str:
@@ -356,7 +468,7 @@ class _CountAllReduce:
         self.bytes = 0
         self._orig = dist.all_reduce
 
-    def __enter__(self) -> "_CountAllReduce":
+    def __enter__(self) -> _CountAllReduce:
         orig = self._orig
 
         def wrapped(tensor: torch.Tensor, *a: Any, **k: Any) -> Any:
@@ -375,22 +487,30 @@ class Runner:
 
     ``step`` returns the training loss; ``last_uplink_bytes``/``last_downlink_bytes`` are that step's per-worker
     uplink bytes and server-side downlink bytes (EF21: the ledger's wire bytes; DDP: the dense fp32 rule; PowerSGD:
-    r·(m+n) floats per compressed matrix, from the hook's own accounting rule, after its dense warm-up steps)."""
+    r·(m+n) floats per compressed matrix, from the hook's own accounting rule, after its dense warm-up steps; DeMo:
+    the bytes of the buffer it hands to all_gather, downlink 0). ``spec["lr_mult"]`` scales the optimizer's LR."""
 
     def __init__(self, spec: dict[str, Any], task: Task) -> None:
         import ef_lightning as efl
 
         self.spec, self.task = spec, task
         self.model = build_model(task)
-        self.opt = build_optimizer(self.model, spec["optimizer"], task)
+        self.opt = build_optimizer(self.model, spec["optimizer"], task, spec.get("lr_mult") or 1.0)
         self.sched = warmup_scheduler(self.opt, task)
         self.engine = self.ddp = self.psgd_state = None
         self.counter = None
         self.step_count = 0
         if spec["kind"] == "ef21":
-            self.engine = efl.EF21Engine(self.model, self.opt, uplink=role_spec(spec["uplink"]),
-                                         downlink=role_spec(spec["downlink"]), topology=spec["topology"],
-                                         seed=task.seed)
+            self.engine = efl.EF21Engine(
+                self.model,
+                self.opt,
+                uplink=role_spec(spec["uplink"]),
+                downlink=role_spec(spec["downlink"]),
+                topology=spec["topology"],
+                seed=task.seed,
+            )
+            self.module = self.model
+        elif spec["kind"] == "demo":  # DeMo communicates inside its step (one all_gather of the fast components)
             self.module = self.model
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -401,12 +521,18 @@ class Runner:
             if spec.get("psgd_rank"):
                 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as P
 
-                self.psgd_state = P.PowerSGDState(process_group=None, matrix_approximation_rank=spec["psgd_rank"],
-                                                  start_powerSGD_iter=2, use_error_feedback=True, warm_start=True,
-                                                  random_seed=task.seed)
+                self.psgd_state = P.PowerSGDState(
+                    process_group=None,
+                    matrix_approximation_rank=spec["psgd_rank"],
+                    start_powerSGD_iter=2,
+                    use_error_feedback=True,
+                    warm_start=True,
+                    random_seed=task.seed,
+                )
                 self.ddp.register_comm_hook(self.psgd_state, P.powerSGD_hook)
                 self.counter = _CountAllReduce()
             self.module = self.ddp
+        self.base_lrs = base_lrs(self.opt)
         self.dense = ddp_bytes_per_step(self.model)
         self.psgd = powersgd_bytes_per_step(self.model, spec["psgd_rank"]) if spec.get("psgd_rank") else None
         self.measured_hook_bytes = 0
@@ -425,6 +551,9 @@ class Runner:
             self.engine.step()
             rec = self.engine.ledger.last
             self.last_uplink_bytes, self.last_downlink_bytes = rec.uplink_wire_bytes, rec.downlink_wire_bytes
+        elif self.spec["kind"] == "demo":
+            self.opt.step()
+            self.last_uplink_bytes, self.last_downlink_bytes = self.opt.last_bytes, 0
         else:
             self.opt.step()
             warm = self.psgd is not None and self.step_count >= self.psgd_state.start_powerSGD_iter
@@ -453,11 +582,15 @@ class Runner:
     def state_bytes(self) -> dict[str, int]:
         """Bytes of per-rank training state beyond the model: optimizer state, EF21 state (M_j, G_j, X, G), DDP
         gradient buckets (dense fp32 copy of the gradients), PowerSGD error-feedback residuals and factors."""
+
         def nbytes(ts: Any) -> int:
             return sum(t.numel() * t.element_size() for t in ts if torch.is_tensor(t))
 
-        opt = self.opt.state_tensors() if isinstance(self.opt, _Combined) else \
-            [t for s in self.opt.state.values() for t in s.values()]
+        opt = (
+            self.opt.state_tensors()
+            if isinstance(self.opt, _Combined)
+            else [t for s in self.opt.state.values() for t in s.values()]
+        )
         out = {"optimizer": nbytes(opt)}
         if self.engine is not None:
             w, s = self.engine.worker, self.engine.server
@@ -465,12 +598,13 @@ class Runner:
             out["ef21_worker_G"] = nbytes(w.G.values())
             out["ef21_server_X"] = nbytes(s.X.values())
             out["ef21_server_G"] = nbytes(s.G.values())
-        else:
+        elif self.spec["kind"] != "demo":
             out["ddp_buckets"] = self.dense
             if self.psgd_state is not None:
                 st = self.psgd_state
-                out["powersgd"] = nbytes(list(st.error_dict.values()) + list(st.p_memory_dict.values())
-                                         + list(st.q_memory_dict.values()))
+                out["powersgd"] = nbytes(
+                    list(st.error_dict.values()) + list(st.p_memory_dict.values()) + list(st.q_memory_dict.values())
+                )
         out["total"] = sum(out.values())
         return out
 

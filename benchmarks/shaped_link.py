@@ -14,13 +14,17 @@ that link (``GLOO_SOCKET_IFNAME``, ``init_method=tcp://10.77.0.1:<port>``).
    = steps-to-target × seconds per step on the unlimited link.
 
 Methods: uncompressed EF21-Muon (sharded, identity), the best EF21-Muon setting of each topology (fewest uplink +
-downlink bytes to target in comm_vs_loss.json), DDP + PowerSGD (best rank), DDP + torch.optim.Muon, DDP + LMO.
+downlink bytes to target in comm_vs_loss.json), the package default (``EF21Config()``: ``default`` is true on its rows),
+and the peers ``ddp_powersgd_r4_lmo`` (DDP + PowerSGD rank 4 + LMO), ``ddp_muon`` (DDP + torch.optim.Muon),
+``ddp_lmo`` (DDP + the LMO optimizer) and ``demo`` (DeMo, benchmarks/demo_peer.py: its all_gather really crosses the
+link). A run chosen for several roles is timed once (``role`` joins them with ``+``). Time to both targets of
+comm_vs_loss.json: ``target`` (uncompressed EF21-Muon + 1 %) and ``target_adamw`` (fields with suffix ``_adamw``).
 
 Needs root and ``ip``/``tc`` (iproute2). Namespaces are removed on exit, on error and on SIGINT/SIGTERM.
 ``--smoke`` uses a tiny model and a few steps, one shaped rate (or loopback with a stated reason when namespaces
 are unavailable).
 
-    nice -n 10 timeout 1800 python benchmarks/shaped_link.py          # after comm_vs_loss.py (~10 min)
+    nice -n 10 timeout 1800 python benchmarks/shaped_link.py          # after comm_vs_loss.py (~12 min)
 """
 
 from __future__ import annotations
@@ -43,9 +47,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
-import common as C  # noqa: E402
+import common as C
+import torch
 
 ADDR0, ADDR1 = "10.77.0.1", "10.77.0.2"
 
@@ -80,8 +83,23 @@ class Link:
             self._sh("tc", "-n", ns, "qdisc", "del", "dev", dev, "root", check=False)
             if mbit is not None:
                 burst = max(16_000, int(mbit * 1e6 / 8 / 100))  # bytes: >= 10 ms worth of tokens
-                self._sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit:.4f}mbit",
-                         "burst", str(burst), "latency", "200ms")
+                self._sh(
+                    "tc",
+                    "-n",
+                    ns,
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "root",
+                    "tbf",
+                    "rate",
+                    f"{mbit:.4f}mbit",
+                    "burst",
+                    str(burst),
+                    "latency",
+                    "200ms",
+                )
 
     def destroy(self) -> None:
         if not self.up:
@@ -114,8 +132,9 @@ def worker(cfg_path: str, rank: int) -> None:
 
     cfg = json.loads(Path(cfg_path).read_text())
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=cfg["init"], rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=600))
+    dist.init_process_group(
+        "gloo", init_method=cfg["init"], rank=rank, world_size=2, timeout=datetime.timedelta(seconds=600)
+    )
     task = C.Task(**cfg["task"])
     data = C.Data(task)
     out = []
@@ -128,16 +147,25 @@ def worker(cfg_path: str, rank: int) -> None:
             t0 = time.perf_counter()
             r.step(b)
             times.append(time.perf_counter() - t0)
-        times = times[cfg["warmup_steps"]:]
+        times = times[cfg["warmup_steps"] :]
         # the slower rank decides the step time
         t = torch.tensor([statistics.median(times)], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        out.append({"label": C.label(spec), "seconds_per_step": float(t), "all_step_seconds": times,
-                    "uplink_bytes_per_step": r.last_uplink_bytes, "downlink_bytes_per_step": r.last_downlink_bytes})
+        out.append(
+            {
+                "label": C.label(spec),
+                "seconds_per_step": float(t),
+                "all_step_seconds": times,
+                "uplink_bytes_per_step": r.last_uplink_bytes,
+                "downlink_bytes_per_step": r.last_downlink_bytes,
+            }
+        )
         r.close()
     if cfg.get("compute_only"):
-        r = C.Runner({"kind": "ddp", "optimizer": "muon", "psgd_rank": None, "uplink": "dense_fp32",
-                      "downlink": "identity"}, task)
+        r = C.Runner(
+            {"kind": "ddp", "optimizer": "muon", "psgd_rank": None, "uplink": "dense_fp32", "downlink": "identity"},
+            task,
+        )
         times = []
         for s in range(cfg["warmup_steps"] + cfg["timed_steps"]):
             b = data.batch(s, rank, 2)
@@ -147,7 +175,7 @@ def worker(cfg_path: str, rank: int) -> None:
                 C.lm_loss(r.ddp, b).backward()
                 r.opt.step()
             times.append(time.perf_counter() - t0)
-        t = torch.tensor([statistics.median(times[cfg["warmup_steps"]:])], dtype=torch.float64)
+        t = torch.tensor([statistics.median(times[cfg["warmup_steps"] :])], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         out.append({"label": "ddp_muon compute only (no_sync)", "seconds_per_step": float(t)})
     if rank == 0:
@@ -170,7 +198,7 @@ def run_pair(link: Link | None, cfg: dict[str, Any], tmp: Path, timeout: float) 
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", cfg_path.as_posix(), "--rank", str(rank)]
             if link:
                 env["GLOO_SOCKET_IFNAME"] = link.dev[rank]
-                cmd = ["ip", "netns", "exec", link.ns[rank]] + cmd
+                cmd = ["ip", "netns", "exec", link.ns[rank], *cmd]
             else:
                 env["GLOO_SOCKET_IFNAME"] = "lo"
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -189,60 +217,128 @@ def run_pair(link: Link | None, cfg: dict[str, Any], tmp: Path, timeout: float) 
 
 
 # --------------------------------------------------------------------------------------------- method choice
-def choose_methods(cvl: list[dict[str, Any]] | None, smoke: bool) -> list[dict[str, Any]]:
-    """(spec, steps_to_target, source) for each method timed on the link."""
-    def spec_of(run: dict[str, Any]) -> dict[str, Any]:
-        if run["method"].startswith("ef21_muon_"):
-            return {"kind": "ef21", "topology": run["topology"], "uplink": run["uplink"], "downlink": run["downlink"],
-                    "optimizer": "lmo"}
-        rank = int(run["uplink"].split(":")[1]) if run["uplink"].startswith("powersgd") else None
-        return {"kind": "ddp", "optimizer": run["optimizer"], "psgd_rank": rank, "uplink": run["uplink"],
-                "downlink": "identity"}
+def spec_of(run: dict[str, Any]) -> dict[str, Any]:
+    """The Runner spec of one comm_vs_loss.json record (its LR multiplier does not change the step time)."""
+    if run["method"].startswith("ef21_muon_"):
+        return {
+            "kind": "ef21",
+            "topology": run["topology"],
+            "uplink": run["uplink"],
+            "downlink": run["downlink"],
+            "optimizer": "lmo",
+        }
+    if run["method"] == "demo":
+        return C.demo_spec()
+    rank = int(run["uplink"].split(":")[1]) if run["uplink"].startswith("powersgd") else None
+    return {
+        "kind": "ddp",
+        "optimizer": run["optimizer"],
+        "psgd_rank": rank,
+        "uplink": run["uplink"],
+        "downlink": "identity",
+    }
 
+
+def choose_methods(cvl: list[dict[str, Any]] | None, smoke: bool) -> list[dict[str, Any]]:
+    """(spec, steps to both targets, source) for each method timed on the link; a run chosen for several roles is
+    timed once (``role`` joins them with ``+``)."""
     if cvl is None:  # smoke without a comm_vs_loss run: fixed methods, placeholder step counts
-        specs = [{"kind": "ef21", "topology": "sharded", "uplink": "identity", "downlink": "identity", "optimizer": "lmo"},
-                 {"kind": "ef21", "topology": "sharded", "uplink": "top_k:0.1", "downlink": "top_k:0.5",
-                  "optimizer": "lmo"},
-                 {"kind": "ddp", "optimizer": "adamw", "psgd_rank": 1, "uplink": "powersgd:1", "downlink": "identity"},
-                 {"kind": "ddp", "optimizer": "muon", "psgd_rank": None, "uplink": "dense_fp32", "downlink": "identity"}]
-        return [{"spec": s, "role": r, "steps_to_target": 10, "reached_target": True, "budget_steps": 10,
-                 "steps_source": "placeholder (smoke: no comm_vs_loss run)"}
-                for s, r in zip(specs, ["uncompressed", "best_sharded", "ddp_powersgd", "ddp_muon"]) if r != "ddp_powersgd"]
+        up, down = C.default_matrix_spec("uplink"), C.default_matrix_spec("downlink")
+        specs = [
+            {"kind": "ef21", "topology": "sharded", "uplink": "identity", "downlink": "identity", "optimizer": "lmo"},
+            {"kind": "ef21", "topology": "sharded", "uplink": up, "downlink": down, "optimizer": "lmo"},
+            {"kind": "ddp", "optimizer": "muon", "psgd_rank": None, "uplink": "dense_fp32", "downlink": "identity"},
+            {"kind": "ddp", "optimizer": "lmo", "psgd_rank": None, "uplink": "dense_fp32", "downlink": "identity"},
+            C.demo_spec(),
+        ]
+        return [
+            {
+                "spec": s,
+                "role": r,
+                "steps_to_target": 10,
+                "reached_target": True,
+                "steps_to_target_adamw": 8,
+                "reached_target_adamw": True,
+                "budget_steps": 10,
+                "steps_source": "placeholder (smoke: no comm_vs_loss run)",
+            }
+            for s, r in zip(specs, ["uncompressed", "best_sharded+default", "ddp_muon", "ddp_lmo", "demo"])
+        ]
     runs = [r for r in cvl if r["n_workers"] == 2]
-    chosen = []
+    chosen: list[dict[str, Any]] = []
 
     def add(run: dict[str, Any] | None, role: str) -> None:
         if run is None:
             return
-        chosen.append({"spec": spec_of(run), "role": role, "steps_to_target": run["steps_to_target"],
-                       "reached_target": run["reached_target"], "budget_steps": run["budget_steps"],
-                       "steps_source": "comm_vs_loss.json (n=2, same task and seed)" + (
-                           f"; from the {run['source_label']} run (same arithmetic)" if "source_label" in run else ""),
-                       "label": run["label"]})
+        same = next((c for c in chosen if c["label"] == run["label"]), None)
+        if same is not None:
+            same["role"] += f"+{role}"
+            return
+        chosen.append(
+            {
+                "spec": spec_of(run),
+                "role": role,
+                "steps_to_target": run["steps_to_target"],
+                "reached_target": run["reached_target"],
+                "steps_to_target_adamw": run.get("steps_to_target_adamw"),
+                "reached_target_adamw": run.get("reached_target_adamw"),
+                "budget_steps": run["budget_steps"],
+                "steps_source": "comm_vs_loss.json (n=2, same task and seed)"
+                + (f"; from the {run['source_label']} run (same arithmetic)" if "source_label" in run else ""),
+                "label": run["label"],
+            }
+        )
 
     def cost(r: dict[str, Any]) -> float:  # what crosses the link until the target: uplink + downlink
         if r["method"] == "ef21_muon_allgather" or "source_label" in r:
             return r["bytes_to_target_per_worker"]
-        return r.get("total_bytes_to_target") or r["bytes_to_target_per_worker"]
-    add(next((r for r in runs if r["method"] == "ef21_muon_sharded" and r["uplink"] == "identity"
-              and r["downlink"] == "identity"), None), "uncompressed")
+        return r.get("total_bytes_to_target_per_worker") or r["bytes_to_target_per_worker"]
+
+    add(
+        next(
+            (
+                r
+                for r in runs
+                if r["method"] == "ef21_muon_sharded" and r["uplink"] == "identity" and r["downlink"] == "identity"
+            ),
+            None,
+        ),
+        "uncompressed",
+    )
     for topo in ("sharded", "server", "allgather"):
-        cand = [r for r in runs if r["method"] == f"ef21_muon_{topo}" and r["reached_target"] and r["uplink"] != "identity"]
+        cand = [
+            r for r in runs if r["method"] == f"ef21_muon_{topo}" and r["reached_target"] and r["uplink"] != "identity"
+        ]
         if topo == "allgather":
             # with a dense downlink every topology runs the same arithmetic (X = W): a sharded/server run with
             # downlink identity has exactly the allgather run's curve (comm_vs_loss shows identical curves), so its
             # steps-to-target carry over; allgather sends no downlink, so rank them by uplink bytes alone
-            cand += [dict(r, method="ef21_muon_allgather", topology="allgather",
-                          label=r["label"].replace(r["method"], "ef21_muon_allgather"), source_label=r["label"])
-                     for r in runs if r["method"] != "ef21_muon_allgather" and r["method"].startswith("ef21_muon_")
-                     and r["downlink"] == "identity" and r["uplink"] != "identity" and r["reached_target"]]
+            cand += [
+                dict(
+                    r,
+                    method="ef21_muon_allgather",
+                    topology="allgather",
+                    label=r["label"].replace(r["method"], "ef21_muon_allgather"),
+                    source_label=r["label"],
+                )
+                for r in runs
+                if r["method"] != "ef21_muon_allgather"
+                and r["method"].startswith("ef21_muon_")
+                and r["downlink"] == "identity"
+                and r["uplink"] != "identity"
+                and r["reached_target"]
+            ]
         add(min(cand, key=cost) if cand else None, f"best_{topo}")
+    add(next((r for r in runs if C.is_default(spec_of(r))), None), "default")
     psgd = [r for r in runs if r["method"].startswith("ddp_powersgd")]
     reached = [r for r in psgd if r["reached_target"]]
-    add(min(reached, key=cost) if reached else (min(psgd, key=lambda r: r["final_val_loss"]) if psgd else None),
-        "ddp_powersgd")
-    add(next((r for r in runs if r["method"] == "ddp_muon"), None), "ddp_muon")
-    add(next((r for r in runs if r["method"] == "ddp_lmo"), None), "ddp_lmo")
+    add(
+        next((r for r in psgd if r["method"] == "ddp_powersgd_r4_lmo"), None)
+        or (min(reached, key=cost) if reached else (min(psgd, key=lambda r: r["final_val_loss"]) if psgd else None)),
+        "ddp_powersgd",
+    )
+    for name in ("ddp_muon", "ddp_lmo", "demo"):
+        add(next((r for r in runs if r["method"] == name), None), name)
     return chosen
 
 
@@ -254,8 +350,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ratios", default="1,4,10", help="DDP comm/compute ratios to shape the link for")
     p.add_argument("--timed-steps", type=int, default=None, help="timed steps per method per rate (default 12)")
     p.add_argument("--warmup-steps", type=int, default=3)
-    p.add_argument("--comm-vs-loss", default=str(C.RESULTS / "comm_vs_loss.json"),
-                   help="steps-to-target source (comm_vs_loss.py output, same task and seed)")
+    p.add_argument(
+        "--comm-vs-loss",
+        default=str(C.RESULTS / "comm_vs_loss.json"),
+        help="steps-to-target source (comm_vs_loss.py output, same task and seed)",
+    )
     p.add_argument("--out", default=str(C.RESULTS))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -297,13 +396,19 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     model_numel = C.n_params(C.build_model(task))
-    print(f"task {task} | {model_numel} params | seed {args.seed} | {timed} timed steps (+{args.warmup_steps} "
-          f"warm-up) per method per rate | link: {'veth in 2 netns, tbf' if link else 'loopback (' + reason + ')'}",
-          flush=True)
+    print(
+        f"task {task} | {model_numel} params | seed {args.seed} | {timed} timed steps (+{args.warmup_steps} "
+        f"warm-up) per method per rate | link: {'veth in 2 netns, tbf' if link else 'loopback (' + reason + ')'}",
+        flush=True,
+    )
     for c in chosen:
         print(f"  {c['role']:<14} {C.label(c['spec']):<60} steps-to-target {c['steps_to_target']}", flush=True)
-    cfg = {"task": dataclasses.asdict(task), "methods": [c["spec"] for c in chosen], "timed_steps": timed,
-           "warmup_steps": args.warmup_steps}
+    cfg = {
+        "task": dataclasses.asdict(task),
+        "methods": [c["spec"] for c in chosen],
+        "timed_steps": timed,
+        "warmup_steps": args.warmup_steps,
+    }
     t_all = time.perf_counter()
     rows, rates = [], []
     try:
@@ -314,8 +419,11 @@ def main(argv: list[str] | None = None) -> None:
         t_compute = base[-1]["seconds_per_step"]
         unlimited = {b["label"]: b["seconds_per_step"] for b in base[:-1]}
         ddp_bytes = 4 * model_numel
-        print(f"unlimited link: DDP compute-only step {t_compute * 1e3:.1f} ms; step times (ms): "
-              + ", ".join(f"{k}: {v * 1e3:.1f}" for k, v in unlimited.items()), flush=True)
+        print(
+            f"unlimited link: DDP compute-only step {t_compute * 1e3:.1f} ms; step times (ms): "
+            + ", ".join(f"{k}: {v * 1e3:.1f}" for k, v in unlimited.items()),
+            flush=True,
+        )
         phases = [(None, None, base[:-1])]
         for k in ratios:
             mbit = ddp_bytes * 8 / (k * t_compute) / 1e6
@@ -323,63 +431,116 @@ def main(argv: list[str] | None = None) -> None:
                 link.shape(mbit)
             t0 = time.perf_counter()
             res = run_pair(link, cfg, tmp, 1800)
-            print(f"rate {mbit:.2f} Mbit/s (aimed comm/compute {k:g}x): {time.perf_counter() - t0:.0f} s; step (ms): "
-                  + ", ".join(f"{r['label']}: {r['seconds_per_step'] * 1e3:.0f}" for r in res), flush=True)
+            print(
+                f"rate {mbit:.2f} Mbit/s (aimed comm/compute {k:g}x): {time.perf_counter() - t0:.0f} s; step (ms): "
+                + ", ".join(f"{r['label']}: {r['seconds_per_step'] * 1e3:.0f}" for r in res),
+                flush=True,
+            )
             phases.append((mbit, k, res))
+
+        def has(c: dict[str, Any], role: str) -> bool:
+            return role in c["role"].split("+")
+
+        ddp_c = next((c for c in chosen if has(c, "ddp_muon")), None)
         for mbit, k, res in phases:
             by = {r["label"]: r for r in res}
-            ddp_label = next((C.label(c["spec"]) for c in chosen if c["role"] == "ddp_muon"), None)
-            ddp_t = by[ddp_label]["seconds_per_step"] if ddp_label else None
+            ddp_t = by[C.label(ddp_c["spec"])]["seconds_per_step"] if ddp_c else None
             measured_ratio = (ddp_t - t_compute) / t_compute if ddp_t else None
-            rates.append({"link_mbit": mbit, "aimed_comm_to_compute": k, "comm_to_compute": measured_ratio,
-                          "ddp_muon_seconds_per_step": ddp_t, "ddp_compute_seconds_per_step": t_compute})
-            ddp_time = None
-            for c in chosen:
-                lab = C.label(c["spec"])
-                if c["role"] == "ddp_muon":
-                    st = c["steps_to_target"] or c["budget_steps"]
-                    ddp_time = st * by[lab]["seconds_per_step"]
+            rates.append(
+                {
+                    "link_mbit": mbit,
+                    "aimed_comm_to_compute": k,
+                    "comm_to_compute": measured_ratio,
+                    "ddp_muon_seconds_per_step": ddp_t,
+                    "ddp_compute_seconds_per_step": t_compute,
+                }
+            )
             for c in chosen:
                 lab = C.label(c["spec"])
                 sps = by[lab]["seconds_per_step"]
-                st = c["steps_to_target"]
-                sec = st * sps if st else None
-                bound = st * unlimited[lab] if st else None
-                rows.append({
-                    "method": C.method_name(c["spec"]), "label": lab, "role": c["role"],
-                    "uplink": c["spec"]["uplink"], "downlink": c["spec"]["downlink"],
-                    "link_mbit": mbit, "link": ("unlimited veth" if link else "loopback") if mbit is None else "veth tbf",
-                    "aimed_comm_to_compute": k, "comm_to_compute": measured_ratio,
-                    "steps_to_target": st, "reached_target": c["reached_target"], "steps_source": c["steps_source"],
-                    "seconds_per_step": sps, "unlimited_seconds_per_step": unlimited[lab],
-                    "seconds_to_target": sec, "compute_bound_seconds": bound,
-                    "ratio_to_compute_bound": sec / bound if sec and bound else None,
-                    "speedup_vs_ddp_muon": (ddp_time / sec) if sec and ddp_time else None,
-                    "speedup_vs_ddp_muon_is_lower_bound": bool(sec) and not next(
-                        (x["reached_target"] for x in chosen if x["role"] == "ddp_muon"), True),
-                    "uplink_bytes_per_step": by[lab]["uplink_bytes_per_step"],
-                    "downlink_bytes_per_step": by[lab]["downlink_bytes_per_step"],
-                    "all_step_seconds": by[lab].get("all_step_seconds"),
-                    "seed": args.seed, "timed_steps": timed, "warmup_steps": args.warmup_steps,
-                    "reference_budget_steps": task.steps,
-                })
+                row = {
+                    "method": C.method_name(c["spec"]),
+                    "label": lab,
+                    "role": c["role"],
+                    "uplink": c["spec"]["uplink"],
+                    "downlink": c["spec"]["downlink"],
+                    "default": C.is_default(c["spec"]),
+                    "link_mbit": mbit,
+                    "link": ("unlimited veth" if link else "loopback") if mbit is None else "veth tbf",
+                    "aimed_comm_to_compute": k,
+                    "comm_to_compute": measured_ratio,
+                    "steps_source": c["steps_source"],
+                    "seconds_per_step": sps,
+                    "unlimited_seconds_per_step": unlimited[lab],
+                }
+                for sfx in ("", "_adamw"):  # time to the target and to target_adamw (comm_vs_loss.json)
+                    st = c[f"steps_to_target{sfx}"]
+                    sec = st * sps if st else None
+                    bound = st * unlimited[lab] if st else None
+                    ddp_st = (ddp_c[f"steps_to_target{sfx}"] or ddp_c["budget_steps"]) if ddp_c else None
+                    ddp_time = ddp_st * ddp_t if ddp_st and ddp_t else None
+                    row.update(
+                        {
+                            f"steps_to_target{sfx}": st,
+                            f"reached_target{sfx}": c[f"reached_target{sfx}"],
+                            f"seconds_to_target{sfx}": sec,
+                            f"compute_bound_seconds{sfx}": bound,
+                            f"ratio_to_compute_bound{sfx}": sec / bound if sec and bound else None,
+                            f"speedup_vs_ddp_muon{sfx}": (ddp_time / sec) if sec and ddp_time else None,
+                            f"speedup_vs_ddp_muon{sfx}_is_lower_bound": bool(sec)
+                            and ddp_c is not None
+                            and not ddp_c[f"reached_target{sfx}"],
+                        }
+                    )
+                row.update(
+                    {
+                        "uplink_bytes_per_step": by[lab]["uplink_bytes_per_step"],
+                        "downlink_bytes_per_step": by[lab]["downlink_bytes_per_step"],
+                        "all_step_seconds": by[lab].get("all_step_seconds"),
+                        "seed": args.seed,
+                        "timed_steps": timed,
+                        "warmup_steps": args.warmup_steps,
+                        "reference_budget_steps": task.steps,
+                    }
+                )
+                rows.append(row)
     finally:
         cleanup()
-    meta = {"environment": C.environment(), "args": {k: v for k, v in vars(args).items() if k not in ("worker", "rank")},
-            "task": dataclasses.asdict(task), "params": model_numel, "rates": rates,
-            "link": "veth pair in two network namespaces, tbf on both ends" if link else f"loopback ({reason})",
-            "method": "time-to-target = steps-to-target (comm_vs_loss.py, n=2) x median measured seconds per step",
-            "total_seconds": time.perf_counter() - t_all}
+    meta = {
+        "environment": C.environment(),
+        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "rank")},
+        "task": dataclasses.asdict(task),
+        "params": model_numel,
+        "rates": rates,
+        "link": "veth pair in two network namespaces, tbf on both ends" if link else f"loopback ({reason})",
+        "method": "time-to-target = steps-to-target (comm_vs_loss.py, n=2) x median measured seconds per step",
+        "targets": "target: uncompressed EF21-Muon's final val loss x 1.01; target_adamw (suffix _adamw): "
+        "DDP + AdamW's val loss at the reference budget x 1.01 (comm_vs_loss_meta.json: target_rule, "
+        "target_adamw_rule)",
+        "default_rule": "default: EF21-Muon with ef_lightning.config.EF21Config()'s uplink, downlink and topology",
+        "package_defaults": C.package_defaults(),
+        "total_seconds": time.perf_counter() - t_all,
+    }
     C.write_json(out / f"{stem}.json", rows)
     C.write_json(out / f"{stem}_meta.json", meta)
-    print(f"\n{'method':<58} {'Mbit/s':>8} {'comm/comp':>9} {'s/step':>7} {'s→target':>9} {'bound s':>8} "
-          f"{'vs bound':>8} {'× vs DDP+Muon':>13}")
+    print(
+        f"\n{'method':<56} {'Mbit/s':>8} {'comm/comp':>9} {'s/step':>7} {'s→target':>9} {'bound s':>8} "
+        f"{'vs bound':>8} {'× vs DDP+Muon':>13} {'s→tgtA':>7} {'×A':>6}"
+    )
     f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
     for r in rows:
-        print(f"{r['label'][:58]:<58} {f(r['link_mbit'], '%.2f'):>8} {f(r['comm_to_compute'], '%.2f'):>9} "
-              f"{r['seconds_per_step']:>7.3f} {f(r['seconds_to_target'], '%.1f'):>9} "
-              f"{f(r['compute_bound_seconds'], '%.1f'):>8} {f(r['ratio_to_compute_bound'], '%.2f'):>8} "
-              f"{f(r['speedup_vs_ddp_muon'], '%.2f'):>13}")
+        print(
+            f"{('* ' if r['default'] else '') + r['label'][:54]:<56} {f(r['link_mbit'], '%.2f'):>8} "
+            f"{f(r['comm_to_compute'], '%.2f'):>9} "
+            f"{r['seconds_per_step']:>7.3f} {f(r['seconds_to_target'], '%.1f'):>9} "
+            f"{f(r['compute_bound_seconds'], '%.1f'):>8} {f(r['ratio_to_compute_bound'], '%.2f'):>8} "
+            f"{f(r['speedup_vs_ddp_muon'], '%.2f'):>13} {f(r['seconds_to_target_adamw'], '%.1f'):>7} "
+            f"{f(r['speedup_vs_ddp_muon_adamw'], '%.2f'):>6}"
+        )
+    print(
+        "* = the package default (EF21Config()); A = to target_adamw (DDP + AdamW's loss at the reference budget "
+        "x 1.01)"
+    )
     print(f"total {meta['total_seconds']:.0f} s; wrote {out / (stem + '.json')}")
 
 

@@ -389,6 +389,12 @@ class Compressor(abc.ABC):
             rows.append(self.decompress(msg).float().reshape(-1))
         return torch.stack(rows)
 
+    def roundtrip_rows(self, x: Tensor, shape: ShapeLike, seeds: Sequence[int]) -> tuple[list[Tensor], Tensor]:
+        """:meth:`encode_rows` and the rows its receiver decodes (float32), as ``decode_rows`` would return them;
+        the sender's EF21 update needs both. Sparsifiers override it to skip unpacking what they just packed."""
+        parts = self.encode_rows(x, shape, seeds)
+        return parts, self.decode_rows(parts, shape, torch.float32, seeds)
+
     def part_nbytes(self, shape: ShapeLike, dtype: torch.dtype) -> list[int]:
         """Bytes of each payload part of one message (the row width of each :meth:`encode_rows` part)."""
         return [n * dt.itemsize for n, dt in self.layout(shape, dtype)]
@@ -475,14 +481,23 @@ class TopK(_Sparsifier):
 
     def select_rows(self, x: Tensor, shape: ShapeLike) -> tuple[Tensor, Tensor]:
         """Each row's index part (L, nbytes) uint8 and its K values (L, K) in ascending index order."""
+        aux, vals, _ = self._select(x, shape)
+        return aux, vals
+
+    def _select(self, x: Tensor, shape: ShapeLike) -> tuple[Tensor, Tensor, Tensor]:
         L, d = x.shape
         K = self.k(shape)
-        idx = topk_rows(x, K)  # canonical: ties go to the lower index
+        idx = topk_rows(x, K).sort(dim=1).values  # canonical set (ties to the lower index), ascending
+        vals = x.gather(1, idx)
         if self._bitmap(d, K):
             mask = torch.zeros(L, d, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
-            return pack_rows(mask, 1), x[mask].view(L, K)  # boolean indexing: row-major, ascending in each row
-        idx = idx.sort(dim=1).values  # ascending indices: a canonical message, identical for equal inputs
-        return pack_rows(idx, _index_bits(d)), x.gather(1, idx)
+            return pack_rows(mask, 1), vals, idx
+        return pack_rows(idx, _index_bits(d)), vals, idx
+
+    def roundtrip_rows(self, x, shape, seeds):
+        aux, vals, idx = self._select(x, shape)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).scatter_(1, idx, vals.float())
+        return [aux, vals.contiguous().view(torch.uint8)], out
 
     def place_rows(self, aux: Tensor, vals: Tensor, shape: ShapeLike) -> Tensor:
         """Inverse of :meth:`select_rows`: dense (L, d) rows in ``vals``' dtype, zero where not selected."""
@@ -875,6 +890,20 @@ class Composed(Compressor):
         aux, vals = self.outer.select_rows(x, shape)
         K = vals.shape[1]
         return [aux, *self.inner.encode_rows(vals.contiguous(), (K,), [_subseed(s, 0) for s in seeds])]
+
+    def roundtrip_rows(self, x, shape, seeds):
+        if not isinstance(self.outer, TopK):
+            return super().roundtrip_rows(x, shape, seeds)
+        aux, vals, idx = self.outer._select(x, shape)
+        K = vals.shape[1]
+        subseeds = [_subseed(s, 0) for s in seeds]
+        inner_parts, inner_vals = self.inner.roundtrip_rows(vals.contiguous(), (K,), subseeds)
+        (scale,) = self.scales(shape)
+        v = inner_vals.to(x.dtype)
+        if scale != 1.0:
+            v = v.float() * scale
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).scatter_(1, idx, v.float())
+        return [aux, *inner_parts], out
 
     def decode_rows(self, parts, shape, dtype, seeds):
         if not isinstance(self.outer, TopK):

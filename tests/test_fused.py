@@ -48,7 +48,10 @@ def test_rows_match_per_layer_reference(spec: str, shape: tuple[int, ...], ties:
     for i in range(L):
         packed = comp.pack(comp.compress(x[i].view(shape), seed=seeds[i]))
         assert torch.equal(torch.cat([p[i] for p in fused]), packed)
+    parts_rt, dec_rt = comp.roundtrip_rows(x, shape, seeds)  # the sender's shortcut: same bytes, same decode
+    assert all(torch.equal(a, b) for a, b in zip(parts_rt, ref))
     dec = comp.decode_rows(fused, shape, torch.float32, seeds)
+    assert torch.equal(dec_rt, dec)
     dec_ref = C.Compressor.decode_rows(comp, ref, shape, torch.float32, seeds)
     assert dec.dtype == torch.float32 and dec.shape == (L, math.prod(shape))
     assert torch.equal(dec, dec_ref)
