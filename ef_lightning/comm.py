@@ -193,31 +193,64 @@ def assign_owners(sizes: Sequence[int], world_size: int) -> list[int]:
     return owners
 
 
-class Pending:
-    """An uplink collective in flight: :meth:`wait` waits and returns the received buffers. ``started`` and
-    ``done_at`` (``time.perf_counter()`` seconds) time it; ``done_at`` is set by the collective's future when it
-    completes (or at the latest by :meth:`wait`)."""
+#: large buffers travel as several collectives in flight at once, pieces of at least this many bytes ...
+PIECE_BYTES = 64 << 10
+#: ... and at most this many pieces. One large gloo collective over a shaped 33 Mbit/s link ran at ~60 % of line
+#: rate; 4-16 concurrent pieces kept it full, like DDP's pipelined ring all-reduce (benchmarks/collectives.py).
+MAX_PIECES = 16
 
-    def __init__(self, work: Any, result: Callable[[], list[torch.Tensor]]) -> None:
+
+def _split(n: int, k: int) -> list[int]:
+    """``n`` bytes as ``k`` near-equal piece lengths (larger ones first)."""
+    q, r = divmod(n, k)
+    return [q + (i < r) for i in range(k)]
+
+
+def _n_pieces(n: int) -> int:
+    return max(1, min(MAX_PIECES, n // PIECE_BYTES))
+
+
+class Pending:
+    """Collectives in flight: :meth:`wait` waits for all and returns the received buffers. ``started`` and
+    ``done_at`` (``time.perf_counter()`` seconds) time them; ``done_at`` is set by the last collective's future when
+    it completes (or at the latest by :meth:`wait`)."""
+
+    def __init__(self, works: Sequence[Any], result: Callable[[], list[torch.Tensor]]) -> None:
         self.started = time.perf_counter()
         self.done_at: float | None = None
-        self._work, self._result = work, result
-        if work is not None:
-            work.get_future().add_done_callback(self._done)
+        self._works, self._result = list(works), result
+        self._left = len(self._works)
+        for w in self._works:
+            w.get_future().add_done_callback(self._done)
 
     def _done(self, _: Any) -> None:
-        self.done_at = time.perf_counter()
+        self._left -= 1
+        if self._left <= 0:
+            self.done_at = time.perf_counter()
 
     def wait(self) -> list[torch.Tensor]:
-        if self._work is not None:
-            self._work.wait()
+        for w in self._works:
+            w.wait()
         if self.done_at is None:
             self.done_at = time.perf_counter()
         return self._result()
 
 
-def _pending(work: Any, result: Callable[[], list[torch.Tensor]]) -> Pending:
-    return Pending(work, result)
+def _all_gather_pieces(
+    buf: torch.Tensor, world_size: int, group: Any
+) -> tuple[list[Any], Callable[[], list[torch.Tensor]]]:
+    """Start an all-gather of equal-length ``buf`` from every rank, in pieces; the callable returns every rank's
+    buffer (rank order) once the works are done."""
+    lens = _split(buf.numel(), _n_pieces(buf.numel()))
+    outs, works, o = [], [], 0
+    for n in lens:
+        out = torch.empty(n * world_size, dtype=buf.dtype, device=buf.device)
+        works.append(dist.all_gather_into_tensor(out, buf[o : o + n], group=group, async_op=True))
+        outs.append(out)
+        o += n
+    if len(outs) == 1:
+        return works, lambda: list(outs[0].chunk(world_size))
+    return works, lambda: [torch.cat([out.view(world_size, -1)[r] for out in outs]) for r in range(world_size)]
 
 
 class Transport(abc.ABC):
@@ -323,9 +356,7 @@ class AllGatherTransport(Transport):
 
     def uplink_start(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> Pending:
         (buf,) = parts
-        out = torch.empty(buf.numel() * self.world_size, dtype=torch.uint8, device=buf.device)
-        work = dist.all_gather_into_tensor(out, buf, group=self.group, async_op=True)
-        return _pending(work, lambda: list(out.chunk(self.world_size)))
+        return Pending(*_all_gather_pieces(buf, self.world_size, self.group))
 
     def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:
         return []
@@ -354,9 +385,18 @@ class ServerTransport(Transport):
     def uplink_start(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> Pending:
         buf = parts[self.server_rank]
         is_server = self.rank == self.server_rank
-        bufs = [torch.empty_like(buf) for _ in range(self.world_size)] if is_server else None
-        work = dist.gather(buf, bufs, dst=self._global(self.server_rank), group=self.group, async_op=True)
-        return _pending(work, lambda: bufs if bufs is not None else [])
+        works, recvs, o = [], [], 0
+        for n in _split(buf.numel(), _n_pieces(buf.numel())):
+            got = [torch.empty(n, dtype=buf.dtype, device=buf.device) for _ in range(self.world_size)]
+            dst = self._global(self.server_rank)
+            works.append(
+                dist.gather(buf[o : o + n], got if is_server else None, dst=dst, group=self.group, async_op=True)
+            )
+            recvs.append(got)
+            o += n
+        if not is_server:
+            return Pending(works, list)
+        return Pending(works, lambda: [torch.cat([got[j] for got in recvs]) for j in range(self.world_size)])
 
     def uplink_wire_bytes(self, lengths: Sequence[int]) -> int:
         return lengths[self.server_rank]
@@ -391,7 +431,14 @@ class ServerTransport(Transport):
             buf = mine
         else:
             buf = torch.empty(n, dtype=torch.uint8, device=self.device)
-        dist.broadcast(buf, src=self._global(self.server_rank), group=self.group)
+        works, o = [], 0
+        for k in _split(n, _n_pieces(n)):  # pieces in flight at once, broadcast in place
+            works.append(
+                dist.broadcast(buf[o : o + k], src=self._global(self.server_rank), group=self.group, async_op=True)
+            )
+            o += k
+        for w in works:
+            w.wait()
         return [buf if o == self.server_rank else buf[:0] for o in range(self.world_size)]
 
 
@@ -404,18 +451,33 @@ class ShardedTransport(Transport):
         return assign_owners(sizes, self.world_size)
 
     def uplink_start(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> Pending:
-        send = torch.cat(parts) if len(parts) > 1 else parts[0]
-        mine = lengths[self.rank]
-        recv = torch.empty(mine * self.world_size, dtype=torch.uint8, device=send.device)
-        work = dist.all_to_all_single(
-            recv,
-            send,
-            output_split_sizes=[mine] * self.world_size,
-            input_split_sizes=list(lengths),
-            group=self.group,
-            async_op=True,
+        k = _n_pieces(max(lengths))
+        sizes = [_split(n, k) for n in lengths]  # piece c of owner o's part: sizes[o][c] bytes
+        offsets = [[sum(sz[:c]) for c in range(k)] for sz in sizes]
+        mine = sizes[self.rank]
+        works, recvs = [], []
+        for c in range(k):
+            send = torch.cat([parts[o][offsets[o][c] : offsets[o][c] + sizes[o][c]] for o in range(len(parts))])
+            recv = torch.empty(mine[c] * self.world_size, dtype=torch.uint8, device=send.device)
+            works.append(
+                dist.all_to_all_single(
+                    recv,
+                    send,
+                    output_split_sizes=[mine[c]] * self.world_size,
+                    input_split_sizes=[sz[c] for sz in sizes],
+                    group=self.group,
+                    async_op=True,
+                )
+            )
+            recvs.append(recv)
+        if not lengths[self.rank]:
+            return Pending(works, list)
+        if k == 1:
+            return Pending(works, lambda: list(recvs[0].split(mine[0])))
+        return Pending(
+            works,
+            lambda: [torch.cat([r.view(self.world_size, -1)[j] for r in recvs]) for j in range(self.world_size)],
         )
-        return _pending(work, lambda: list(recv.split(mine)) if mine else [])
 
     def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:
         # all_gather needs equal sizes: pad every owner's buffer to the longest (balanced owners keep this small)
@@ -423,9 +485,10 @@ class ShardedTransport(Transport):
         buf = torch.zeros(width, dtype=torch.uint8, device=self.device)
         if mine is not None and mine.numel():
             buf[: mine.numel()] = mine
-        out = torch.empty(width * self.world_size, dtype=torch.uint8, device=self.device)
-        dist.all_gather_into_tensor(out, buf, group=self.group)
-        return [chunk[: lengths[o]] for o, chunk in enumerate(out.chunk(self.world_size))]
+        works, result = _all_gather_pieces(buf, self.world_size, self.group)
+        for w in works:
+            w.wait()
+        return [chunk[: lengths[o]] for o, chunk in enumerate(result())]
 
     def downlink_wire_bytes(self, lengths: Sequence[int]) -> int:
         return max(lengths) * self.world_size
@@ -451,7 +514,7 @@ class LocalTransport(Transport):
         return [-1 if self.replicated else 0] * len(sizes)
 
     def uplink_start(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> Pending:
-        return Pending(None, lambda: [parts[0]])
+        return Pending([], lambda: [parts[0]])
 
     def uplink_from(
         self, buf: torch.Tensor | None, participants: Sequence[int], lengths: Sequence[int]

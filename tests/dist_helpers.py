@@ -157,6 +157,9 @@ def engine_run(rank: int, world: int, configs: list[dict], steps: int, lr: float
         key = repr(sorted(cfg.items()))
         cfg = dict(cfg)
         n_steps = cfg.pop("_steps", steps)
+        from ef_lightning import comm
+
+        comm.PIECE_BYTES = cfg.pop("_piece_bytes", 64 << 10)  # small pieces: the multi-piece collectives run too
         model = make_model(0)
         opt = make_optimizer(model, lr)
         data = make_data(world, n_steps)

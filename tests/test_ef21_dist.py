@@ -158,16 +158,22 @@ PARITY = [
                         ("sharded", "top_k:0.05+natural", "natural"))
     for fused in (True, False)
 ]
+PIECES = [dict(c, _piece_bytes=16) for c in PARITY if c["fused"]]  # every buffer sent in several pieces at once
 
 
 @pytest.mark.parametrize("topology", ["allgather", "server", "sharded"])
 def test_fused_and_per_layer_paths_are_bit_identical(tmp_path, topology):
     """The vectorised path and the per-layer reference send the same bytes in every collective (uplink and
-    downlink) and reach the same X and W, bit for bit, in 2 processes."""
-    cfgs = [c for c in PARITY if c["topology"] == topology]
+    downlink) and reach the same X and W, bit for bit, in 2 processes; so do buffers sent in many pieces."""
+    cfgs = [c for c in PARITY + PIECES if c["topology"] == topology]
     res = check_ok(run_distributed(engine_run, 2, tmp_path, configs=cfgs, steps=5))
-    fused, ref = (repr(sorted(c.items())) for c in cfgs)
+    fused, ref, pieces = (repr(sorted(c.items())) for c in cfgs)
     for r in res:
+        assert len(r[pieces]["digests"]) > len(r[ref]["digests"])  # the same traffic in more, smaller collectives
+        assert r[pieces]["ledger"] == r[ref]["ledger"]
+        for part in ("X", "W"):
+            for k, v in r[pieces][part].items():
+                assert torch.equal(v, r[ref][part][k]), (part, k)
         assert r[fused]["digests"] == r[ref]["digests"] and len(r[fused]["digests"]) >= 5
         assert r[fused]["ledger"] == r[ref]["ledger"]
         for part in ("X", "W"):
