@@ -25,7 +25,7 @@ only from the ``seed`` argument, never the global RNG: ``natural`` draws counter
 (:func:`uniform_rows`, the same stream on CPU and CUDA and for one layer or a whole group of layers at once);
 ``rand_k`` and ``qsgd`` use a ``torch.Generator`` created on the tensor's device, so their compress and decompress
 must run on the same device type. The seed is shared by all ranks and is not counted in the bits. Top-k breaks ties
-towards the lower index (:func:`topk_rows`), so a message is a function of the values alone.
+towards the lower index (:func:`topk_mask_rows`), so a message is a function of the values alone.
 
 References: EF21 (Richtárik, Sokolov, Fatkhullin 2021, arXiv 2106.05203); top-k / rand-k sparsification (Stich,
 Cordonnier, Jaggi 2018, arXiv 1809.07599); natural compression (Horváth et al. 2019, arXiv 1905.10988);
@@ -64,6 +64,7 @@ __all__ = [
     "pack_rows",
     "unpack_rows",
     "uniform_rows",
+    "topk_mask_rows",
     "topk_rows",
     "NAMES",
 ]
@@ -193,17 +194,29 @@ def uniform_rows(seeds: Sequence[int], n: int, device: torch.device | str = "cpu
     return _shr(z, 40).to(torch.float32) * 2.0**-24
 
 
-def topk_rows(x: Tensor, K: int) -> Tensor:
-    """Indices of the K largest |x| in each row of a 2-D float tensor, ties broken towards the lower index.
+def topk_mask_rows(x: Tensor, K: int) -> Tensor:
+    """Mask (L, d) bool of the K largest |x| in each row of a 2-D float tensor, ties broken towards the lower index.
 
-    The selection is canonical (a function of the values only, not of the top-k algorithm, the device or how many
-    rows are selected at once): the key is |x|'s IEEE bits (monotone for non-negative floats) above the reversed
-    index. Indices come back unordered.
+    Canonical (a function of the values only, not of the top-k algorithm, the device or how many rows are selected
+    at once): a float ``topk`` finds each row's K-th largest |x| = t; the mask is |x| > t plus the first (lowest
+    index) entries equal to t that make up K. Without ties at t (the usual case) that is just |x| >= t.
     """
-    d = x.shape[-1]
-    bits = x.float().abs().view(torch.int32).to(torch.int64)
-    key = (bits << 32) | (d - 1 - torch.arange(d, dtype=torch.int64, device=x.device))
-    return torch.topk(key, K, dim=-1, sorted=False).indices
+    a = x.float().abs()
+    L, d = a.shape
+    if d <= K:
+        return torch.ones(L, d, dtype=torch.bool, device=x.device)
+    t = torch.topk(a, K, dim=1, sorted=False).values.amin(1, keepdim=True)
+    ge = a >= t
+    if bool((ge.sum(1) == K).all()):
+        return ge
+    gt = a > t
+    eq = ge & ~gt
+    return gt | (eq & (eq.cumsum(1) <= K - gt.sum(1, keepdim=True)))
+
+
+def topk_rows(x: Tensor, K: int) -> Tensor:
+    """Indices (L, K), ascending, of :func:`topk_mask_rows`."""
+    return topk_mask_rows(x, K).nonzero()[:, 1].view(x.shape[0], K)
 
 
 def _pow2(e: Tensor) -> Tensor:
@@ -485,19 +498,18 @@ class TopK(_Sparsifier):
         return aux, vals
 
     def _select(self, x: Tensor, shape: ShapeLike) -> tuple[Tensor, Tensor, Tensor]:
+        """(index part, values (L, K) in ascending index order, selection mask (L, d))."""
         L, d = x.shape
         K = self.k(shape)
-        idx = topk_rows(x, K).sort(dim=1).values  # canonical set (ties to the lower index), ascending
-        vals = x.gather(1, idx)
+        mask = topk_mask_rows(x, K)  # canonical set (ties to the lower index)
+        vals = x.masked_select(mask).view(L, K)  # row-major: ascending indices in each row
         if self._bitmap(d, K):
-            mask = torch.zeros(L, d, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
-            return pack_rows(mask, 1), vals, idx
-        return pack_rows(idx, _index_bits(d)), vals, idx
+            return pack_rows(mask, 1), vals, mask
+        return pack_rows(mask.nonzero()[:, 1].view(L, K), _index_bits(d)), vals, mask
 
     def roundtrip_rows(self, x, shape, seeds):
-        aux, vals, idx = self._select(x, shape)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).scatter_(1, idx, vals.float())
-        return [aux, vals.contiguous().view(torch.uint8)], out
+        aux, vals, mask = self._select(x, shape)
+        return [aux, vals.contiguous().view(torch.uint8)], torch.where(mask, x, 0.0).float()
 
     def place_rows(self, aux: Tensor, vals: Tensor, shape: ShapeLike) -> Tensor:
         """Inverse of :meth:`select_rows`: dense (L, d) rows in ``vals``' dtype, zero where not selected."""
@@ -505,10 +517,8 @@ class TopK(_Sparsifier):
         d = _numel(shape)
         out = vals.new_zeros(L, d)
         if self._bitmap(d, K):
-            out[unpack_rows(aux, 1, d).bool()] = vals.reshape(-1)
-        else:
-            out.scatter_(1, unpack_rows(aux, _index_bits(d), K), vals)
-        return out
+            return out.masked_scatter_(unpack_rows(aux, 1, d).bool(), vals)
+        return out.scatter_(1, unpack_rows(aux, _index_bits(d), K), vals)
 
     def _encode(self, x, seed):
         aux, vals = self.select_rows(x.reshape(1, -1), x.shape)
@@ -894,7 +904,7 @@ class Composed(Compressor):
     def roundtrip_rows(self, x, shape, seeds):
         if not isinstance(self.outer, TopK):
             return super().roundtrip_rows(x, shape, seeds)
-        aux, vals, idx = self.outer._select(x, shape)
+        aux, vals, mask = self.outer._select(x, shape)
         K = vals.shape[1]
         subseeds = [_subseed(s, 0) for s in seeds]
         inner_parts, inner_vals = self.inner.roundtrip_rows(vals.contiguous(), (K,), subseeds)
@@ -902,7 +912,7 @@ class Composed(Compressor):
         v = inner_vals.to(x.dtype)
         if scale != 1.0:
             v = v.float() * scale
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).scatter_(1, idx, v.float())
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).masked_scatter_(mask, v.float())
         return [aux, *inner_parts], out
 
     def decode_rows(self, parts, shape, dtype, seeds):

@@ -372,8 +372,9 @@ class _EF21Base(abc.ABC):
             if g.bucket != bucket:
                 continue
             gr = self._stack(grads, g)
-            if finite is not None:
+            if finite is not None:  # sent before the check: a non-finite gradient must still encode (then dropped)
                 finite.append(torch.isfinite(gr).all())
+                gr.nan_to_num_(0.0, 0.0, 0.0)
             gp = self._stack(prev, g) if prev is not None else None
             comp = self._up_comp(g, refresh)
             seeds = self._seeds(g, worker)

@@ -214,8 +214,10 @@ def engine_resume(rank: int, world: int, cfg: dict, steps: int, split: int) -> d
     return {"full": full, "resumed": _state_snapshot(model, eng)}
 
 
-def engine_nan(rank: int, world: int, cfg: dict, steps: int, bad_step: int, bad_rank: int) -> dict[str, Any]:
-    """Inject NaN into one rank's gradient at ``bad_step``; report state before/after and the ledger."""
+def engine_nan(rank: int, world: int, cfg: dict, steps: int, bad_step: int, bad_rank: int,
+               in_backward: bool = False) -> dict[str, Any]:
+    """Inject NaN into one rank's gradient at ``bad_step`` (after backward, or ``in_backward`` through the loss, so
+    overlapped buckets are sent before anyone knows); report state before/after and the ledger."""
     import warnings
 
     from ef_lightning import EF21Engine
@@ -226,11 +228,15 @@ def engine_nan(rank: int, world: int, cfg: dict, steps: int, bad_step: int, bad_
     warned = []
     for s in range(steps):
         opt.zero_grad(set_to_none=True)
-        mse(model, data[s][rank]).backward()
         if s == bad_step:
-            if rank == bad_rank:
-                next(model.parameters()).grad[0, 0] = float("nan")
             before = ({k: v.clone() for k, v in model.state_dict().items()}, eng.state_dict())
+        loss = mse(model, data[s][rank])
+        if s == bad_step and rank == bad_rank and in_backward:
+            loss = loss * float("nan")
+        loss.backward()
+        if s == bad_step:
+            if rank == bad_rank and not in_backward:
+                next(model.parameters()).grad[0, 0] = float("nan")
             with warnings.catch_warnings(record=True) as w:
                 warnings.simplefilter("always")
                 applied = eng.step()

@@ -126,10 +126,13 @@ def test_resume_is_bit_identical_in_processes(tmp_path, topology):
         assert r["full"]["ledger"] == r["resumed"]["ledger"]
 
 
-def test_nan_on_one_rank_skips_everywhere(tmp_path):
+@pytest.mark.parametrize("in_backward", [False, True], ids=["after-backward", "in-backward"])
+def test_nan_on_one_rank_skips_everywhere(tmp_path, in_backward):
+    """Injected after backward (the overlapped send is stale and resynced) or produced by backward itself (the
+    overlapped buckets are already sent when the check runs): no state changes anywhere."""
     res = check_ok(run_distributed(engine_nan, 2, tmp_path, cfg={"topology": "sharded", "uplink": "top_k:0.2",
-                                                                 "downlink": "top_k:0.5"},
-                                   steps=6, bad_step=2, bad_rank=1))
+                                                                 "downlink": "top_k:0.5", "bucket_cap_mb": 1e-4},
+                                   steps=6, bad_step=2, bad_rank=1, in_backward=in_backward))
     for r, out in enumerate(res):
         assert out["applied"] is False
         assert out["ledger"]["skipped_steps"] == 1 and out["ledger"]["steps"] == 6
