@@ -98,8 +98,8 @@ def pack_rows(values: Tensor, width: int) -> Tensor:
     elif n and width:
         shifts = torch.arange(width, device=values.device)
         bits[:, : n * width] = ((values.to(torch.int64).unsqueeze(-1) >> shifts) & 1).reshape(L, n * width)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=values.device)
-    return (bits.view(L, nbytes, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=values.device)
+    return (bits.view(L, nbytes, 8) * weights).sum(-1, dtype=torch.uint8)  # distinct bits: no carry, no overflow
 
 
 def unpack_rows(buf: Tensor, width: int, n: int) -> Tensor:

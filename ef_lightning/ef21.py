@@ -682,6 +682,7 @@ class EF21Engine(_EF21Base):
         self._init_rows()
         self._should_sync = should_sync
         self._blocked = 0  # depth of no_sync() blocks
+        self.resynced = 0  # overlapped steps synced again at the step (gradients changed after their bucket was sent)
         self._grad_hooks: list[RemovableHandle] = []
         if self.overlapping:
             self._bucket_of = {i: g.bucket for g in self.groups for i in g.indices}
@@ -804,6 +805,7 @@ class EF21Engine(_EF21Base):
                 stacklevel=4,
             )
             self._reset_inflight()
+            self.resynced += 1
             return self._sync_mine(_grads_of(self.layers, clone=False), None)
         if bad_anywhere:
             self._reset_inflight()

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
 from ef_lightning.comm import broadcast_module_
@@ -121,8 +122,14 @@ class EF21MuonStrategy(DDPStrategy):
         if trainer.state.fn != "fit":
             return
         self.config.check_accumulation(trainer.accumulate_grad_batches, "accumulate_grad_batches")
+        config = self.config
+        if config.overlap and trainer.gradient_clip_val:
+            # Lightning clips between backward and optimizer.step(): buckets sent during backward would carry the
+            # unclipped gradients, so the sync waits for the step (the clipped gradients are what EF21 compresses)
+            config = config.replace(overlap=False)
+            rank_zero_info("EF21-Muon: gradient_clip_val is set, so the uplink is sent at the step (overlap off)")
         for opt in self.optimizers:
-            self.engines[id(opt)] = self._new_engine(opt)
+            self.engines[id(opt)] = self._new_engine(opt, config)
 
     @contextlib.contextmanager
     def block_backward_sync(self) -> Iterator[None]:
@@ -132,9 +139,11 @@ class EF21MuonStrategy(DDPStrategy):
                 stack.enter_context(engine.no_sync())
             yield
 
-    def _new_engine(self, optimizer: Optimizer) -> EF21Engine:
+    def _new_engine(self, optimizer: Optimizer, config: EF21Config | None = None) -> EF21Engine:
         assert self.lightning_module is not None  # setup() connected it
-        return EF21Engine(self.lightning_module, optimizer, self.config, sync_initial=False, quiet=self._quiet)
+        return EF21Engine(
+            self.lightning_module, optimizer, config or self.config, sync_initial=False, quiet=self._quiet
+        )
 
     @property
     def engine(self) -> EF21Engine | None:
@@ -226,7 +235,7 @@ class EF21MuonStrategy(DDPStrategy):
         for s in saved:
             X.update(s["server"]["X"])
         engine.load_parameters(X)  # allgather with fp32 keeps X in the parameters: already loaded
-        self.engines[id(engine.optimizer)] = self._new_engine(engine.optimizer)  # takes the optimizer over
+        self.engines[id(engine.optimizer)] = self._new_engine(engine.optimizer, engine.config)  # takes it over
         warnings.warn(
             f"EF21 state from {len(saved)} process(es) re-initialised for {self.world_size}: "
             "server model restored, error-feedback estimates restarted from zero",

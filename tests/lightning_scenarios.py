@@ -202,12 +202,17 @@ def s_resume(out: Path, devices: int) -> None:
 def s_accumulate(out: Path, devices: int) -> None:
     """accumulate_grad_batches=2: one EF21 sync per optimizer step; equals DDP with the same accumulation."""
     res = {}
-    for name, strategy in (("ef21", efl.EF21MuonStrategy(uplink="identity", downlink="identity")), ("ddp", "ddp")):
+    runs = (("ef21", efl.EF21MuonStrategy(uplink="identity", downlink="identity", bucket_cap_mb=1e-4), None),
+            ("ddp", "ddp", None), ("ef21_clip", efl.EF21MuonStrategy(uplink="identity", downlink="identity"), 1.0))
+    for name, strategy, clip in runs:
         seed_everything(0)
         model = Regressor()
-        t = trainer(devices, strategy, out, f"acc_{name}", max_steps=6, accumulate_grad_batches=2)
+        t = trainer(devices, strategy, out, f"acc_{name}", max_steps=6, accumulate_grad_batches=2,
+                    gradient_clip_val=clip)
         t.fit(model, loaders()[0])
         res[name] = weights(model)
+        if name.startswith("ef21"):  # overlap: micro-batches send nothing (no resync); clipping turns overlap off
+            res[f"{name}_overlap"] = (t.strategy.engine.overlapping, t.strategy.engine.resynced)
         if name == "ef21":
             res["ledger_steps"] = t.strategy.engine.ledger.summary()["steps"]
             res["global_step"] = t.global_step

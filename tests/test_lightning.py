@@ -122,6 +122,8 @@ def test_gradient_accumulation_syncs_once_per_optimizer_step(runs):
     assert res["global_step"] == 6 and res["batches"] == 12
     assert res["ledger_steps"] == 6  # one EF21 sync per optimizer step, not per micro-batch
     assert _maxdiff(res["ef21"], res["ddp"]) <= 1e-6
+    assert res["ef21_overlap"] == (True, 0)  # overlapped, and block_backward_sync kept micro-batches from sending
+    assert res["ef21_clip_overlap"] == (False, 0)  # gradient_clip_val: the sync waits for the clipped gradients
 
 
 def test_bf16_mixed_trains_with_float32_state(runs):
