@@ -712,8 +712,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--tune-frac",
         type=float,
-        default=1 / 3,
-        help="tune runs' length as a fraction of the uncompressed budget (default 1/3)",
+        default=1.0,
+        help="tune runs' length as a fraction of the uncompressed budget (default 1: the whole budget; a 1/3-budget "
+        "tune picked LR x3 for the LMO, which at 300 steps reached 2.758 vs 2.662 at x1: short tunes favour large LRs)",
     )
     p.add_argument(
         "--lr-from",

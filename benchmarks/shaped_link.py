@@ -158,6 +158,8 @@ def worker(cfg_path: str, rank: int) -> None:
                 "all_step_seconds": times,
                 "uplink_bytes_per_step": r.last_uplink_bytes,
                 "downlink_bytes_per_step": r.last_downlink_bytes,
+                # EF21: uplink wall time per step and the part hidden behind backward (the engine's ledger)
+                "uplink_overlap": r.engine.ledger.overlap() if r.engine is not None else None,
             }
         )
         r.close()
@@ -496,6 +498,7 @@ def main(argv: list[str] | None = None) -> None:
                     {
                         "uplink_bytes_per_step": by[lab]["uplink_bytes_per_step"],
                         "downlink_bytes_per_step": by[lab]["downlink_bytes_per_step"],
+                        "uplink_overlap": by[lab].get("uplink_overlap"),
                         "all_step_seconds": by[lab].get("all_step_seconds"),
                         "seed": args.seed,
                         "timed_steps": timed,

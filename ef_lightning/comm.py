@@ -1,15 +1,17 @@
 """Transports and the ledger of communicated bits.
 
 A transport moves the EF21-Muon messages between processes with torch.distributed collectives. Every layer's
-message travels in ONE flat ``uint8`` buffer per direction per step (docs/architecture.md: on gloo one large collective
-is far cheaper than one per parameter). The three real topologies:
+message travels in one flat ``uint8`` buffer per uplink bucket and one for the downlink, per step (on gloo one large
+collective is far cheaper than one per parameter); on gloo a buffer above :data:`PIECE_BYTES` is sent as up to
+:data:`MAX_PIECES` concurrent pieces of the same collective. With ``overlap`` the uplink buckets start from the
+backward pass. The three real topologies (collectives per bucket / per step):
 
 ========== ========================================= ================================= ==========================
 topology   uplink (workers -> server)                 downlink (server -> workers)       server state (X, G) lives
 ========== ========================================= ================================= ==========================
-allgather  one ``all_gather_into_tensor``             none: every rank computes X        on every rank (replicated)
-server     one ``gather`` to ``server_rank``          one ``broadcast`` of S             on ``server_rank`` only
-sharded    one ``all_to_all_single`` (per-owner parts) one ``all_gather_into_tensor``    each layer on its owner
+allgather  ``all_gather_into_tensor``                 none: every rank computes X        on every rank (replicated)
+server     ``gather`` to ``server_rank``              ``broadcast`` of S                 on ``server_rank`` only
+sharded    ``all_to_all_single`` (per-owner parts)    ``all_gather_into_tensor``         each layer on its owner
 ========== ========================================= ================================= ==========================
 
 ``sharded`` mirrors ring all-reduce (reduce-scatter + all-gather) with both halves compressed: a rank's traffic and
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -51,12 +54,14 @@ class StepRecord:
 
     Attributes:
         step: engine step index (0-based, counts skipped steps too).
-        uplink_bits: bits one worker sends to the server(s) this step.
+        uplink_bits: bits one worker sends to the server(s) this step (an overlapped send that was dropped and
+            resent at the step counts twice: both went over the wire).
         uplink_wire_bytes: bytes of the tensors one worker hands to the uplink collective.
         downlink_bits: bits the server side sends this step (sum over owners in ``sharded``; 0 in ``allgather``).
         downlink_wire_bytes: bytes of the tensors the server side hands to the downlink collective.
         dense_bytes: bytes one worker would send uncompressed, in the training dtype.
-        skipped: the step was skipped (non-finite gradient somewhere); nothing was sent.
+        skipped: the step was skipped (non-finite gradient somewhere): no state changed; with ``overlap`` the
+            uplink already sent is counted in the uplink fields.
         gradient_evals: forward/backward passes this worker spent on the step (2 for the variance-reduced
             estimators, which also need the gradient at the previous point; 0 when not participating).
         uplink_seconds: wall time from the first uplink collective's start to the last one's completion.
@@ -206,27 +211,34 @@ def _split(n: int, k: int) -> list[int]:
     return [q + (i < r) for i in range(k)]
 
 
-def _n_pieces(n: int) -> int:
+def _n_pieces(n: int, group: Any = None) -> int:
+    """Pieces for an n-byte buffer: several only on gloo (NCCL runs a group's collectives one after another on
+    one stream, so pieces would only add launches and copies)."""
+    if dist.is_initialized() and dist.get_backend(group) != "gloo":
+        return 1
     return max(1, min(MAX_PIECES, n // PIECE_BYTES))
 
 
 class Pending:
     """Collectives in flight: :meth:`wait` waits for all and returns the received buffers. ``started`` and
     ``done_at`` (``time.perf_counter()`` seconds) time them; ``done_at`` is set by the last collective's future when
-    it completes (or at the latest by :meth:`wait`)."""
+    it completes (or at the latest by :meth:`wait`). On gloo that is when the bytes have arrived; NCCL marks its
+    futures complete when the work is queued on the stream, so there the timing says little."""
 
     def __init__(self, works: Sequence[Any], result: Callable[[], list[torch.Tensor]]) -> None:
         self.started = time.perf_counter()
         self.done_at: float | None = None
         self._works, self._result = list(works), result
         self._left = len(self._works)
+        self._lock = threading.Lock()  # gloo completes works on its own threads
         for w in self._works:
             w.get_future().add_done_callback(self._done)
 
     def _done(self, _: Any) -> None:
-        self._left -= 1
-        if self._left <= 0:
-            self.done_at = time.perf_counter()
+        with self._lock:
+            self._left -= 1
+            if self._left <= 0:
+                self.done_at = time.perf_counter()
 
     def wait(self) -> list[torch.Tensor]:
         for w in self._works:
@@ -241,7 +253,7 @@ def _all_gather_pieces(
 ) -> tuple[list[Any], Callable[[], list[torch.Tensor]]]:
     """Start an all-gather of equal-length ``buf`` from every rank, in pieces; the callable returns every rank's
     buffer (rank order) once the works are done."""
-    lens = _split(buf.numel(), _n_pieces(buf.numel()))
+    lens = _split(buf.numel(), _n_pieces(buf.numel(), group))
     outs, works, o = [], [], 0
     for n in lens:
         out = torch.empty(n * world_size, dtype=buf.dtype, device=buf.device)
@@ -250,7 +262,9 @@ def _all_gather_pieces(
         o += n
     if len(outs) == 1:
         return works, lambda: list(outs[0].chunk(world_size))
-    return works, lambda: [torch.cat([out.view(world_size, -1)[r] for out in outs]) for r in range(world_size)]
+    return works, lambda: [
+        torch.cat([out.view(world_size, n)[r] for out, n in zip(outs, lens)]) for r in range(world_size)
+    ]
 
 
 class Transport(abc.ABC):
@@ -288,8 +302,8 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def uplink_start(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> Pending:
-        """Start sending this worker's per-owner buffers (an asynchronous collective); the returned callable waits
-        and returns the buffers addressed to this rank, one per worker.
+        """Start sending this worker's per-owner buffers (asynchronous collectives, in pieces on gloo); the returned
+        :class:`Pending`'s ``wait()`` returns the buffers addressed to this rank, one per worker.
 
         Args:
             parts: for each owner rank ``o``, this worker's packed messages for ``o``'s layers (uint8, 1-D,
@@ -386,7 +400,7 @@ class ServerTransport(Transport):
         buf = parts[self.server_rank]
         is_server = self.rank == self.server_rank
         works, recvs, o = [], [], 0
-        for n in _split(buf.numel(), _n_pieces(buf.numel())):
+        for n in _split(buf.numel(), _n_pieces(buf.numel(), self.group)):
             got = [torch.empty(n, dtype=buf.dtype, device=buf.device) for _ in range(self.world_size)]
             dst = self._global(self.server_rank)
             works.append(
@@ -432,7 +446,7 @@ class ServerTransport(Transport):
         else:
             buf = torch.empty(n, dtype=torch.uint8, device=self.device)
         works, o = [], 0
-        for k in _split(n, _n_pieces(n)):  # pieces in flight at once, broadcast in place
+        for k in _split(n, _n_pieces(n, self.group)):  # pieces in flight at once, broadcast in place
             works.append(
                 dist.broadcast(buf[o : o + k], src=self._global(self.server_rank), group=self.group, async_op=True)
             )
@@ -451,7 +465,7 @@ class ShardedTransport(Transport):
         return assign_owners(sizes, self.world_size)
 
     def uplink_start(self, parts: list[torch.Tensor], lengths: Sequence[int]) -> Pending:
-        k = _n_pieces(max(lengths))
+        k = _n_pieces(max(lengths), self.group)
         sizes = [_split(n, k) for n in lengths]  # piece c of owner o's part: sizes[o][c] bytes
         offsets = [[sum(sz[:c]) for c in range(k)] for sz in sizes]
         mine = sizes[self.rank]
@@ -476,7 +490,10 @@ class ShardedTransport(Transport):
             return Pending(works, lambda: list(recvs[0].split(mine[0])))
         return Pending(
             works,
-            lambda: [torch.cat([r.view(self.world_size, -1)[j] for r in recvs]) for j in range(self.world_size)],
+            lambda: [
+                torch.cat([r.view(self.world_size, mine[c])[j] for c, r in enumerate(recvs)])
+                for j in range(self.world_size)
+            ],
         )
 
     def downlink(self, mine: torch.Tensor | None, lengths: Sequence[int]) -> list[torch.Tensor]:

@@ -98,7 +98,7 @@ def pack_rows(values: Tensor, width: int) -> Tensor:
     elif n and width:
         shifts = torch.arange(width, device=values.device)
         bits[:, : n * width] = ((values.to(torch.int64).unsqueeze(-1) >> shifts) & 1).reshape(L, n * width)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=values.device)
+    weights = torch.ones(8, dtype=torch.uint8, device=values.device) << torch.arange(8, device=values.device)
     return (bits.view(L, nbytes, 8) * weights).sum(-1, dtype=torch.uint8)  # distinct bits: no carry, no overflow
 
 
@@ -185,7 +185,8 @@ def uniform_rows(seeds: Sequence[int], n: int, device: torch.device | str = "cpu
     one call draws every layer of a group at once, a single layer draws the same numbers as its row, and CPU and
     CUDA give the same stream. ``seeds`` are 63-bit ints (:func:`ef_lightning.kernels.seed_for`).
     """
-    s = torch.tensor([_i64(int(x) & _M64) for x in seeds], dtype=torch.int64, device=device).unsqueeze(1)
+    s = torch.tensor([_i64(int(x) & _M64) for x in seeds], dtype=torch.int64).to(device, non_blocking=True)
+    s = s.unsqueeze(1)
     k = torch.arange(1, n + 1, dtype=torch.int64, device=device)
     z = s + k * _i64(0x9E3779B97F4A7C15)
     z = (z ^ _shr(z, 30)) * _i64(0xBF58476D1CE4E5B9)
@@ -207,7 +208,7 @@ def topk_mask_rows(x: Tensor, K: int) -> Tensor:
         return torch.ones(L, d, dtype=torch.bool, device=x.device)
     t = torch.topk(a, K, dim=1, sorted=False).values.amin(1, keepdim=True)
     ge = a >= t
-    if bool((ge.sum(1) == K).all()):
+    if not x.is_cuda and bool((ge.sum(1) == K).all()):  # on CUDA no host sync: always the tie-safe form
         return ge
     gt = a > t
     eq = ge & ~gt

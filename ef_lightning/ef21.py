@@ -105,14 +105,6 @@ def _grads_of(layers: Sequence[LayerSpec], clone: bool) -> list[Tensor]:
     ]
 
 
-def _tentative(rows: Tensor | None, pending: list[tuple[Tensor, Tensor]]) -> Tensor | None:
-    if rows is None:
-        return None
-    copy = rows.clone()
-    pending.append((rows, copy))
-    return copy
-
-
 class _GradView(Sequence[Tensor]):
     """``grads[i]``: layer i's current gradient (zeros when it has none), read when asked (a bucket at a time)."""
 
@@ -127,9 +119,15 @@ class _GradView(Sequence[Tensor]):
         return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
 
 
-def _grad_version(p: Tensor) -> tuple[int, int] | None:
-    """Identity and in-place version of ``p.grad`` (changes when anything modifies or replaces it)."""
-    return None if p.grad is None else (id(p.grad), p.grad._version)
+def _grad_version(p: Tensor) -> tuple[Tensor | None, int]:
+    """``p.grad`` and its in-place version: compared with ``is`` and ``==``, they change when anything replaces or
+    modifies the gradient in place (except through ``.data``, which autograd does not version)."""
+    return (p.grad, -1 if p.grad is None else p.grad._version)
+
+
+def _same_grad(p: Tensor, seen: tuple[Tensor | None, int]) -> bool:
+    now = _grad_version(p)
+    return now[0] is seen[0] and now[1] == seen[1]
 
 
 def _nonfinite(grads: Sequence[Tensor]) -> bool:
@@ -143,6 +141,7 @@ class _EF21Base(abc.ABC):
     replicated = False  # every process computes X for every layer (allgather): no downlink
     _bucketed = False  # several uplink buckets (overlap with backward), else one
     _uplink_timing = (0.0, 0.0)  # this step's uplink seconds and the part of them hidden behind backward
+    _extra_sent = (0, 0)  # uplink bits and wire bytes of early sends this step dropped (resync or skip)
     _step_hint = ""  # how to step instead, for the guard's error
     # set by the subclass's __init__ (after this class's): the layers this process serves, the server state (X, G)
     # of those layers, and the state of each worker this process runs, by worker index
@@ -360,12 +359,12 @@ class _EF21Base(abc.ABC):
         prev: Sequence[Tensor] | None,
         refresh: bool,
         finite: list[Tensor] | None = None,
-        tentative: list[tuple[Tensor, Tensor]] | None = None,
+        tentative: bool = False,
     ) -> list[Tensor]:
         """Steps 2-3 for one worker and one bucket: its packed messages, one uint8 buffer per owner slot.
         ``prev``: the gradients on the same minibatch at the previous W (VR estimators after their first step;
-        docs/algorithm.md §4). ``finite`` collects a flag per group; with ``tentative`` the worker state is updated
-        in copies, listed as (state, copy) pairs to commit later."""
+        docs/algorithm.md §4). ``finite`` collects a flag per group. ``tentative`` (``ef21`` only): the worker state
+        is left as it is (:meth:`EF21Engine._commit` updates it once the step is known good), nothing is copied."""
         layout = self.up_layout[refresh]
         bufs = [torch.empty(n, dtype=torch.uint8, device=self._device) for n in layout.lengths[bucket]]
         for g in self.groups:
@@ -382,9 +381,13 @@ class _EF21Base(abc.ABC):
                 parts = K.uplink_marina(comp, gr, gp, refresh, g.shape, seeds, self.fused)
             else:
                 M, G_j, V = (self._rows[worker, k, g.index] for k in ("M", "G", "V"))
-                if tentative is not None:  # work on copies; the caller commits them once the step is known good
-                    M, G_j = (_tentative(t, tentative) for t in (M, G_j))
-                if self.estimator == "ef21":
+                if tentative:  # D from an out-of-place momentum update; M and G_j stay untouched until the commit
+                    assert G_j is not None
+                    Mn = M.lerp(gr, 1 - g.momentum) if M is not None else None
+                    D = gr if Mn is None else (gr.lerp(Mn, g.momentum) if g.nesterov else Mn)
+                    exact = self._exact_identity(comp)
+                    parts = K.encode(comp, D if exact else D - G_j, g.shape, seeds, self.fused)
+                elif self.estimator == "ef21":
                     D = K.ef21_direction(M, gr, g.momentum, g.nesterov)
                 elif self.estimator == "ef21_page":
                     assert V is not None
@@ -392,8 +395,9 @@ class _EF21Base(abc.ABC):
                 else:
                     assert V is not None
                     D = K.mvr_direction(V, gr, gp, g.momentum)
-                assert G_j is not None  # every estimator but marina keeps G_j
-                parts = K.uplink_ef21(comp, D, G_j, g.shape, seeds, self._exact_identity(comp), self.fused)
+                if not tentative:
+                    assert G_j is not None  # every estimator but marina keeps G_j
+                    parts = K.uplink_ef21(comp, D, G_j, g.shape, seeds, self._exact_identity(comp), self.fused)
             _, slot = layout.where(g)
             for dst, part in zip(layout.views(bufs[slot], g), parts):
                 dst.copy_(part)
@@ -487,9 +491,13 @@ class _EF21Base(abc.ABC):
             self._downlink()
         elif any(L.param.dtype != torch.float32 for L in self.layers):
             for L in self.layers:  # replicated in a low-precision dtype: W is X cast to the training dtype
-                L.param.data.copy_(self.server.X[L.index])
+                if L.index in self.server.X:  # (float32 parameters are X themselves)
+                    L.param.data.copy_(self.server.X[L.index])
         rec = self._record(refresh, participants, local, vr)
         rec.uplink_seconds, rec.uplink_overlap_seconds = self._uplink_timing
+        rec.uplink_bits += self._extra_sent[0]
+        rec.uplink_wire_bytes += self._extra_sent[1]
+        self._extra_sent = (0, 0)
         self.ledger.record(rec)
         self.step_count += 1
         self.applied += 1
@@ -499,7 +507,9 @@ class _EF21Base(abc.ABC):
         if self.config.on_nonfinite == "raise":
             raise FloatingPointError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
-        self.ledger.record(StepRecord(step=self.step_count, skipped=True))
+        bits, wire = self._extra_sent  # an overlapped step's uplink went out before the check
+        self._extra_sent = (0, 0)
+        self.ledger.record(StepRecord(step=self.step_count, skipped=True, uplink_bits=bits, uplink_wire_bytes=wire))
         self.step_count += 1
 
     # what differs between one process of a group and n simulated workers
@@ -689,6 +699,9 @@ class EF21Engine(_EF21Base):
             self._bucket_size = [
                 sum(len(g.layers) for g in self.groups if g.bucket == b) for b in range(self.n_buckets)
             ]
+            self._bucket_bits = [
+                sum(self._bits(g.layers, "up") for g in self.groups if g.bucket == b) for b in range(self.n_buckets)
+            ]
             self._reset_inflight()
             for L in self.layers:
                 self._grad_hooks.append(L.param.register_post_accumulate_grad_hook(self._grad_ready(L.index)))
@@ -716,6 +729,7 @@ class EF21Engine(_EF21Base):
             "topology": self.transport.topology,
             "world_size": self.transport.world_size,
             "server_rank": getattr(self.transport, "server_rank", None),
+            "overlap": (self.overlapping, [g.bucket for g in self.groups]),
         }
 
     def _check_agreement(self) -> None:
@@ -748,15 +762,19 @@ class EF21Engine(_EF21Base):
         self._ready: list[set[int]] = [set() for _ in range(self.n_buckets)]
         self._next_bucket = 0  # buckets start in order, like DDP's, so every rank issues the same collectives
         self._inflight: dict[int, Pending] = {}
-        self._pending_state: list[tuple[Tensor, Tensor]] = []  # (worker rows, their updated copy) to commit
-        self._versions: list[tuple[Tensor, tuple[int, int] | None]] = []  # gradients the early sends read
+        self._sent: dict[int, list[Tensor]] = {}  # bucket -> this rank's send buffers (its own messages)
+        self._versions: list[tuple[Tensor, tuple[Tensor | None, int]]] = []  # gradients the early sends read
         self._finite: list[Tensor] = []
         self._stale = False
+        self._callback_queued = False
 
     def _grad_ready(self, index: int) -> Callable[[Tensor], None]:
         def hook(param: Tensor) -> None:
             if self._blocked or (self._should_sync is not None and not self._should_sync()):
                 return
+            if not self._callback_queued:  # at the end of this backward, send what is left (as DDP does)
+                self._callback_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             b = self._bucket_of[index]
             if b < self._next_bucket:  # a second backward after this bucket was sent: resync at the step
                 self._stale = True
@@ -770,49 +788,88 @@ class EF21Engine(_EF21Base):
 
         return hook
 
+    def _end_of_backward(self) -> None:
+        """Every bucket is sent by the end of a backward pass, including those held back by parameters that got
+        no gradient (they count as zeros, as at the step): every rank has issued the same collectives before
+        anything else (a logging all-reduce, a gather) can run between backward and step."""
+        self._callback_queued = False
+        while self._next_bucket < self.n_buckets:
+            self._launch(self._next_bucket)
+
     @torch.no_grad()
     def _launch(self, b: int) -> None:
-        """Steps 2-3 for bucket ``b`` now and start its uplink collective (asynchronous). The worker state is
-        updated in copies, committed at the step once no rank had a non-finite gradient; the gradients' versions
-        are noted, so a change before the step (clipping, a hand edit) is caught and the step resyncs."""
+        """Steps 2-3 for bucket ``b`` now and start its uplink collective (asynchronous). The worker state is not
+        touched (:meth:`_commit` updates it at the step, once no rank had a non-finite gradient); the gradients'
+        versions are noted, so a change before the step (clipping, a hand edit) is caught and the step resyncs."""
         rank = self.transport.rank
         for g in self.groups:
             if g.bucket == b:
                 self._versions.extend((L.param, _grad_version(L.param)) for L in g.layers)
-        bufs = self._encode_bucket(
-            b, rank, _GradView(self.layers), None, False, finite=self._finite, tentative=self._pending_state
-        )
+        bufs = self._encode_bucket(b, rank, _GradView(self.layers), None, False, finite=self._finite, tentative=True)
+        self._sent[b] = bufs
         self._inflight[b] = self.transport.uplink_start(bufs, self.up_layout[False].lengths[b])
         self._next_bucket = b + 1
 
     @torch.no_grad()
+    def _commit(self) -> None:
+        """The worker's EF21 update for the buckets sent early: M_j from the (unchanged) gradient, then
+        G_j <- G_j + R_j decoded from this rank's own send buffer: the step-time path's arithmetic."""
+        rank, layout, grads = self.transport.rank, self.up_layout[False], _GradView(self.layers)
+        for g in self.groups:
+            M, G_j = self._rows[rank, "M", g.index], self._rows[rank, "G", g.index]
+            assert G_j is not None  # overlap runs estimator 'ef21', which keeps G_j
+            D = K.ef21_direction(M, self._stack(grads, g), g.momentum, g.nesterov)
+            if self._exact_identity(g.up):
+                G_j.copy_(D)
+                continue
+            _, slot = layout.where(g)
+            parts = layout.views(self._sent[g.bucket][slot], g)
+            G_j.add_(K.decode(g.up, parts, g.shape, self._seeds(g, rank), self.fused))
+
+    def _sent_so_far(self) -> tuple[int, int]:
+        """Bits and wire bytes of the buckets already sent this step (counted even when the step is dropped)."""
+        t = self.transport
+        bits = sum(self._bucket_bits[b] for b in self._inflight)
+        wire = sum(t.uplink_wire_bytes(self.up_layout[False].lengths[b]) for b in self._inflight)
+        return bits, wire
+
+    def _stop_overlap(self) -> None:
+        for h in self._grad_hooks:
+            h.remove()
+        self._grad_hooks = []
+        self.overlapping = False
+
+    @torch.no_grad()
     def _overlapped_step(self) -> bool:
-        """The step when buckets may already be in flight: start the rest, wait, check, aggregate, steps 5-7."""
+        """The step when buckets may already be in flight: start the rest, wait, check, commit, aggregate, 5-7."""
         began = time.perf_counter()
-        if not self._stale and any(_grad_version(p) != v for p, v in self._versions):
+        if not self._stale and not all(_same_grad(p, v) for p, v in self._versions):
             self._stale = True  # a gradient changed after its bucket was sent (e.g. clipping): sync it as it is now
         while self._next_bucket < self.n_buckets:  # every rank issues every bucket's collective, stale or not
             self._launch(self._next_bucket)
         received = {b: p.wait() for b, p in self._inflight.items()}
         bad = not bool(torch.stack(self._finite).all()) if self._finite else False
         stale, bad_anywhere = self.transport.any_of([self._stale, bad])  # one small all-reduce for both
-        if stale:  # every rank resyncs together, from the gradients as they are now
+        self._extra_sent = self._sent_so_far()  # on a resync or a skip these bytes went out for nothing: counted
+        if stale:  # every rank resyncs together, from the gradients as they are now, and stops overlapping
             warnings.warn(
-                "EF21 overlap: gradients changed after their bucket was sent (a second backward outside no_sync(), "
-                "gradient clipping, an edit between backward and step); this step was synced again at "
-                "optimizer.step(), without overlap",
+                "EF21 overlap: gradients changed after their bucket was sent (gradient clipping, a second backward "
+                "outside no_sync(), an edit between backward and step); this step was synced again at "
+                "optimizer.step() and overlap is now off for this engine (EF21Config(overlap=False) avoids the "
+                "wasted send)",
                 RuntimeWarning,
                 stacklevel=4,
             )
             self._reset_inflight()
             self.resynced += 1
+            self._stop_overlap()
             return self._sync_mine(_grads_of(self.layers, clone=False), None)
         if bad_anywhere:
             self._reset_inflight()
             self._skip([self.transport.rank] if bad else [])
             return False
-        for rows, copy in self._pending_state:
-            rows.copy_(copy)
+        self._extra_sent = (0, 0)
+        self._commit()
         first = min(p.started for p in self._inflight.values())
         last = max(p.done_at or began for p in self._inflight.values())
         self._uplink_timing = (last - first, max(0.0, min(last, began) - first))
@@ -825,9 +882,7 @@ class EF21Engine(_EF21Base):
 
     def detach(self) -> None:
         """Hand the optimizer back (see :meth:`_EF21Base.detach`) and remove the gradient hooks of ``overlap``."""
-        for h in self._grad_hooks:
-            h.remove()
-        self._grad_hooks = []
+        self._stop_overlap()
         super().detach()
 
     # --------------------------------------------------------------------------------------------- stepping

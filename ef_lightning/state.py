@@ -136,7 +136,7 @@ def load_optimizer_state(
 # ------------------------------------------------------------------------------------------------ groups and buckets
 @dataclasses.dataclass
 class Group:
-    """Layers that one tensor op serves at once: same bucket, owner, compressors, shape and momentum.
+    """Layers that one tensor op serves at once: same bucket, owner, compressors, shape, dtype, device, momentum.
 
     The fused path stores a group's per-layer state as the rows of one (L, d) float32 tensor (the per-layer tensors
     in :class:`WorkerState` / :class:`ServerState` are views of those rows) and compresses, decodes and updates all L
@@ -178,11 +178,12 @@ def assign_buckets(nbytes: Sequence[int], cap: int, first_cap: int) -> list[int]
 
 
 def build_groups(layers: Sequence[LayerSpec], buckets: Sequence[int]) -> list[Group]:
-    """Group ``layers`` (in order) by (bucket, owner, compressors, shape, momentum); groups ordered by bucket, then
-    by their first layer."""
+    """Group ``layers`` (in order) by (bucket, owner, compressors, shape, dtype, device, momentum); groups ordered
+    by bucket, then by their first layer."""
     by_key: dict[tuple[Any, ...], Group] = {}
     for L, b in sorted(zip(layers, buckets), key=lambda t: (t[1], t[0].index)):
-        key = (b, L.owner, L.up.spec, L.down.spec, tuple(L.shape), L.momentum, L.nesterov)
+        p = L.param
+        key = (b, L.owner, L.up.spec, L.down.spec, tuple(L.shape), p.dtype, p.device, L.momentum, L.nesterov)
         g = by_key.get(key)
         if g is None:
             g = by_key[key] = Group(len(by_key), b, L.owner, [], L.up, L.down, L.shape, L.momentum, L.nesterov)

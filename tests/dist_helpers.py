@@ -316,18 +316,25 @@ def engine_overlap(rank: int, world: int, steps: int) -> dict[str, Any]:
             try:
                 with warnings.catch_warnings(record=True) as w:
                     warnings.simplefilter("always")
+                    mid_equal = None
                     for s in range(steps):
                         events.append("step")
                         opt.zero_grad(set_to_none=True)
+                        before = eng.state_dict() if s == 1 else None
                         mse(model, data[s][rank]).backward()
                         events.append("backward-done")
+                        if before is not None:  # buckets are in flight: the committed state has not moved
+                            mid = eng.state_dict()
+                            mid_equal = all(torch.equal(v, mid["worker"][k][n]) for k in ("M", "G")
+                                            for n, v in before["worker"][k].items())
                         if clip:
                             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
                         opt.step()
             finally:
                 dist.all_to_all_single = orig
             res = _state_snapshot(model, eng)
-            res.update(events=events, n_buckets=eng.n_buckets, overlapping=eng.overlapping,
-                       timing=eng.ledger.overlap(), warned=[str(x.message) for x in w])
+            res.update(events=events, n_buckets=eng.n_buckets, overlapping=eng.overlapping, resynced=eng.resynced,
+                       timing=eng.ledger.overlap(), warned=[str(x.message) for x in w], mid_equal=mid_equal,
+                       first_uplink_bytes=eng.ledger.records[0].uplink_wire_bytes)
             out[repr((overlap, clip))] = res
     return out
