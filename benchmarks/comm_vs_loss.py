@@ -139,7 +139,10 @@ def real_methods(smoke: bool) -> list[dict[str, Any]]:
     if smoke:
         return [*head, *downs, *peers]
     uplinks = [ef21("sharded", u) for u in _dedupe(["top_k:0.05", "rank:4"]) if u != up]
-    return [*head, *uplinks, ef21("allgather", up), *downs, *peers]
+    # a stronger uplink (top_k:0.05 sends ceil(log2 d)-bit indices, below the 1-bit-per-entry bitmap of top_k:0.1)
+    # with a downlink as strong as itself or as the default uplink
+    stronger = [ef21("sharded", "top_k:0.05+natural", d) for d in ("top_k:0.05+natural", "top_k:0.1+natural")]
+    return [*head, *uplinks, ef21("allgather", up), *downs, *peers, *stronger]
 
 
 def tune_methods() -> list[dict[str, Any]]:

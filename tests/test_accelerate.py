@@ -93,13 +93,13 @@ def test_plugin_fields_are_the_config_options():
     pattern): they must not drift apart."""
     import dataclasses
 
-    from ef_lightning.config import EF21Config
+    from ef_lightning.config import DEFAULT_UPLINK, EF21Config
 
     assert [f.name for f in dataclasses.fields(EF21Plugin) if f.init] == ["enabled"] + [
         f.name for f in dataclasses.fields(EF21Config)]
     with pytest.raises(dataclasses.FrozenInstanceError):  # a later assignment could not reach .config: refused
         EF21Plugin().uplink = "rank:4"
-    assert "top_k:0.1+natural" in dataclasses.fields(EF21Plugin)[1].metadata["help"]  # default from the constant
+    assert DEFAULT_UPLINK["hidden"] in dataclasses.fields(EF21Plugin)[1].metadata["help"]  # default from the constant
 
 
 @pytest.mark.parametrize("var, value, choices", [
