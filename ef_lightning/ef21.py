@@ -142,6 +142,7 @@ class _EF21Base(abc.ABC):
     _bucketed = False  # several uplink buckets (overlap with backward), else one
     _uplink_timing = (0.0, 0.0)  # this step's uplink seconds and the part of them hidden behind backward
     _extra_sent = (0, 0)  # uplink bits and wire bytes of early sends this step dropped (resync or skip)
+    _sent_grads: dict[int, Tensor]  # group -> the stacked gradients its early send encoded (overlap)
     _step_hint = ""  # how to step instead, for the guard's error
     # set by the subclass's __init__ (after this class's): the layers this process serves, the server state (X, G)
     # of those layers, and the state of each worker this process runs, by worker index
@@ -207,6 +208,7 @@ class _EF21Base(abc.ABC):
         self.ledger = Ledger()
         self.dense_bytes = sum(L.param.numel() * L.param.element_size() for L in self.layers)
         self._W_prev: dict[int, Tensor] = {}  # W where the last gradient was taken (VR estimators only)
+        self._sent_grads = {}
         self._take_over(optimizer, route_step)
 
     # --------------------------------------------------------------------------------------------- options
@@ -383,6 +385,7 @@ class _EF21Base(abc.ABC):
                 M, G_j, V = (self._rows[worker, k, g.index] for k in ("M", "G", "V"))
                 if tentative:  # D from an out-of-place momentum update; M and G_j stay untouched until the commit
                     assert G_j is not None
+                    self._sent_grads[g.index] = gr  # kept until the step (as DDP keeps its buckets)
                     Mn = M.lerp(gr, 1 - g.momentum) if M is not None else None
                     D = gr if Mn is None else (gr.lerp(Mn, g.momentum) if g.nesterov else Mn)
                     exact = self._exact_identity(comp)
@@ -763,7 +766,8 @@ class EF21Engine(_EF21Base):
         self._next_bucket = 0  # buckets start in order, like DDP's, so every rank issues the same collectives
         self._inflight: dict[int, Pending] = {}
         self._sent: dict[int, list[Tensor]] = {}  # bucket -> this rank's send buffers (its own messages)
-        self._versions: list[tuple[Tensor, tuple[Tensor | None, int]]] = []  # gradients the early sends read
+        self._sent_grads = {}
+        self._versions: list[tuple[Group, Tensor, tuple[Tensor | None, int]]] = []  # gradients the sends read
         self._finite: list[Tensor] = []
         self._stale = False
         self._callback_queued = False
@@ -804,7 +808,7 @@ class EF21Engine(_EF21Base):
         rank = self.transport.rank
         for g in self.groups:
             if g.bucket == b:
-                self._versions.extend((L.param, _grad_version(L.param)) for L in g.layers)
+                self._versions.extend((g, L.param, _grad_version(L.param)) for L in g.layers)
         bufs = self._encode_bucket(b, rank, _GradView(self.layers), None, False, finite=self._finite, tentative=True)
         self._sent[b] = bufs
         self._inflight[b] = self.transport.uplink_start(bufs, self.up_layout[False].lengths[b])
@@ -814,17 +818,25 @@ class EF21Engine(_EF21Base):
     def _commit(self) -> None:
         """The worker's EF21 update for the buckets sent early: M_j from the (unchanged) gradient, then
         G_j <- G_j + R_j decoded from this rank's own send buffer: the step-time path's arithmetic."""
-        rank, layout, grads = self.transport.rank, self.up_layout[False], _GradView(self.layers)
+        rank, layout = self.transport.rank, self.up_layout[False]
         for g in self.groups:
             M, G_j = self._rows[rank, "M", g.index], self._rows[rank, "G", g.index]
             assert G_j is not None  # overlap runs estimator 'ef21', which keeps G_j
-            D = K.ef21_direction(M, self._stack(grads, g), g.momentum, g.nesterov)
+            D = K.ef21_direction(M, self._sent_grads[g.index], g.momentum, g.nesterov)
             if self._exact_identity(g.up):
                 G_j.copy_(D)
                 continue
             _, slot = layout.where(g)
             parts = layout.views(self._sent[g.bucket][slot], g)
             G_j.add_(K.decode(g.up, parts, g.shape, self._seeds(g, rank), self.fused))
+
+    def _changed_since_sent(self) -> bool:
+        """Whether a gradient differs from what its bucket's early send encoded. A gradient touched in place or
+        replaced since (e.g. DDP copying its buckets back, clipping by a factor of exactly 1) is compared by value
+        with the kept stack, so only a real change (clipping, a second backward) counts."""
+        touched = {id(g): g for g, p, seen in self._versions if not _same_grad(p, seen)}
+        grads = _GradView(self.layers)
+        return any(not torch.equal(self._stack(grads, g), self._sent_grads[g.index]) for g in touched.values())
 
     def _sent_so_far(self) -> tuple[int, int]:
         """Bits and wire bytes of the buckets already sent this step (counted even when the step is dropped)."""
@@ -843,8 +855,8 @@ class EF21Engine(_EF21Base):
     def _overlapped_step(self) -> bool:
         """The step when buckets may already be in flight: start the rest, wait, check, commit, aggregate, 5-7."""
         began = time.perf_counter()
-        if not self._stale and not all(_same_grad(p, v) for p, v in self._versions):
-            self._stale = True  # a gradient changed after its bucket was sent (e.g. clipping): sync it as it is now
+        if not self._stale:
+            self._stale = self._changed_since_sent()
         while self._next_bucket < self.n_buckets:  # every rank issues every bucket's collective, stale or not
             self._launch(self._next_bucket)
         received = {b: p.wait() for b, p in self._inflight.items()}
