@@ -157,8 +157,8 @@ def test_mismatched_uplink_raises_on_every_rank(tmp_path):
     assert time.monotonic() - t0 < 60
 
 
-PARITY = [
-    {"topology": t, "uplink": up, "downlink": down, "fused": fused}
+PARITY = [  # tiny buckets: several overlapped uplink buckets in every topology
+    {"topology": t, "uplink": up, "downlink": down, "fused": fused, "bucket_cap_mb": 1e-4}
     for t, up, down in (("allgather", "top_k:0.1+natural", "identity"), ("server", "top_k:0.1", "top_k:0.25+natural"),
                         ("sharded", "top_k:0.05+natural", "natural"))
     for fused in (True, False)

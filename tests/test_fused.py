@@ -104,3 +104,34 @@ def test_rows_cuda_equals_cpu(spec: str) -> None:
         assert torch.equal(a, b.cpu())
     assert torch.equal(comp.decode_rows(cpu, (96, 384), torch.float32, seeds),
                        comp.decode_rows([p.cuda() for p in gpu], (96, 384), torch.float32, seeds).cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_simulator_fused_equals_per_layer_with_mixed_dtypes(dtype: torch.dtype) -> None:
+    """Whole EF21 steps (n = 3 workers, top-k + natural both ways) with parameters of two dtypes in one model:
+    the fused and the per-layer paths give bit-identical W, X and worker state."""
+    import ef_lightning as efl
+
+    def run(fused: bool) -> tuple[dict, dict, list]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
+                                    torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        model[2].to(dtype)  # a same-shape neighbour in another dtype must not share its group
+        model[2].register_forward_pre_hook(lambda m, a: (a[0].to(dtype),))
+        model[2].register_forward_hook(lambda m, a, out: out.float())
+        opt = efl.build_lmo_optimizer(model, preset="gluon", momentum=0.9, verbose=False)
+        sim = efl.Simulator(model, opt, n_workers=3, uplink="top_k:0.25+natural", downlink="top_k:0.5+natural",
+                            fused=fused, seed=3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            batches = [(torch.randn(6, 8, generator=g), torch.randn(6, 4, generator=g)) for _ in range(3)]
+            sim.step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), batches)
+        W = {k: v.detach().clone() for k, v in model.named_parameters()}
+        return W, sim.server_model(), [w.state_dict(sim.layers) for w in sim.workers]
+
+    (W1, X1, S1), (W2, X2, S2) = run(True), run(False)
+    for a, b in ((W1, W2), (X1, X2)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for s1, s2 in zip(S1, S2):
+        for kind in ("M", "G"):
+            assert all(torch.equal(v, s2[kind][k]) for k, v in s1[kind].items())
