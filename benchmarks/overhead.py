@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,76 +54,23 @@ import common as C  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ef_lightning.config import COMPRESSOR_ROLES, EF21Config  # noqa: E402
-
-_role_spec = C.role_spec
+from ef_lightning.config import EF21Config  # noqa: E402
 
 
-def role_spec(spec: str | Mapping[str, str]) -> dict[str, str] | str:
-    """``common.role_spec``, and a role mapping (a default read from ``EF21Config``) passed through as it is."""
-    return dict(spec) if isinstance(spec, Mapping) else _role_spec(spec)
-
-
-C.role_spec = role_spec  # C.Runner then takes mappings too (also in the spawned processes: they import this module)
-
-
-def compact(spec: str | Mapping[str, str]) -> str | dict[str, str]:
-    """A role mapping as the one spec string that ``common.role_spec`` expands to exactly it, else as a dict."""
-    if isinstance(spec, str):
-        return spec
-    d = dict(spec)
-    return next((s for s in set(d.values()) if _role_spec(s) == d), d)
-
-
-def ef21(topology: str, up: str | Mapping[str, str], down: str | Mapping[str, str] = "identity") -> dict[str, Any]:
-    return {"kind": "ef21", "topology": topology, "uplink": compact(up), "downlink": compact(down), "optimizer": "lmo"}
+def ef21(topology: str, up: str, down: str = "identity") -> dict[str, Any]:
+    return {"kind": "ef21", "topology": topology, "uplink": up, "downlink": down, "optimizer": "lmo"}
 
 
 def default_method() -> dict[str, Any]:
-    """The package's default setting, read from ``EF21Config()`` now (the defaults may change)."""
-    cfg = EF21Config()
-
-    def exact(spec: str | Mapping[str, str]) -> str | Mapping[str, str]:
-        # a plain spec string applies to every tensor (vectors too), while common.role_spec keeps vectors dense:
-        # spell it out per role so the runner gets exactly the default
-        return dict.fromkeys(COMPRESSOR_ROLES, spec) if isinstance(spec, str) and spec != "identity" else spec
-
-    return ef21(cfg.topology, exact(cfg.uplink), exact(cfg.downlink))
-
-
-def _per_role(spec: str | Mapping[str, str]) -> dict[str, str]:
-    """The compressor spec of every role (how ``EF21Config.compressor`` resolves a mapping)."""
-    if isinstance(spec, str):
-        return {r: spec for r in COMPRESSOR_ROLES if r != "default"}
-    return {r: spec.get(r, spec.get("default", "identity")) for r in COMPRESSOR_ROLES if r != "default"}
-
-
-def is_default(m: dict[str, Any]) -> bool:
-    """True when ``m`` is EF21-Muon with the uplink, downlink and topology of ``EF21Config()``."""
-    if m["kind"] != "ef21":
-        return False
-    cfg = EF21Config()
-    return (
-        m["topology"] == cfg.topology
-        and _per_role(role_spec(m["uplink"])) == _per_role(cfg.uplink)
-        and _per_role(role_spec(m["downlink"])) == _per_role(cfg.downlink)
-    )
-
-
-def label(m: dict[str, Any]) -> str:
-    """``common.label``; a mapping that is no single spec is written ``role:spec,...``."""
-    if m["kind"] == "ef21" and any(isinstance(m[k], Mapping) for k in ("uplink", "downlink")):
-        txt = {
-            k: m[k] if isinstance(m[k], str) else ",".join(f"{r}:{s}" for r, s in m[k].items())
-            for k in ("uplink", "downlink")
-        }
-        return f"{C.method_name(m)} up={txt['uplink']} down={txt['downlink']}"
-    return C.label(m)
+    """The package's default setting, read from ``EF21Config()`` now (the defaults may change): its matrix
+    compressors, expanded by ``common.role_spec`` (vectors dense) as every benchmark does; ``common.is_default``
+    checks that this is exactly the default."""
+    return ef21(C.package_defaults()["topology"], C.default_matrix_spec("uplink"), C.default_matrix_spec("downlink"))
 
 
 def with_default(methods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``methods`` with the default setting second (after the reference), unless it is already listed."""
-    if any(is_default(m) for m in methods):
+    if any(C.is_default(m) for m in methods):
         return methods
     return [*methods[:1], default_method(), *methods[1:]]
 
@@ -162,7 +109,7 @@ def timing(
     C.build_model(task)
     floor = C.peak_rss_mb()  # interpreter + torch + transformers + data + one model: the floor every method pays
     runners = [C.Runner(m, task) for m in methods]
-    times: dict[str, list[float]] = {label(m): [] for m in methods}
+    times: dict[str, list[float]] = {C.label(m): [] for m in methods}
     fwd_bwd: list[float] = []
     step = 0
     for rnd in tqdm(range(rounds), desc="rounds", disable=rank != 0, mininterval=10):
@@ -175,7 +122,7 @@ def timing(
                 r.step(b)
                 dt = time.perf_counter() - t0
                 if rnd > 0:
-                    times[label(m)].append(dt)
+                    times[C.label(m)].append(dt)
         # forward + backward only (no optimizer, no communication): the compute floor of every method
         r = runners[-1]
         for _ in range(block):
@@ -191,7 +138,7 @@ def timing(
     med = {k: statistics.median(v) for k, v in times.items()}
     t = torch.tensor([*med.values(), statistics.median(fwd_bwd)], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slower rank decides
-    state = {label(m): r.state_bytes() for m, r in zip(methods, runners)}
+    state = {C.label(m): r.state_bytes() for m, r in zip(methods, runners)}
     return {
         "median_step_seconds": dict(zip(med, t[:-1].tolist())),
         "fwd_bwd_seconds": float(t[-1]),
@@ -237,8 +184,8 @@ class SharedRunner:
         self.others: list[SharedRunner] = []  # the methods sharing the model (set once all are built)
         if spec["kind"] == "ef21":
             cfg = EF21Config(
-                uplink=role_spec(spec["uplink"]),
-                downlink=role_spec(spec["downlink"]),
+                uplink=C.role_spec(spec["uplink"]),
+                downlink=C.role_spec(spec["downlink"]),
                 topology=spec["topology"],
                 seed=seed,
             )
@@ -320,8 +267,8 @@ def gpt2_timing(
         ids = torch.randint(0, vocab, (batch, seq), generator=gen)
         return {"input_ids": ids, "labels": ids}
 
-    times: dict[str, list[float]] = {label(m): [] for m in methods}
-    losses: dict[str, list[float]] = {label(m): [] for m in methods}
+    times: dict[str, list[float]] = {C.label(m): [] for m in methods}
+    losses: dict[str, list[float]] = {C.label(m): [] for m in methods}
     fwd_bwd: list[float] = []
     if rank == 0:
         print(f"{size}: model and {len(runners)} methods built in {build_s:.0f} s", flush=True)
@@ -333,10 +280,10 @@ def gpt2_timing(
             b = next_batch()
             dist.barrier()
             t0 = time.perf_counter()
-            losses[label(m)].append(r.step(b))
-            every[-1][label(m)] = dt = time.perf_counter() - t0
+            losses[C.label(m)].append(r.step(b))
+            every[-1][C.label(m)] = dt = time.perf_counter() - t0
             if rnd >= warmup:
-                times[label(m)].append(dt)
+                times[C.label(m)].append(dt)
         b = next_batch()
         dist.barrier()
         t0 = time.perf_counter()
@@ -358,7 +305,7 @@ def gpt2_timing(
     t = torch.tensor([*med.values(), statistics.median(fwd_bwd)], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slower rank decides
     skipped = {
-        label(m): r.engine.ledger.summary().get("skipped_steps") if r.engine is not None else None
+        C.label(m): r.engine.ledger.summary().get("skipped_steps") if r.engine is not None else None
         for m, r in zip(methods, runners)
     }
     return {
@@ -370,7 +317,7 @@ def gpt2_timing(
         "every_round_seconds": every,
         "losses": losses,
         "skipped": skipped,
-        "state_bytes": {label(m): r.state_bytes() for m, r in zip(methods, runners)},
+        "state_bytes": {C.label(m): r.state_bytes() for m, r in zip(methods, runners)},
         "floor_rss_mb": floor,
         "peak_rss_mb": C.peak_rss_mb(),
         "params": C.n_params(model),
@@ -383,11 +330,11 @@ def records(
     model: str, methods: list[dict[str, Any]], tim: dict[str, Any], mem: dict[str, list[dict[str, Any]]], seed: int
 ) -> list[dict[str, Any]]:
     """One record per method; ratios within this model's run (reference: the first method)."""
-    ref, ddp = label(methods[0]), label(DDP_LMO)
+    ref, ddp = C.label(methods[0]), C.label(DDP_LMO)
     t_ref, t_ddp = tim["median_step_seconds"][ref], tim["median_step_seconds"][ddp]
     rows = []
     for m in methods:
-        lab = label(m)
+        lab = C.label(m)
         t = tim["median_step_seconds"][lab]
         st = [x["state_bytes"] for x in mem[lab]]
         rows.append(
@@ -395,7 +342,7 @@ def records(
                 "method": C.method_name(m),
                 "label": lab,
                 "model": model,
-                "default": is_default(m),
+                "default": C.is_default(m),
                 "topology": m.get("topology"),
                 "uplink": m["uplink"],
                 "downlink": m["downlink"],
@@ -423,7 +370,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
     rounds = args.rounds or (2 if args.smoke else 8)
     block = args.block or (2 if args.smoke else 5)
     mem_steps = args.mem_steps or (2 if args.smoke else 10)
-    methods = [UNCOMPRESSED, *[m for m in METHODS if is_default(m)], DDP_LMO] if args.smoke else METHODS
+    methods = [UNCOMPRESSED, *[m for m in METHODS if C.is_default(m)], DDP_LMO] if args.smoke else METHODS
     t0 = time.perf_counter()
     print(
         f"benchmark model: task {task} | seed {args.seed} | {rounds} rounds x {block} steps per method, "
@@ -434,10 +381,10 @@ def run_benchmark(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
     mem = {}
     # smoke: only the floor gets its own processes; methods share (RSS is then not per method, see meta)
     for m in tqdm([] if args.smoke else methods, desc="memory", mininterval=10):
-        mem[label(m)] = C.run_processes(memory, 2, C.TMP / "overhead", method=m, task=task, steps=mem_steps)
+        mem[C.label(m)] = C.run_processes(memory, 2, C.TMP / "overhead", method=m, task=task, steps=mem_steps)
     if args.smoke:
         for m in methods:
-            mem[label(m)] = [{"peak_rss_mb": None, "state_bytes": tim["state_bytes"][label(m)]}] * 2
+            mem[C.label(m)] = [{"peak_rss_mb": None, "state_bytes": tim["state_bytes"][C.label(m)]}] * 2
     meta = {
         "task": dataclasses.asdict(task),
         "params": C.n_params(C.build_model(task)),
@@ -447,7 +394,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
         "rss_note": "smoke: methods share processes, per-method RSS not measured"
         if args.smoke
         else "each method in a fresh pair of processes; floor = timing process after imports, data and one model",
-        "reference": label(methods[0]),
+        "reference": C.label(methods[0]),
         "seconds": time.perf_counter() - t0,
     }
     return records("benchmark", methods, tim, mem, args.seed), meta
@@ -479,7 +426,8 @@ def run_gpt2(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, 
     )
     tim = res[0]
     mem = {
-        label(m): [{"peak_rss_mb": None, "state_bytes": x["state_bytes"][label(m)]} for x in res] for m in GPT2_METHODS
+        C.label(m): [{"peak_rss_mb": None, "state_bytes": x["state_bytes"][C.label(m)]} for x in res]
+        for m in GPT2_METHODS
     }
     meta = {
         "size": size,
@@ -491,7 +439,7 @@ def run_gpt2(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, 
         "timed_rounds": steps,
         "data": "uniform random token ids (timing only; the loss is not a result)",
         "smoke_size": args.smoke,
-        "reference": label(GPT2_METHODS[0]),
+        "reference": C.label(GPT2_METHODS[0]),
         "floor_peak_rss_mb_per_rank": [x["floor_rss_mb"] for x in res],
         "peak_rss_mb_per_rank": [x["peak_rss_mb"] for x in res],
         "rss_note": "the methods share one model and the processes: peak RSS is of all methods together",
@@ -556,16 +504,11 @@ def main(argv: list[str] | None = None) -> None:
             if "benchmark" in {r["model"] for r in kept}:
                 for k in ("task", "params", "rounds", "block", "floor_peak_rss_mb_rank0", "rss_note", "reference"):
                     meta.setdefault(k, prev.get("meta", {}).get(k))
-    cfg = EF21Config()
     meta.update(
         {
             "models": per_model,
             "kept_from_previous_file": sorted({r["model"] for r in kept}),
-            "default_config": {
-                "uplink": dict(cfg.uplink) if isinstance(cfg.uplink, Mapping) else cfg.uplink,
-                "downlink": dict(cfg.downlink) if isinstance(cfg.downlink, Mapping) else cfg.downlink,
-                "topology": cfg.topology,
-            },
+            "default_config": C.package_defaults(),
             "overhead_note": "overhead_vs_uncompressed is a fraction (0.12 = +12 %) of the uncompressed EF21-Muon "
             "sharded step of the same model and run",
             "total_seconds": time.perf_counter() - t_all,
