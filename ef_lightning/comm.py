@@ -331,12 +331,10 @@ class Transport(abc.ABC):
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on any rank (one 4-byte all-reduce, not in the ledger)."""
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item() > 0)
+        return self.any_of([flag])[0]
 
     def any_of(self, flags: Sequence[bool]) -> list[bool]:
-        """:meth:`any` for several flags in one all-reduce."""
+        """For each flag, True on every rank when it is True on any rank: one small all-reduce for all of them."""
         t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return [bool(x > 0) for x in t.tolist()]
@@ -545,9 +543,6 @@ class LocalTransport(Transport):
 
     def downlink_wire_bytes(self, lengths: Sequence[int]) -> int:
         return 0 if self.replicated else sum(lengths)
-
-    def any(self, flag: bool) -> bool:
-        return flag
 
     def any_of(self, flags: Sequence[bool]) -> list[bool]:
         return list(flags)

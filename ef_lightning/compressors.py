@@ -369,11 +369,7 @@ class Compressor(abc.ABC):
         for n, dt in layout:
             chunk = buf[o : o + n * dt.itemsize]
             o += n * dt.itemsize
-            if dt != torch.uint8:
-                if chunk.storage_offset() % dt.itemsize:  # view(dtype) needs an aligned storage offset
-                    chunk = chunk.clone()
-                chunk = chunk.view(dt)
-            payload.append(chunk)
+            payload.append(_as_dtype(chunk, dt))  # a view when the storage offset is aligned for dt
         return Message(payload, self.bits(shape, dtype), shape, dtype, seed)
 
     # -- many layers at once --------------------------------------------------------------------------------------

@@ -131,7 +131,8 @@ def _same_grad(p: Tensor, seen: tuple[Tensor | None, int]) -> bool:
 
 
 def _nonfinite(grads: Sequence[Tensor]) -> bool:
-    return not all(bool(torch.isfinite(g).all()) for g in grads)
+    """Whether any gradient has a NaN or inf: one host sync for all of them (not one per tensor)."""
+    return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 class _EF21Base(abc.ABC):
@@ -366,7 +367,8 @@ class _EF21Base(abc.ABC):
         """Steps 2-3 for one worker and one bucket: its packed messages, one uint8 buffer per owner slot.
         ``prev``: the gradients on the same minibatch at the previous W (VR estimators after their first step;
         docs/algorithm.md §4). ``finite`` collects a flag per group. ``tentative`` (``ef21`` only): the worker state
-        is left as it is (:meth:`EF21Engine._commit` updates it once the step is known good), nothing is copied."""
+        is left as it is (:meth:`EF21Engine._commit` updates it once the step is known good from the stacked
+        gradients kept here)."""
         layout = self.up_layout[refresh]
         bufs = [torch.empty(n, dtype=torch.uint8, device=self._device) for n in layout.lengths[bucket]]
         for g in self.groups:
@@ -379,28 +381,27 @@ class _EF21Base(abc.ABC):
             gp = self._stack(prev, g) if prev is not None else None
             comp = self._up_comp(g, refresh)
             seeds = self._seeds(g, worker)
+            M, G_j, V = (self._rows[worker, k, g.index] for k in ("M", "G", "V"))
             if self.estimator == "marina":
                 parts = K.uplink_marina(comp, gr, gp, refresh, g.shape, seeds, self.fused)
+            elif tentative:  # D from an out-of-place momentum update; M and G_j stay untouched until the commit
+                assert G_j is not None
+                self._sent_grads[g.index] = gr  # kept until the step (as DDP keeps its buckets)
+                D = K.ef21_direction_out(M, gr, g.momentum, g.nesterov)
+                exact = self._exact_identity(comp)
+                parts = K.encode(comp, D if exact else D - G_j, g.shape, seeds, self.fused)
             else:
-                M, G_j, V = (self._rows[worker, k, g.index] for k in ("M", "G", "V"))
-                if tentative:  # D from an out-of-place momentum update; M and G_j stay untouched until the commit
-                    assert G_j is not None
-                    self._sent_grads[g.index] = gr  # kept until the step (as DDP keeps its buckets)
-                    Mn = M.lerp(gr, 1 - g.momentum) if M is not None else None
-                    D = gr if Mn is None else (gr.lerp(Mn, g.momentum) if g.nesterov else Mn)
-                    exact = self._exact_identity(comp)
-                    parts = K.encode(comp, D if exact else D - G_j, g.shape, seeds, self.fused)
-                elif self.estimator == "ef21":
+                if self.estimator == "ef21":
                     D = K.ef21_direction(M, gr, g.momentum, g.nesterov)
-                elif self.estimator == "ef21_page":
-                    assert V is not None
-                    D = K.page_direction(V, gr, gp, refresh)
                 else:
-                    assert V is not None
-                    D = K.mvr_direction(V, gr, gp, g.momentum)
-                if not tentative:
-                    assert G_j is not None  # every estimator but marina keeps G_j
-                    parts = K.uplink_ef21(comp, D, G_j, g.shape, seeds, self._exact_identity(comp), self.fused)
+                    assert V is not None  # ef21_page and mvr keep V_j
+                    D = (
+                        K.page_direction(V, gr, gp, refresh)
+                        if self.estimator == "ef21_page"
+                        else K.mvr_direction(V, gr, gp, g.momentum)
+                    )
+                assert G_j is not None  # every estimator but marina keeps G_j
+                parts = K.uplink_ef21(comp, D, G_j, g.shape, seeds, self._exact_identity(comp), self.fused)
             _, slot = layout.where(g)
             for dst, part in zip(layout.views(bufs[slot], g), parts):
                 dst.copy_(part)

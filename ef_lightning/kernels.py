@@ -33,6 +33,7 @@ __all__ = [
     "encode",
     "decode",
     "ef21_direction",
+    "ef21_direction_out",
     "page_direction",
     "mvr_direction",
     "uplink_ef21",
@@ -81,15 +82,27 @@ def decode(
         x = comp.decode_rows(parts, shape, torch.float32, seeds)
     else:
         x = _comp.Compressor.decode_rows(comp, parts, shape, torch.float32, seeds)
-    if scale_unbiased and comp.kind == "unbiased":
-        x.mul_(1.0 / (1.0 + comp.constant(shape)))
-    return x
+    return _unbias_(comp, x, shape) if scale_unbiased else x
+
+
+def _unbias_(comp: _comp.Compressor, x: Tensor, shape: torch.Size) -> Tensor:
+    """EF21 uses an unbiased Q(omega) as the contractive Q/(omega + 1) (docs/algorithm.md §3): scale in place."""
+    return x.mul_(1.0 / (1.0 + comp.constant(shape))) if comp.kind == "unbiased" else x
 
 
 # ----------------------------------------------------------------------------------------- step 2: the direction D_j
 def ef21_direction(M: Tensor | None, g: Tensor, mu: float, nesterov: bool) -> Tensor:
     """EF21-Muon step 2: M <- mu*M + (1-mu)*g; D = (1-mu)*g + mu*M with Nesterov, else M. No momentum: D = g."""
     return g if M is None else momentum_direction_(M, g, mu, nesterov)
+
+
+def ef21_direction_out(M: Tensor | None, g: Tensor, mu: float, nesterov: bool) -> Tensor:
+    """:func:`ef21_direction` without touching M (out of place, same arithmetic): the direction of a send made
+    before the step is known good; the engine updates M at the step."""
+    if M is None:
+        return g
+    M_next = M.lerp(g, 1 - mu)  # momentum_direction_'s M.lerp_(g, 1 - mu), out of place
+    return g.lerp(M_next, mu) if nesterov else M_next
 
 
 def page_direction(V: Tensor, g: Tensor, g_prev: Tensor | None, refresh: bool) -> Tensor:
@@ -125,8 +138,7 @@ def uplink_ef21(
         return encode(comp, D, shape, seeds, fused)
     if fused:  # the vectorised compressors hand back what they packed, decoded, without unpacking it again
         parts, R = comp.roundtrip_rows(D - G_j, shape, seeds)
-        if comp.kind == "unbiased":
-            R.mul_(1.0 / (1.0 + comp.constant(shape)))
+        _unbias_(comp, R, shape)
     else:
         parts = encode(comp, D - G_j, shape, seeds, fused)
         R = decode(comp, parts, shape, seeds, fused)

@@ -158,10 +158,6 @@ class Group:
     def indices(self) -> list[int]:
         return [L.index for L in self.layers]
 
-    @property
-    def numel(self) -> int:
-        return self.shape.numel()
-
 
 def assign_buckets(nbytes: Sequence[int], cap: int, first_cap: int) -> list[int]:
     """Bucket index of each layer: layers in reverse order (gradients arrive roughly last layer first), filled up to

@@ -81,14 +81,36 @@ def test_uniform_rows_is_splitmix64() -> None:
     assert 0.45 < float(C.uniform_rows([7], 100_000).mean()) < 0.55
 
 
-@pytest.mark.parametrize("width", [1, 3, 9, 17])
-def test_pack_rows_roundtrip(width: int) -> None:
+def _pack_reference(values: list[int], width: int) -> bytes:
+    """The wire format written out: each value's low ``width`` bits, LSB first, value after value, in one
+    little-endian bit stream padded with zeros to whole bytes."""
+    stream = 0
+    for i, v in enumerate(values):
+        stream |= (v & ((1 << width) - 1)) << (i * width)
+    return stream.to_bytes((len(values) * width + 7) // 8, "little")
+
+
+@pytest.mark.parametrize("width", [1, 3, 9, 16, 17])
+def test_pack_rows_matches_the_bit_stream(width: int) -> None:
     v = torch.randint(0, 2**width, (5, 13))
     packed = C.pack_rows(v, width)
     assert packed.shape == (5, (13 * width + 7) // 8)
-    assert torch.equal(C.unpack_rows(packed, width, 13), v)
     for i in range(5):
-        assert torch.equal(packed[i], C.pack_bits(v[i], width))
+        assert bytes(packed[i].tolist()) == _pack_reference(v[i].tolist(), width)
+    assert torch.equal(C.unpack_rows(packed, width, 13), v)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_direction_without_touching_momentum(nesterov: bool) -> None:
+    """The overlap's out-of-place direction equals the in-place step-2 direction bit for bit and leaves M as is."""
+    from ef_lightning import kernels as K
+
+    g, M = torch.randn(3, 50), torch.randn(3, 50)
+    M0 = M.clone()
+    D_out = K.ef21_direction_out(M, g, 0.9, nesterov)
+    assert torch.equal(M, M0)
+    D_in = K.ef21_direction(M, g, 0.9, nesterov)
+    assert torch.equal(D_out, D_in)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
