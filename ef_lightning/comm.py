@@ -17,6 +17,13 @@ sharded    ``all_to_all_single`` (per-owner parts)    ``all_gather_into_tensor``
 ``sharded`` mirrors ring all-reduce (reduce-scatter + all-gather) with both halves compressed: a rank's traffic and
 its Newton–Schulz work do not grow with the number of workers. Layers are whole (never split), balanced by size.
 
+``hierarchical`` (:class:`HierarchicalTransport`) is for several processes per node: only the slow link between
+nodes is compressed. The layers are split into ``local_world_size`` shares (balanced by size); inside a node each
+share's gradients are averaged densely onto the rank of that local index (``reduce``), the ranks with the same local
+index on every node run ``sharded`` on their share (one EF21 worker per node), and each rank then broadcasts its
+share's new parameters inside the node. With one process per node it is ``sharded``; with one node, plain data
+parallel (nothing is compressed).
+
 The in-process simulation of n workers lives in :class:`ef_lightning.ef21.Simulator`; it uses the same ledger.
 """
 
@@ -32,7 +39,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-TOPOLOGIES = ("sharded", "allgather", "server")
+TOPOLOGIES = ("sharded", "allgather", "server", "hierarchical")
+#: owner of a layer that another process of the node handles (``hierarchical``): not this process's layer
+OTHER_SHARE = -2
 
 __all__ = [
     "TOPOLOGIES",
@@ -41,6 +50,7 @@ __all__ = [
     "Transport",
     "Pending",
     "LocalTransport",
+    "HierarchicalTransport",
     "build_transport",
     "assign_owners",
     "broadcast_module_",
@@ -67,6 +77,9 @@ class StepRecord:
         uplink_seconds: wall time from the first uplink collective's start to the last one's completion.
         uplink_overlap_seconds: the part of it before ``optimizer.step()`` began, i.e. hidden behind the backward
             pass (only with ``overlap``; wall-clock, so not part of :meth:`Ledger.summary`).
+        intra_node_bytes: bytes this process sent to processes of its own node (``hierarchical``: the dense
+            gradient reduce and the parameter broadcast; 0 for the flat topologies). The uplink and downlink
+            fields are then the inter-node traffic.
     """
 
     step: int
@@ -79,6 +92,7 @@ class StepRecord:
     gradient_evals: int = 1
     uplink_seconds: float = 0.0
     uplink_overlap_seconds: float = 0.0
+    intra_node_bytes: int = 0
 
 
 class Ledger:
@@ -106,8 +120,9 @@ class Ledger:
 
         Returns:
             dict with ``steps``, ``skipped_steps``, ``uplink_bits_per_worker``, ``uplink_wire_bytes_per_worker``,
-            ``downlink_bits``, ``downlink_wire_bytes``, ``dense_bytes_per_worker`` (all cumulative; bits or bytes
-            as named) and ``compression_ratio`` (dense bytes / uplink wire bytes; ``inf`` when nothing was sent).
+            ``downlink_bits``, ``downlink_wire_bytes``, ``dense_bytes_per_worker``, ``intra_node_bytes`` (all
+            cumulative; bits or bytes as named) and ``compression_ratio`` (dense bytes / uplink wire bytes; ``inf``
+            when nothing was sent).
         """
         r = self.records
         up_wire = sum(x.uplink_wire_bytes for x in r)
@@ -122,6 +137,7 @@ class Ledger:
             "dense_bytes_per_worker": dense,
             "compression_ratio": (dense / up_wire) if up_wire else float("inf"),
             "gradient_evaluations_per_worker": sum(x.gradient_evals for x in r if not x.skipped),
+            "intra_node_bytes": sum(x.intra_node_bytes for x in r),
         }
 
     def overlap(self) -> dict[str, float]:
@@ -147,8 +163,10 @@ class Ledger:
             ``{prefix}uplink_bits`` / ``uplink_bytes`` / ``downlink_bits`` / ``downlink_bytes``: the last optimizer
             step (uplink per worker, downlink for the whole server side); the same four with ``_total``, and
             ``dense_bytes_total`` (the uncompressed baseline per worker), cumulative; ``compression_ratio``: cumulative
-            dense bytes / uplink wire bytes (left out while nothing was sent); ``steps`` and ``skipped_steps``. Bits are
-            theoretical (docs/algorithm.md §3); bytes are the wire bytes handed to the collectives.
+            dense bytes / uplink wire bytes (left out while nothing was sent); ``steps`` and ``skipped_steps``;
+            with ``topology="hierarchical"`` also ``intra_node_bytes`` and ``intra_node_bytes_total`` (then the
+            uplink/downlink numbers are inter-node). Bits are theoretical (docs/algorithm.md §3); bytes are the wire
+            bytes handed to the collectives.
         """
         if self.last is None:
             return {}
@@ -168,6 +186,9 @@ class Ledger:
         }
         if total["uplink_wire_bytes_per_worker"]:  # inf (nothing sent yet) is not JSON; leave the ratio out instead
             out["compression_ratio"] = total["compression_ratio"]
+        if total["intra_node_bytes"]:
+            out["intra_node_bytes"] = last.intra_node_bytes
+            out["intra_node_bytes_total"] = total["intra_node_bytes"]
         return {prefix + k: v for k, v in out.items()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -289,6 +310,10 @@ class Transport(abc.ABC):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        #: the group every process of the run is in (the same as ``group`` except in ``hierarchical``): start-up
+        #: checks and the skip decision span it; ``global_rank`` / ``global_size`` are this process's place in it
+        self.world_group = group
+        self.global_rank, self.global_size = self.rank, self.world_size
 
     @abc.abstractmethod
     def owners(self, sizes: Sequence[int]) -> list[int]:
@@ -336,13 +361,13 @@ class Transport(abc.ABC):
     def any_of(self, flags: Sequence[bool]) -> list[bool]:
         """For each flag, True on every rank when it is True on any rank: one small all-reduce for all of them."""
         t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.world_group)
         return [bool(x > 0) for x in t.tolist()]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` (used once at start-up for the configuration check)."""
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        """Every process's ``obj`` (used once at start-up for the configuration check)."""
+        out: list[Any] = [None] * self.global_size
+        dist.all_gather_object(out, obj, group=self.world_group)
         return out
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
@@ -509,6 +534,83 @@ class ShardedTransport(Transport):
         return max(lengths) * self.world_size
 
 
+class HierarchicalTransport(ShardedTransport):
+    """``sharded`` across nodes, dense inside a node (see the module docstring).
+
+    ``group`` (default WORLD) is split into nodes of ``local_world_size`` consecutive ranks. As a
+    :class:`ShardedTransport` this transport works on the cross-node group of this process's local index: ``rank``
+    is the node index and ``world_size`` the number of nodes (one EF21 worker per node). ``any_of`` and
+    ``all_gather_object`` span the whole group (a skipped step is skipped everywhere); the node-level collectives
+    are :meth:`reduce_to_shares` and :meth:`share_in_node`. Building it creates the node and cross-node process
+    groups: a collective every rank of WORLD must enter, in the same order.
+
+    Attributes:
+        global_rank, global_size: this process's rank in ``group`` and the group's size.
+        local_rank, local_world_size: index inside the node and processes per node.
+        node, n_nodes: this process's node and the number of nodes.
+    """
+
+    topology = "hierarchical"
+
+    def __init__(self, group: dist.ProcessGroup | None = None, local_world_size: int = 1) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            super().__init__(group)  # raises the "needs an initialised process group" error
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        n, lws = len(ranks), local_world_size
+        if isinstance(lws, bool) or not isinstance(lws, int) or lws < 1 or n % lws:
+            raise ValueError(
+                f"topology 'hierarchical': {n} processes cannot form nodes of local_world_size={lws!r} processes; "
+                f"valid values divide {n}: {', '.join(str(d) for d in range(1, n + 1) if n % d == 0)}"
+            )
+        me = ranks.index(dist.get_rank())
+        self.local_rank, self.local_world_size = me % lws, lws
+        self.node, self.n_nodes = me // lws, n // lws
+        nodes = [ranks[j * lws : (j + 1) * lws] for j in range(self.n_nodes)]
+        # new_group is collective over WORLD: every rank creates every group, in the same order
+        intra = [dist.new_group(r) for r in nodes]
+        cross = [dist.new_group(ranks[i::lws]) for i in range(lws)]
+        self.node_ranks = nodes[self.node]  # global ranks of this node, by local index
+        self.intra = intra[self.node]
+        super().__init__(cross[self.local_rank])
+        self.world_group, self.global_rank, self.global_size = group, me, n
+
+    def shares(self, sizes: Sequence[int]) -> list[int]:
+        """The local index handling each layer (its share), balanced by size; the same on every process."""
+        return assign_owners(sizes, self.local_world_size)
+
+    def owners(self, sizes: Sequence[int]) -> list[int]:
+        """Owner node of each layer of this process's share; :data:`OTHER_SHARE` for the other shares' layers."""
+        share = self.shares(sizes)
+        mine = [i for i, s in enumerate(share) if s == self.local_rank]
+        out = [OTHER_SHARE] * len(sizes)
+        for i, o in zip(mine, assign_owners([sizes[i] for i in mine], self.n_nodes)):
+            out[i] = o
+        return out
+
+    def reduce_to_shares(self, flats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Average share ``i``'s flat buffer over the node onto local rank ``i`` (one ``reduce`` per share);
+        returns this process's share averaged over its node. ``flats[i]`` may be modified."""
+        if self.local_world_size == 1:
+            return flats[0]
+        works = [
+            dist.reduce(f, dst=self.node_ranks[i], op=dist.ReduceOp.SUM, group=self.intra, async_op=True)
+            for i, f in enumerate(flats)
+        ]
+        for w in works:
+            w.wait()
+        return flats[self.local_rank].div_(self.local_world_size)
+
+    def share_in_node(self, flats: Sequence[torch.Tensor]) -> None:
+        """Broadcast share ``i``'s flat buffer from local rank ``i`` to the node, in place (one per share)."""
+        if self.local_world_size == 1:
+            return
+        works = [
+            dist.broadcast(f, src=self.node_ranks[i], group=self.intra, async_op=True) for i, f in enumerate(flats)
+        ]
+        for w in works:
+            w.wait()
+
+
 class LocalTransport(Transport):
     """One process and no process group: the only worker of ``topology``, with nothing to send.
 
@@ -522,8 +624,9 @@ class LocalTransport(Transport):
             raise ValueError(f"server_rank={server_rank} is not a rank of a one-process run (valid: 0)")
         self.topology = topology
         self.replicated = topology == "allgather"
-        self.group = None
+        self.group = self.world_group = None
         self.rank, self.world_size, self.server_rank = 0, 1, 0
+        self.global_rank, self.global_size = 0, 1
 
     def owners(self, sizes: Sequence[int]) -> list[int]:
         return [-1 if self.replicated else 0] * len(sizes)
@@ -561,15 +664,20 @@ class LocalTransport(Transport):
 _TRANSPORTS = {"allgather": AllGatherTransport, "server": ServerTransport, "sharded": ShardedTransport}
 
 
-def build_transport(topology: str, group: dist.ProcessGroup | None = None, server_rank: int = 0) -> Transport:
+def build_transport(
+    topology: str, group: dist.ProcessGroup | None = None, server_rank: int = 0, local_world_size: int = 1
+) -> Transport:
     """The transport for ``topology`` (one of :data:`TOPOLOGIES`) on ``group`` (default: WORLD); without an
-    initialised process group, a :class:`LocalTransport` (one process, the only worker)."""
-    if topology not in _TRANSPORTS:
+    initialised process group, a :class:`LocalTransport` (one process, the only worker). ``local_world_size``:
+    processes per node (``hierarchical`` only)."""
+    if topology not in TOPOLOGIES:
         raise ValueError(f"unknown topology {topology!r}; valid choices: {', '.join(TOPOLOGIES)}")
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return LocalTransport(topology, server_rank)
     if topology == "server":
         return ServerTransport(group, server_rank=server_rank)
+    if topology == "hierarchical":
+        return HierarchicalTransport(group, local_world_size)
     return _TRANSPORTS[topology](group)
 
 

@@ -134,7 +134,11 @@ class EF21Config:
             :data:`COMPRESSOR_ROLES`. ``None``: :data:`DEFAULT_UPLINK`.
         downlink: server -> worker compressor (EF21-P), same forms. ``None``: :data:`DEFAULT_DOWNLINK`, or
             ``identity`` with ``topology="allgather"`` (which has no downlink).
-        topology: who serves which layer: ``sharded`` (default), ``allgather`` or ``server`` (docs/algorithm.md §5).
+        topology: who serves which layer: ``sharded`` (default), ``allgather``, ``server`` or ``hierarchical``
+            (several processes per node: dense averaging inside a node, EF21 only across nodes; docs/algorithm.md §5).
+        local_world_size: processes per node for ``topology="hierarchical"`` (consecutive ranks form a node, as
+            ``torchrun`` and Lightning number them). ``None``: the launcher's (Lightning: ``devices``; ``torchrun`` /
+            ``accelerate launch``: the ``LOCAL_WORLD_SIZE`` environment variable).
         server_rank: the server's rank with ``topology="server"``.
         seed: base seed of the compressors' shared random generators; identical on every rank.
         on_nonfinite: ``skip`` (a non-finite gradient on any rank skips the step everywhere, leaves every state
@@ -174,6 +178,7 @@ class EF21Config:
     fused: bool = True
     overlap: bool = True
     bucket_cap_mb: float = 25.0
+    local_world_size: int | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen: normalise once)
@@ -193,6 +198,19 @@ class EF21Config:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise EF21ConfigError(name, f"{name}={v!r}; valid values: integers >= 0")
+        lws = self.local_world_size
+        if lws is not None and (isinstance(lws, bool) or not isinstance(lws, int) or lws < 1):
+            raise EF21ConfigError(
+                "local_world_size", f"local_world_size={lws!r}; valid values: integers >= 1 (processes per node), None"
+            )
+        if self.topology == "hierarchical" and (self.estimator != "ef21" or self.participation not in (None, 1, 1.0)):
+            raise EF21ConfigError(
+                ("topology", "estimator"),
+                f"topology='hierarchical' runs estimator='ef21' with every worker each round; got "
+                f"estimator={self.estimator!r}, participation={self.participation!r} (valid: estimator='ef21', "
+                "participation=None; the variance-reduced estimators and partial participation need topology "
+                "'sharded' or 'server')",
+            )
         uplink = self._compressor("uplink", DEFAULT_UPLINK if self.uplink is None else self.uplink)
         set_("uplink", uplink)
         downlink = self.downlink

@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import functools
 import hashlib
+import os
 import time
 import types
 import warnings
@@ -54,6 +56,8 @@ from torch.utils.hooks import RemovableHandle
 from ef_lightning import compressors as _comp
 from ef_lightning import kernels as K
 from ef_lightning.comm import (
+    OTHER_SHARE,
+    HierarchicalTransport,
     Ledger,
     LocalTransport,
     Pending,
@@ -130,6 +134,33 @@ def _same_grad(p: Tensor, seen: tuple[Tensor | None, int]) -> bool:
     return now[0] is seen[0] and now[1] == seen[1]
 
 
+def _local_world_size(config: EF21Config) -> int:
+    """Processes per node for ``hierarchical``: the config's, else the launcher's ``LOCAL_WORLD_SIZE``."""
+    if config.topology != "hierarchical" or config.local_world_size is not None:
+        return config.local_world_size or 1
+    env = os.environ.get("LOCAL_WORLD_SIZE")
+    if env is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise ValueError(
+                "topology='hierarchical' needs the node layout: pass local_world_size=<processes per node> or launch "
+                "with torchrun / accelerate launch (they set LOCAL_WORLD_SIZE); Lightning's strategy passes devices"
+            )
+        return 1
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"LOCAL_WORLD_SIZE={env!r} in the environment; valid values: integers >= 1")
+    return int(env)
+
+
+def _common_dtype(params: Sequence[Tensor]) -> torch.dtype:
+    """The one dtype of ``params``, else float32 (dense node traffic travels in the training dtype, like DDP's)."""
+    dtypes = {p.dtype for p in params}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _empty(dtype: torch.dtype, engine: _EF21Base) -> Tensor:
+    return torch.empty(0, dtype=dtype, device=engine._device)
+
+
 def _nonfinite(grads: Sequence[Tensor]) -> bool:
     """Whether any gradient has a NaN or inf: one host sync for all of them (not one per tensor)."""
     return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
@@ -171,11 +202,13 @@ class _EF21Base(abc.ABC):
             raise ValueError(f"optimizer holds {len(unknown)} parameter(s) not in the model (shapes {unknown[:3]})")
         classified = {id(q): role for _, q, role, *_ in _classify(model)} if isinstance(model, nn.Module) else {}
         is_lmo = isinstance(optimizer, LMO)
-        self.layers: list[LayerSpec] = []
+        #: every parameter the optimizer trains, in its order; ``layers``: those this process runs EF21 on (all,
+        #: except in ``hierarchical``, where the other processes of the node handle the other shares)
+        self.all_layers: list[LayerSpec] = []
         for i, ((p, group), owner) in enumerate(zip(params, owners([p.numel() for p, _ in params]))):
             role = _role_of(group, p, classified)
             worker_momentum = is_lmo and group.get("norm") != "adamw"
-            self.layers.append(
+            self.all_layers.append(
                 LayerSpec(
                     index=i,
                     name=names[id(p)],
@@ -186,14 +219,18 @@ class _EF21Base(abc.ABC):
                     down=config.compressor("downlink", role, p.shape),
                     momentum=float(group.get("momentum", 0.0)) if worker_momentum else 0.0,
                     nesterov=bool(group.get("nesterov", False)) if worker_momentum else False,
+                    uid=i,
                 )
             )
+        mine = [L for L in self.all_layers if L.owner != OTHER_SHARE]
+        self.layers: list[LayerSpec] = [dataclasses.replace(L, index=k) for k, L in enumerate(mine)]
         self.fused = config.fused
         buckets = [0] * len(self.layers)
         if self._bucketed:
             mib = 1 << 20
             sizes = [4 * L.param.numel() for L in self.layers]
             buckets = assign_buckets(sizes, int(config.bucket_cap_mb * mib), min(mib, int(config.bucket_cap_mb * mib)))
+        self.layer_buckets = {L.uid: b for L, b in zip(self.layers, buckets)}  # by uid
         self.groups: list[Group] = build_groups(self.layers, buckets)
         self.n_buckets = 1 + max((g.bucket for g in self.groups), default=0)
         # bits one worker sends (by MARINA refresh round) and the server side sends per step: fixed by the shapes
@@ -239,7 +276,7 @@ class _EF21Base(abc.ABC):
             previous.detach()  # a notebook re-running a cell: the new engine takes over
         if isinstance(optimizer, LMO):  # momentum lives on the workers (step 2): switch the optimizer's off
             optimizer.external_momentum = True
-            for L in self.layers:
+            for L in self.all_layers:
                 optimizer.state.get(L.param, {}).pop("momentum_buffer", None)
         self._own_step = optimizer.__dict__.get("step")  # an instance-level step (an LR scheduler's wrapper) or None
         self._update = optimizer.step  # step 5 runs this: the optimizer's own update
@@ -290,6 +327,8 @@ class _EF21Base(abc.ABC):
         served = {L.index for L in self.served}
         X = [self.server.X.get(L.index) if L.index in served else None for L in self.layers]
         G = [self.server.G[L.index] if L.index in served else None for L in self.layers]
+        others = [L.param for L in self.all_layers if L.owner == OTHER_SHARE]  # another process's share: no grad
+        params, X, G = params + others, X + [None] * len(others), G + [None] * len(others)
         with K.server_view(params, X, G):
             self._in_update = True
             try:
@@ -348,7 +387,7 @@ class _EF21Base(abc.ABC):
         return [0]
 
     def _seeds(self, g: Group, sender: int) -> list[int]:
-        return [K.seed_for(self.seed, self.step_count, i, sender) for i in g.indices]
+        return [K.seed_for(self.seed, self.step_count, L.uid, sender) for L in g.layers]
 
     @staticmethod
     def _stack(tensors: Sequence[Tensor], g: Group) -> Tensor:
@@ -566,13 +605,13 @@ class _EF21Base(abc.ABC):
         """Copy tensors keyed by parameter name into the parameters (cast to their dtype); names not given keep
         their values."""
         with torch.no_grad():
-            for L in self.layers:
+            for L in self.all_layers:
                 if L.name in values:
                     L.param.copy_(values[L.name])
 
     @contextlib.contextmanager
     def _params_loaded(self, values: Mapping[str, Tensor]) -> Iterator[None]:
-        current = {L.name: L.param.detach().clone() for L in self.layers if L.name in values}
+        current = {L.name: L.param.detach().clone() for L in self.all_layers if L.name in values}
         self.load_parameters(values)
         try:
             yield
@@ -584,7 +623,8 @@ class _EF21Base(abc.ABC):
         return self._params_loaded({L.name: self._W_prev[L.index] for L in self.layers})
 
     def _w_is_x(self) -> bool:
-        return all(L.down.kind == "identity" for L in self.layers)  # an identity downlink sets W = X every step
+        # an identity downlink sets W = X every step (all layers: every process must agree, whatever its share)
+        return all(L.down.kind == "identity" for L in self.all_layers)
 
     @contextlib.contextmanager
     def at_server_model(self) -> Iterator[None]:
@@ -674,12 +714,25 @@ class EF21Engine(_EF21Base):
         **options: Any,
     ) -> None:
         config = EF21Config.build(config, **options)
-        self.transport: Transport = build_transport(config.topology, group, server_rank=config.server_rank)
+        self.transport: Transport = build_transport(
+            config.topology, group, server_rank=config.server_rank, local_world_size=_local_world_size(config)
+        )
         t = self.transport
+        self.hierarchical = isinstance(t, HierarchicalTransport)
+        self._intra_bytes = 0  # this step's bytes sent inside the node (hierarchical)
+        if (
+            isinstance(t, HierarchicalTransport) and t.n_nodes == 1
+        ):  # no link between nodes to save: plain data parallel
+            config = config.replace(uplink="identity", downlink="identity")
         self.replicated = t.replicated
-        # overlap: EF21 with every worker each round, in a real group (VR estimators need their closure first)
+        # overlap: EF21 with every worker each round, in a real group (VR estimators need their closure first);
+        # hierarchical: the dense reduce inside the node runs at the step (not overlapped yet)
         self.overlapping = (
-            config.overlap and config.estimator == "ef21" and config.participation is None and t.world_size > 1
+            config.overlap
+            and config.estimator == "ef21"
+            and config.participation is None
+            and t.world_size > 1
+            and not self.hierarchical
         )
         self._bucketed = self.overlapping
         super().__init__(model, optimizer, config, owners=t.owners, route_step=self.optimizer_step)
@@ -690,7 +743,7 @@ class EF21Engine(_EF21Base):
         self.up_lengths = {r: self._lengths(self.layers, "up", n_owners, r) for r in (False, True)}  # by refresh
         self.down_lengths = self._lengths(self.layers, "down", n_owners)
         if sync_initial:
-            broadcast_tensors_([L.param.data for L in self.layers], 0, t.group)
+            broadcast_tensors_([L.param.data for L in self.all_layers], 0, t.world_group)
         self._workers = {t.rank: WorkerState.new(self.layers, self.estimator)}
         self.server = ServerState.new(self.served, x_is_param=t.replicated)
         self._init_rows()
@@ -722,18 +775,19 @@ class EF21Engine(_EF21Base):
 
     def agreement(self) -> dict[str, Any]:
         """The fields every rank must agree on (checked at start-up)."""
+        layers = self.all_layers
         return {
-            "layers": [(L.name, tuple(L.shape)) for L in self.layers],
-            "uplink": [L.up.spec for L in self.layers],
-            "downlink": [L.down.spec for L in self.layers],
+            "layers": [(L.name, tuple(L.shape)) for L in layers],
+            "uplink": [L.up.spec for L in layers],
+            "downlink": [L.down.spec for L in layers],
             "norms": [str(g.get("norm", type(self.optimizer).__name__)) for g in self.optimizer.param_groups],
-            "momentum": [(L.momentum, L.nesterov) for L in self.layers],
+            "momentum": [(L.momentum, L.nesterov) for L in layers],
             "seed": self.seed,
             "estimator": (self.estimator, self.p, self.participation),
             "topology": self.transport.topology,
-            "world_size": self.transport.world_size,
+            "world_size": (self.transport.global_size, getattr(self.transport, "local_world_size", 1)),
             "server_rank": getattr(self.transport, "server_rank", None),
-            "overlap": (self.overlapping, [g.bucket for g in self.groups]),
+            "overlap": (self.overlapping, [self.layer_buckets.get(L.uid, 0) for L in layers]),
         }
 
     def _check_agreement(self) -> None:
@@ -962,7 +1016,69 @@ class EF21Engine(_EF21Base):
 
     def _sync_mine(self, grads: list[Tensor], prev: list[Tensor] | None) -> bool:
         r = self.transport.rank
-        return self._sync({r: grads}, {r: prev} if prev is not None else None, self.transport.world_size)
+        if not self.hierarchical:
+            return self._sync({r: grads}, {r: prev} if prev is not None else None, self.transport.world_size)
+        # hierarchical (estimator ef21, no prev): this share's gradients averaged over the node, EF21 across nodes,
+        # then every process of the node gets every share's new W
+        applied = self._sync({r: self._node_average()}, None, self.transport.world_size)
+        if applied:
+            self._share_in_node()
+        return applied
+
+    def _shares(self) -> list[list[LayerSpec]]:
+        """``hierarchical``: the layers of each local index (share), in parameter order."""
+        assert isinstance(self.transport, HierarchicalTransport)
+        share = self.transport.shares([L.param.numel() for L in self.all_layers])
+        return [[L for L, s in zip(self.all_layers, share) if s == i] for i in range(self.transport.local_world_size)]
+
+    def _node_average(self) -> list[Tensor]:
+        """The gradients of this process's share, averaged over its node (one dense ``reduce`` per share)."""
+        t = self.transport
+        assert isinstance(t, HierarchicalTransport)
+        shares = self._shares()
+        dtype = _common_dtype([L.param for L in self.all_layers])
+        flats = []
+        for layers in shares:
+            grads = [L.param.grad if L.param.grad is not None else torch.zeros_like(L.param) for L in layers]
+            flats.append(torch.cat([g.reshape(-1).to(dtype) for g in grads]) if grads else _empty(dtype, self))
+        mine = t.reduce_to_shares(flats)
+        # intra-node bytes this process sends: the other shares' gradients, then its share's W to the G-1 others
+        others = sum(f.numel() for i, f in enumerate(flats) if i != t.local_rank) * dtype.itemsize
+        mine_w = sum(L.param.numel() * L.param.element_size() for L in self.layers) * (t.local_world_size - 1)
+        self._intra_bytes = others + mine_w if t.local_world_size > 1 else 0
+        return [
+            chunk.view(L.shape) for L, chunk in zip(self.layers, mine.split([L.param.numel() for L in self.layers]))
+        ]
+
+    @torch.no_grad()
+    def _share_in_node(self) -> None:
+        """Every share's W from the process that stepped it to the rest of the node (one broadcast per share)."""
+        self._broadcast_shares({L.name: L.param.detach() for L in self.layers}, into_params=True)
+
+    def _broadcast_shares(self, mine: Mapping[str, Tensor], into_params: bool) -> dict[str, Tensor]:
+        """Share ``i``'s tensors (``mine`` on local rank ``i``, keyed by name) to every process of the node; into the
+        parameters, or returned (float32) for every layer."""
+        t = self.transport
+        assert isinstance(t, HierarchicalTransport)
+        shares = self._shares()
+        dtype = _common_dtype([L.param for L in self.all_layers]) if into_params else torch.float32
+        flats = []
+        for i, layers in enumerate(shares):
+            if i == t.local_rank:
+                flats.append(
+                    torch.cat([mine[L.name].reshape(-1).to(dtype) for L in layers]) if layers else _empty(dtype, self)
+                )
+            else:
+                flats.append(torch.empty(sum(L.param.numel() for L in layers), dtype=dtype, device=self._device))
+        t.share_in_node(flats)
+        out: dict[str, Tensor] = {}
+        for layers, flat in zip(shares, flats):
+            for L, chunk in zip(layers, flat.split([L.param.numel() for L in layers])):
+                if into_params:
+                    L.param.data.copy_(chunk.view(L.shape))
+                else:
+                    out[L.name] = chunk.view(L.shape).clone()
+        return out
 
     def _previous_gradients(self, closure: Closure) -> list[Tensor]:
         with self.at_previous_point(), torch.enable_grad():
@@ -973,6 +1089,8 @@ class EF21Engine(_EF21Base):
         return self.transport.any(flag)
 
     def _where(self, bad: Sequence[int]) -> str:
+        if self.hierarchical:
+            return f"node {self.transport.rank} (rank {self.transport.global_rank}'s share)" if bad else "another node"
         return f"rank {self.transport.rank}" if bad else "another rank"
 
     def _owner_slots(self) -> list[int]:
@@ -1008,6 +1126,7 @@ class EF21Engine(_EF21Base):
             downlink_wire_bytes=t.downlink_wire_bytes(self.down_lengths),
             dense_bytes=self.dense_bytes,
             gradient_evals=(1 + vr) if me else 0,
+            intra_node_bytes=self._intra_bytes if self.hierarchical else 0,
         )
 
     # --------------------------------------------------------------------------------------------- X and state
@@ -1017,7 +1136,7 @@ class EF21Engine(_EF21Base):
         if t.replicated:
             return {L.name: self.server.X.get(L.index, L.param.detach()).float().clone() for L in self.layers}
         out: dict[str, Tensor] = {}
-        for o in range(t.world_size):
+        for o in range(t.world_size):  # hierarchical: the owner nodes of this share, then the node's shares
             layers = [L for L in self.layers if L.owner == o]
             if not layers:
                 continue
@@ -1028,15 +1147,18 @@ class EF21Engine(_EF21Base):
             t.broadcast_(buf, o)
             for L, chunk in zip(layers, buf.split([L.param.numel() for L in layers])):
                 out[L.name] = chunk.view(L.shape).clone()
-        return out
+        return self._broadcast_shares(out, into_params=False) if self.hierarchical else out
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's own EF21 state: M_j, G_j (V_j), served X and G, the optimizer state of served layers, ledger."""
+        """This process's own EF21 state: M_j, G_j (V_j), served X and G, the optimizer state of served layers,
+        ledger. ``rank`` / ``world_size`` are the process's place in the whole run (``hierarchical``: its node's
+        worker state for its share of the layers, with ``local_world_size``)."""
         t = self.transport
         return {
-            "rank": t.rank,
-            "world_size": t.world_size,
+            "rank": t.global_rank,
+            "world_size": t.global_size,
             "topology": t.topology,
+            "local_world_size": getattr(t, "local_world_size", 1),
             "worker": self.worker.state_dict(self.layers),
             **self._common_state(),
         }
@@ -1044,8 +1166,15 @@ class EF21Engine(_EF21Base):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` on the same rank of the same topology and world size."""
         t = self.transport
-        for key, mine in (("world_size", t.world_size), ("topology", t.topology), ("rank", t.rank)):
-            if state.get(key) != mine:
+        lws = getattr(t, "local_world_size", 1)
+        checks = (
+            ("world_size", t.global_size),
+            ("topology", t.topology),
+            ("rank", t.global_rank),
+            ("local_world_size", lws),
+        )
+        for key, mine in checks:
+            if state.get(key, 1 if key == "local_world_size" else None) != mine:
                 raise ValueError(
                     f"EF21 state was saved with {key}={state.get(key)!r}, this process has {key}={mine!r}; "
                     "each rank must load its own state from a run with the same world size and topology"
@@ -1053,7 +1182,7 @@ class EF21Engine(_EF21Base):
         self.worker.load_state_dict(state["worker"], self.layers)
         self._load_common(state)
         served = {id(L.param) for L in self.served}
-        for L in self.layers:  # a framework may have loaded rank 0's optimizer state everywhere: keep only ours
+        for L in self.all_layers:  # a framework may have loaded rank 0's optimizer state everywhere: keep only ours
             if id(L.param) not in served:
                 self.optimizer.state.pop(L.param, None)
 

@@ -24,7 +24,7 @@ __all__ = ["LayerSpec", "WorkerState", "ServerState", "zeros32", "tensors_state"
 class LayerSpec:
     """Static description of one parameter tensor (one EF21 "layer")."""
 
-    index: int  # position in the optimizer's parameter order (seeds use it)
+    index: int  # position among this process's layers (state rows, gradient lists)
     name: str  # name in ``model.named_parameters()`` (state_dicts use it)
     param: nn.Parameter  # holds W
     role: str  # hidden, conv, embedding, head or vector
@@ -33,6 +33,7 @@ class LayerSpec:
     owner: int  # rank serving this layer; -1 = every rank (allgather)
     momentum: float  # worker momentum mu (0 = none)
     nesterov: bool
+    uid: int  # position in the optimizer's parameter order, the same on every process (seeds use it)
 
     @property
     def shape(self) -> torch.Size:

@@ -338,3 +338,56 @@ def engine_overlap(rank: int, world: int, steps: int) -> dict[str, Any]:
                        first_uplink_bytes=eng.ledger.records[0].uplink_wire_bytes)
             out[repr((overlap, clip))] = res
     return out
+
+
+def engine_hierarchical(rank: int, world: int, cfg: dict, steps: int, local_world_size: int,
+                        split: int | None = None) -> dict[str, Any]:
+    """``topology="hierarchical"`` with ``local_world_size`` processes per node, next to plain DDP with the same LMO
+    optimizer on a copy of the model (the reference for identity compressors). With ``split``, a second run saves
+    the EF21 state at step ``split``, rebuilds model/optimizer/engine from it and continues (resume)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ef_lightning import EF21Engine
+
+    data = make_data(world, steps)
+
+    def train(model, opt, eng, lo, hi):
+        for s in range(lo, hi):
+            opt.zero_grad(set_to_none=True)
+            mse(model, data[s][rank]).backward()
+            eng.step()
+
+    model = make_model(0)
+    opt = make_optimizer(model)
+    eng = EF21Engine(model, opt, topology="hierarchical", local_world_size=local_world_size, **cfg)
+    with CollectiveCounter() as counter:
+        train(model, opt, eng, 0, steps)
+    res = _state_snapshot(model, eng)  # X gathered from every node and share
+    res["collectives"] = counter.calls
+    res["share"] = [L.name for L in eng.layers]
+    ref = make_model(0)
+    ddp = DistributedDataParallel(ref)
+    ref_opt = make_optimizer(ref)
+    for s in range(steps):
+        ref_opt.zero_grad(set_to_none=True)
+        mse(ddp, data[s][rank]).backward()
+        ref_opt.step()
+    res["ddp"] = {k: v.detach().clone() for k, v in ref.named_parameters()}
+    if split is not None:
+        model = make_model(0)
+        opt = make_optimizer(model)
+        eng = EF21Engine(model, opt, topology="hierarchical", local_world_size=local_world_size, **cfg)
+        train(model, opt, eng, 0, split)
+        saved = {"ef21": eng.state_dict(), "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                 "opt": opt.state_dict()}
+        eng.detach()
+        model = make_model(5)  # different initial values: everything must come from the checkpoint
+        model.load_state_dict(saved["model"])
+        opt = make_optimizer(model)
+        opt.load_state_dict(saved["opt"])
+        eng = EF21Engine(model, opt, topology="hierarchical", local_world_size=local_world_size,
+                         sync_initial=False, **cfg)
+        eng.load_state_dict(saved["ef21"])
+        train(model, opt, eng, split, steps)
+        res["resumed"] = _state_snapshot(model, eng)
+    return res
