@@ -23,17 +23,24 @@ compression (DDP would clip the averaged gradient: with EF21 the average is neve
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
+from ef_lightning._atomic import atomic_save, damage
 from ef_lightning.comm import broadcast_module_
 from ef_lightning.config import EF21Config
 from ef_lightning.ef21 import EF21Engine
@@ -65,9 +72,13 @@ class EF21MuonStrategy(DDPStrategy):
     (``on_before_optimizer_step`` callbacks and gradient clipping run for it too). Not combinable with
     ``accumulate_grad_batches > 1``.
 
+    ``topology="hierarchical"`` takes the node layout from the Trainer (``devices`` processes per node, ``num_nodes``
+    nodes): gradients are averaged densely inside each node and only the inter-node link is compressed.
+
     Example::
 
         Trainer(strategy=EF21MuonStrategy(uplink="top_k:0.05", downlink="top_k:0.2"), devices=8, num_nodes=4)
+        Trainer(strategy=EF21MuonStrategy(topology="hierarchical"), devices=8, num_nodes=4)
     """
 
     strategy_name = "ef21_muon"
@@ -141,9 +152,10 @@ class EF21MuonStrategy(DDPStrategy):
 
     def _new_engine(self, optimizer: Optimizer, config: EF21Config | None = None) -> EF21Engine:
         assert self.lightning_module is not None  # setup() connected it
-        return EF21Engine(
-            self.lightning_module, optimizer, config or self.config, sync_initial=False, quiet=self._quiet
-        )
+        config = config or self.config
+        if config.topology == "hierarchical" and config.local_world_size is None:
+            config = config.replace(local_world_size=self.num_processes)  # Trainer(devices=G, num_nodes=N)
+        return EF21Engine(self.lightning_module, optimizer, config, sync_initial=False, quiet=self._quiet)
 
     @property
     def engine(self) -> EF21Engine | None:

@@ -103,9 +103,13 @@ def loaders(n: int = 256, batch: int = 8):
     return DataLoader(ds, batch_size=batch, shuffle=False), DataLoader(ds, batch_size=32, shuffle=False)
 
 
+NUM_NODES = int(os.environ.get("EF21_TEST_NUM_NODES", "1"))  # >1: this script runs once per node (NODE_RANK)
+
+
 def trainer(devices: int, strategy, out: Path, name: str, **kw) -> Trainer:
     kw.setdefault("max_steps", 20)
     kw.setdefault("logger", False)
+    kw.setdefault("num_nodes", NUM_NODES)
     return Trainer(accelerator="cpu", devices=devices, strategy=strategy, enable_checkpointing=kw.pop("ckpt", False),
                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                    limit_val_batches=kw.pop("limit_val_batches", 0), default_root_dir=str(out / name), **kw)
@@ -322,8 +326,39 @@ def s_participation(out: Path, devices: int) -> None:
     save(out, "participation", t, {"records": [r.uplink_bits for r in t.strategy.engine.ledger.records]})
 
 
+def s_hierarchical(out: Path, devices: int) -> None:
+    """num_nodes x devices processes, topology="hierarchical": identity vs strategy="ddp" (20 steps); compressed
+    (20 steps, data by (step, rank), for the parent's Simulator); compressed resumed from a step-4 checkpoint."""
+    res = {}
+    compressed = {"uplink": "top_k:0.25", "downlink": "top_k:0.5"}
+    runs = (("ddp", lambda: "ddp", False),
+            ("identity", lambda: efl.EF21MuonStrategy(topology="hierarchical", uplink="identity", downlink="identity"),
+             False),
+            ("compressed", lambda: efl.EF21MuonStrategy(topology="hierarchical", **compressed), True))
+    for name, strategy, step_data in runs:
+        seed_everything(0)
+        model = Regressor(step_data=step_data)
+        t = trainer(devices, strategy(), out, f"hier_{name}", max_steps=20 if name != "compressed" else 10)
+        t.fit(model, loaders()[0])
+        eng = getattr(t.strategy, "engine", None)
+        res[name] = {"weights": weights(model), "records": [dict(vars(r)) for r in eng.ledger.records] if eng else None,
+                     "share": [L.name for L in eng.layers] if eng else None}
+    seed_everything(0)
+    part = Regressor(step_data=True)
+    ck = ModelCheckpoint(dirpath=str(out / "hier_ckpt"), every_n_train_steps=4, save_top_k=-1)
+    t = trainer(devices, efl.EF21MuonStrategy(topology="hierarchical", **compressed), out, "hier_part", max_steps=4,
+                ckpt=True, callbacks=[ck])
+    t.fit(part, loaders()[0])
+    seed_everything(0)
+    resumed = Regressor(step_data=True)
+    t = trainer(devices, efl.EF21MuonStrategy(topology="hierarchical", **compressed), out, "hier_resumed", max_steps=10)
+    t.fit(resumed, loaders()[0], ckpt_path=str(sorted((out / "hier_ckpt").glob("*.ckpt"))[-1]))
+    res["resumed"] = {"weights": weights(resumed), "records": [dict(vars(r)) for r in t.strategy.engine.ledger.records]}
+    save(out, "hierarchical", t, res)
+
+
 SCENARIOS = {f.__name__[2:]: f for f in (s_vs_ddp, s_topk_csv, s_resume, s_accumulate, s_bf16, s_adamw,
-                                          s_world_change, s_vr, s_participation)}
+                                          s_world_change, s_vr, s_participation, s_hierarchical)}
 
 if __name__ == "__main__":
     out_dir, devices, *names = sys.argv[1:]

@@ -99,3 +99,71 @@ def test_resume_is_bit_identical(compressed_run):
             for k, v in res[part].items():
                 assert torch.equal(v, res["resumed"][part][k]), (r, part, k)
         assert res["ledger"] == res["resumed"]["ledger"]
+
+
+# ----------------------------------------------------------------------------------------- under Lightning
+def _run_nodes(script: list[str], out, nodes: int, env_extra: dict | None = None, timeout: int = 600) -> None:
+    """Run ``script`` once per node (NODE_RANK), each starting its own local processes, as on a real cluster."""
+    import os
+    import subprocess
+    import sys
+
+    from dist_helpers import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), **(env_extra or {})}
+    procs = [subprocess.Popen([sys.executable, *script], env={**env, "NODE_RANK": str(n)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for n in range(nodes)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    bad = [(n, p.returncode) for n, p in enumerate(procs) if p.returncode != 0]
+    if bad:
+        raise AssertionError(f"node runs failed {bad}:\n" + "\n".join(log[-4000:] for log in logs))
+
+
+@pytest.fixture(scope="module")
+def lightning_run(tmp_path_factory):
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("hier_lightning")
+    here = Path(__file__).parent
+    _run_nodes([str(here / "lightning_scenarios.py"), str(out), str(PER_NODE), "hierarchical"], out, NODES,
+               {"EF21_TEST_NUM_NODES": str(NODES)})
+    return [torch.load(out / f"hierarchical_rank{r}.pt", weights_only=False) for r in range(NODES * PER_NODE)]
+
+
+def test_lightning_identity_equals_ddp(lightning_run):
+    for r, res in enumerate(lightning_run):
+        for k, w in res["identity"]["weights"].items():
+            torch.testing.assert_close(w, res["ddp"]["weights"][k], atol=1e-6, rtol=0, msg=f"rank {r} {k}")
+        assert all(rec["intra_node_bytes"] > 0 for rec in res["identity"]["records"])
+
+
+def test_lightning_compressed_equals_simulator_and_resumes(lightning_run):
+    from lightning_scenarios import Regressor, step_batch
+
+    torch.manual_seed(0)
+    module = Regressor()
+    opt = efl.build_lmo_optimizer(module, preset="gluon", verbose=False)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)  # as Regressor.configure_optimizers
+    sim = efl.Simulator(module, opt, n_workers=NODES, uplink="top_k:0.25", downlink="top_k:0.5")
+    for s in range(10):
+        batches = []
+        for j in range(NODES):
+            xs, ys = zip(*(step_batch(s, j * PER_NODE + i) for i in range(PER_NODE)))
+            batches.append((torch.cat(xs), torch.cat(ys)))
+        sim.step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), batches)
+        sched.step()
+    X_ref = sim.server_model()  # the strategy leaves X in the module when training ends
+    assert any(not torch.equal(X_ref[k], v) for k, v in module.state_dict().items())  # W != X
+    for r, res in enumerate(lightning_run):
+        for k, w in res["compressed"]["weights"].items():
+            torch.testing.assert_close(w, X_ref[k], atol=1e-6, rtol=0, msg=f"rank {r} {k}")
+            assert torch.equal(w, res["resumed"]["weights"][k]), (r, k)
+        untimed = lambda recs: [{k: v for k, v in x.items() if not k.endswith("seconds")} for x in recs]  # noqa: E731
+        assert untimed(res["compressed"]["records"]) == untimed(res["resumed"]["records"])
