@@ -78,11 +78,12 @@ def _flag(text: str, where: str) -> bool:
 
 def _from_env(name: str, text: str, where: str) -> Any:
     """An ``EF21_*`` string as the typed value :class:`EF21Config` checks (ranges and choices are its job)."""
-    if name in ("server_rank", "seed"):
+    if name in ("server_rank", "seed", "local_world_size"):
         try:
             return int(text)
         except ValueError:
-            raise ValueError(f"{where}={text!r} is not an integer; valid values: integers >= 0") from None
+            low = 1 if name == "local_world_size" else 0
+            raise ValueError(f"{where}={text!r} is not an integer; valid values: integers >= {low}") from None
     if name in ("fused", "overlap"):
         return _flag(text, where)
     if name in ("p", "participation", "bucket_cap_mb"):
@@ -126,7 +127,7 @@ class EF21Plugin:
     Args:
         enabled: run EF21-Muon; False makes :meth:`prepare` plain ``accelerator.prepare``.
         uplink, downlink, topology, server_rank, seed, on_nonfinite, estimator, p, participation, fused, overlap,
-            bucket_cap_mb: the
+            bucket_cap_mb, local_world_size: the
             :class:`~ef_lightning.config.EF21Config` options of the same names. The variance-reduced estimators need
             ``optimizer.step(closure)`` (module docstring).
     """
@@ -171,6 +172,11 @@ class EF21Plugin:
         "EF21_OVERLAP", "Start each bucket's uplink during backward as soon as its gradients are ready"
     )
     bucket_cap_mb: float | None = _field("EF21_BUCKET_CAP_MB", "Uplink bucket size in MiB of fp32 gradient")
+    local_world_size: int | None = _field(
+        "EF21_LOCAL_WORLD_SIZE",
+        "Processes per node with topology 'hierarchical'; default the launcher's LOCAL_WORLD_SIZE (accelerate "
+        "launch / torchrun set it)",
+    )
     # resolved in __post_init__ (not arguments): the checked configuration, and what exists once attached
     config: EF21Config = dataclasses.field(init=False, repr=False, compare=False)
     _runtime: _Runtime | None = dataclasses.field(init=False, default=None, repr=False, compare=False)

@@ -102,18 +102,25 @@ def test_resume_is_bit_identical(compressed_run):
 
 
 # ----------------------------------------------------------------------------------------- under Lightning
-def _run_nodes(script: list[str], out, nodes: int, env_extra: dict | None = None, timeout: int = 600) -> None:
+def _run_nodes(script: list[str], out, nodes: int, env_extra: dict | None = None) -> None:
     """Run ``script`` once per node (NODE_RANK), each starting its own local processes, as on a real cluster."""
-    import os
-    import subprocess
     import sys
 
     from dist_helpers import free_port
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), **(env_extra or {})}
-    procs = [subprocess.Popen([sys.executable, *script], env={**env, "NODE_RANK": str(n)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for n in range(nodes)]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **(env_extra or {})}
+    _run_many([[sys.executable, *script] for _ in range(nodes)], env, per_node_env=True)
+
+
+def _run_many(commands: list[list[str]], env_extra: dict, per_node_env: bool = False, timeout: int = 600) -> None:
+    """Start one command per node at once (``NODE_RANK`` = its index when ``per_node_env``); all must exit 0."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env_extra}
+    procs = [subprocess.Popen(cmd, env={**env, **({"NODE_RANK": str(n)} if per_node_env else {})},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n, cmd in enumerate(commands)]
     logs = []
     try:
         for p in procs:
@@ -166,4 +173,58 @@ def test_lightning_compressed_equals_simulator_and_resumes(lightning_run):
             torch.testing.assert_close(w, X_ref[k], atol=1e-6, rtol=0, msg=f"rank {r} {k}")
             assert torch.equal(w, res["resumed"]["weights"][k]), (r, k)
         untimed = lambda recs: [{k: v for k, v in x.items() if not k.endswith("seconds")} for x in recs]  # noqa: E731
+        assert untimed(res["compressed"]["records"]) == untimed(res["resumed"]["records"])
+
+
+# ----------------------------------------------------------------------------------------- under Accelerate
+@pytest.fixture(scope="module")
+def accelerate_run(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    from dist_helpers import free_port
+
+    out = tmp_path_factory.mktemp("hier_accelerate")
+    port = str(free_port())
+    script = [str(Path(__file__).parent / "accelerate_nodes.py"), str(out)]
+    per_node = []
+    for n in range(NODES):  # one `accelerate launch` per node, as on a cluster
+        per_node.append(["-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_machines",
+                         str(NODES), "--machine_rank", str(n), "--num_processes", str(NODES * PER_NODE),
+                         "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--monitor_interval", "1",
+                         *script])
+    _run_many([[sys.executable, *a] for a in per_node], {"ACCELERATE_USE_CPU": "1"})
+    return [torch.load(out / f"accelerate_rank{r}.pt", weights_only=False) for r in range(NODES * PER_NODE)]
+
+
+def test_accelerate_layout_from_environment(accelerate_run):
+    assert all(res["identity"]["local_world_size"] == PER_NODE for res in accelerate_run)
+
+
+def test_accelerate_identity_equals_ddp(accelerate_run):
+    for r, res in enumerate(accelerate_run):
+        for k, w in res["identity"]["W"].items():
+            torch.testing.assert_close(w, res["ddp"]["W"][k], atol=1e-6, rtol=0, msg=f"rank {r} {k}")
+
+
+def test_accelerate_compressed_equals_simulator_and_resumes(accelerate_run):
+    from accelerate_nodes import COMPRESSED as ACC, STEPS as ACC_STEPS
+
+    model = make_model(0)
+    sim = efl.Simulator(model, make_optimizer(model), n_workers=NODES, **ACC)
+    data = make_data(NODES * PER_NODE, ACC_STEPS)
+    for s in range(ACC_STEPS):
+        batches = []
+        for j in range(NODES):
+            xs, ys = zip(*data[s][j * PER_NODE:(j + 1) * PER_NODE])
+            batches.append((torch.cat(xs), torch.cat(ys)))
+        sim.step(mse, batches)
+    X_ref, W_ref = sim.server_model(), dict(model.named_parameters())
+    untimed = lambda recs: [{k: v for k, v in x.items() if not k.endswith("seconds")} for x in recs]  # noqa: E731
+    for r, res in enumerate(accelerate_run):
+        for k in X_ref:
+            torch.testing.assert_close(res["compressed"]["X"][k], X_ref[k], atol=1e-6, rtol=0, msg=f"rank {r} {k}")
+            torch.testing.assert_close(res["compressed"]["W"][k], W_ref[k].detach(), atol=1e-6, rtol=0)
+            assert torch.equal(res["compressed"]["W"][k], res["resumed"]["W"][k]), (r, k)
+            assert torch.equal(res["compressed"]["X"][k], res["resumed"]["X"][k]), (r, k)
         assert untimed(res["compressed"]["records"]) == untimed(res["resumed"]["records"])
