@@ -228,3 +228,40 @@ def test_accelerate_compressed_equals_simulator_and_resumes(accelerate_run):
             assert torch.equal(res["compressed"]["W"][k], res["resumed"]["W"][k]), (r, k)
             assert torch.equal(res["compressed"]["X"][k], res["resumed"]["X"][k]), (r, k)
         assert untimed(res["compressed"]["records"]) == untimed(res["resumed"]["records"])
+
+
+# ----------------------------------------------------------------------------------------- the two limits
+def test_one_process_per_node_is_sharded_and_one_node_is_ddp(tmp_path):
+    from dist_helpers import engine_run
+
+    flat = {"topology": "sharded", **COMPRESSED}
+    per_node_1 = {"topology": "hierarchical", "local_world_size": 1, **COMPRESSED}
+    res = check_ok(run_distributed(engine_run, 2, tmp_path / "g1", configs=[flat, per_node_1], steps=6))
+    for r in res:
+        a, b = r[repr(sorted(flat.items()))], r[repr(sorted(per_node_1.items()))]
+        for part in ("X", "W"):
+            for k, v in a[part].items():
+                assert torch.equal(v, b[part][k]), (part, k)  # bit-identical: same messages, same owners
+        assert a["ledger"] == b["ledger"]
+    one_node = check_ok(run_distributed(engine_hierarchical, 2, tmp_path / "n1", cfg=COMPRESSED, steps=6,
+                                        local_world_size=2))
+    for r in one_node:  # no link between nodes: nothing is compressed, plain data parallel
+        for k, w in r["W"].items():
+            torch.testing.assert_close(w, r["ddp"][k], atol=1e-6, rtol=0)
+        assert r["ledger"]["uplink_wire_bytes_per_worker"] == r["ledger"]["dense_bytes_per_worker"]
+
+
+def test_bad_node_layout_is_a_clear_error(tmp_path):
+    from dist_helpers import engine_run
+
+    cfg = {"topology": "hierarchical", "local_world_size": 2}
+    res = run_distributed(engine_run, 3, tmp_path, configs=[cfg], steps=1)
+    for r in res:
+        assert "__error__" in r and "local_world_size=2" in r["__error__"] and "valid values divide 3" in r["__error__"]
+
+
+@pytest.mark.parametrize("kwargs,match", [({"estimator": "mvr"}, "estimator='ef21'"),
+                                          ({"local_world_size": 0}, "local_world_size=0")])
+def test_bad_hierarchical_options_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        efl.EF21Config(topology="hierarchical", **kwargs)
