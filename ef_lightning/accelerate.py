@@ -38,6 +38,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 from torch.nn.parallel import DistributedDataParallel
 
+from ef_lightning._atomic import atomic_save, damage
 from ef_lightning.comm import TOPOLOGIES, Ledger
 from ef_lightning.config import (
     COMPRESSOR_ROLES,
@@ -315,16 +316,17 @@ class EF21Plugin:
         """Write this rank's EF21 state to ``directory/ef21_rank{r}.pt`` (every rank calls it); returns the path."""
         if self._runtime is None:
             raise ValueError("EF21Plugin.save: nothing to save before prepare()/attach() with EF21 enabled")
-        os.makedirs(directory, exist_ok=True)
         path = self._runtime.path(directory)
-        torch.save({"config": self.config.to_dict(), "engine": self._runtime.engine.state_dict()}, path)
+        # atomic (temporary file, fsync, rename): a crash while saving leaves the previous file whole
+        atomic_save({"config": self.config.to_dict(), "engine": self._runtime.engine.state_dict()}, path)
         return path
 
     def load(self, directory: str | os.PathLike) -> None:
         """Restore this rank's EF21 state from ``directory`` now (after the model and optimizer state are loaded)."""
         if self._runtime is None:
             raise ValueError("EF21Plugin.load: nothing to load into before prepare()/attach() with EF21 enabled")
-        self._runtime.engine.load_state_dict(self._runtime.read(directory))
+        self._runtime.stage(directory)
+        self._runtime.apply_pending()
 
 
 @dataclasses.dataclass
@@ -335,31 +337,60 @@ class _Runtime:
     optimizer: AcceleratedOptimizer
     engine: EF21Engine
     pending: dict[str, Any] | None = None
+    pending_path: str | None = None  # the file ``pending`` was read from
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
 
     def path(self, directory: str | os.PathLike) -> str:
-        return os.path.join(os.fspath(directory), f"ef21_rank{self.accelerator.process_index}.pt")
+        return os.path.join(os.fspath(directory), f"ef21_rank{self.rank}.pt")
 
     def read(self, directory: str | os.PathLike) -> dict[str, Any]:
+        """This rank's EF21 state from ``directory``; a missing, unreadable or malformed file is a ValueError
+        naming the rank and the file."""
         path = self.path(directory)
         if not os.path.isfile(path):
             found = sorted(os.path.basename(f) for f in glob.glob(os.path.join(os.fspath(directory), "ef21_rank*.pt")))
             raise ValueError(
-                f"{path} does not exist (EF21 files in {os.fspath(directory)!r}: {found or 'none'}); "
-                "resume an EF21 run from a checkpoint it saved, with the same number of processes"
+                f"rank {self.rank}: {path} does not exist (EF21 files in {os.fspath(directory)!r}: {found or 'none'}); "
+                "every rank needs its own file: resume an EF21 run from a checkpoint it saved, with the same number "
+                "of processes"
             )
         # optimizer state is restored as loaded (not copied into existing tensors): load it onto the parameters' device
         device = self.engine.layers[0].param.device if self.engine.layers else "cpu"
-        return torch.load(path, map_location=device, weights_only=True)["engine"]
+        try:
+            saved = torch.load(path, map_location=device, weights_only=True)
+        except Exception as e:
+            why = damage(path) or f"{type(e).__name__}: {e}"
+            raise ValueError(
+                f"rank {self.rank}: {path} cannot be read: {why}. It was not written completely (a crash or a full "
+                "disk during save_state, a partial copy) or was damaged since; this rank's error-feedback state "
+                "exists only in this file: resume from another checkpoint"
+            ) from e
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("engine"), Mapping):
+            raise ValueError(
+                f"rank {self.rank}: {path} holds no EF21 state (expected a dict with key 'engine', as "
+                "EF21Plugin.save writes); resume from a checkpoint an EF21 run saved"
+            )
+        return dict(saved["engine"])
 
-    def stage(self, directory: str) -> None:
+    def stage(self, directory: str | os.PathLike) -> None:
         # load_state's pre-hook runs before Accelerate loads the optimizer from rank 0's file, which would overwrite
         # the optimizer state of the layers this rank serves: read now, apply after optimizer.load_state_dict.
-        self.pending = self.read(directory)
+        self.pending, self.pending_path = self.read(directory), self.path(directory)
 
     def apply_pending(self) -> None:
-        if self.pending is not None:
-            state, self.pending = self.pending, None
+        if self.pending is None:
+            return
+        state, path, self.pending, self.pending_path = self.pending, self.pending_path, None, None
+        try:
             self.engine.load_state_dict(state)
+        except Exception as e:
+            raise ValueError(
+                f"rank {self.rank}: the EF21 state in {path} does not fit this run ({type(e).__name__}: {e}); "
+                "resume from a checkpoint this run's configuration saved, with the same number of processes"
+            ) from e
 
 
 # ------------------------------------------------------------------------------------------------- Accelerate facts

@@ -552,7 +552,9 @@ class HierarchicalTransport(ShardedTransport):
 
     topology = "hierarchical"
 
-    def __init__(self, group: dist.ProcessGroup | None = None, local_world_size: int = 1) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, local_world_size: int = 1, sharded_params: bool = False
+    ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             super().__init__(group)  # raises the "needs an initialised process group" error
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
@@ -565,6 +567,10 @@ class HierarchicalTransport(ShardedTransport):
         me = ranks.index(dist.get_rank())
         self.local_rank, self.local_world_size = me % lws, lws
         self.node, self.n_nodes = me // lws, n // lws
+        #: FSDP2: the node's processes already hold shards of every layer (reduce-scattered gradients), so there are
+        #: no shares: each process runs EF21 across nodes on its shard of every layer, a layer's owner node the same
+        #: for all shards (its LMO then runs on the node's DTensor shards together)
+        self.sharded_params = sharded_params
         nodes = [ranks[j * lws : (j + 1) * lws] for j in range(self.n_nodes)]
         # new_group is collective over WORLD: every rank creates every group, in the same order
         intra = [dist.new_group(r) for r in nodes]
@@ -580,6 +586,8 @@ class HierarchicalTransport(ShardedTransport):
 
     def owners(self, sizes: Sequence[int]) -> list[int]:
         """Owner node of each layer of this process's share; :data:`OTHER_SHARE` for the other shares' layers."""
+        if self.sharded_params:
+            return assign_owners(sizes, self.n_nodes)
         share = self.shares(sizes)
         mine = [i for i, s in enumerate(share) if s == self.local_rank]
         out = [OTHER_SHARE] * len(sizes)
@@ -665,11 +673,15 @@ _TRANSPORTS = {"allgather": AllGatherTransport, "server": ServerTransport, "shar
 
 
 def build_transport(
-    topology: str, group: dist.ProcessGroup | None = None, server_rank: int = 0, local_world_size: int = 1
+    topology: str,
+    group: dist.ProcessGroup | None = None,
+    server_rank: int = 0,
+    local_world_size: int = 1,
+    sharded_params: bool = False,
 ) -> Transport:
     """The transport for ``topology`` (one of :data:`TOPOLOGIES`) on ``group`` (default: WORLD); without an
     initialised process group, a :class:`LocalTransport` (one process, the only worker). ``local_world_size``:
-    processes per node (``hierarchical`` only)."""
+    processes per node, ``sharded_params``: FSDP2 shards inside the node (``hierarchical`` only)."""
     if topology not in TOPOLOGIES:
         raise ValueError(f"unknown topology {topology!r}; valid choices: {', '.join(TOPOLOGIES)}")
     if group is None and not (dist.is_available() and dist.is_initialized()):
@@ -677,7 +689,7 @@ def build_transport(
     if topology == "server":
         return ServerTransport(group, server_rank=server_rank)
     if topology == "hierarchical":
-        return HierarchicalTransport(group, local_world_size)
+        return HierarchicalTransport(group, local_world_size, sharded_params)
     return _TRANSPORTS[topology](group)
 
 

@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from ef_lightning import compressors as _comp
@@ -101,12 +102,11 @@ def _role_of(group: Mapping[str, Any], p: Tensor, classified: Mapping[int, str])
 
 
 def _grads_of(layers: Sequence[LayerSpec], clone: bool) -> list[Tensor]:
-    return [
-        (L.param.grad.detach().clone() if clone else L.param.grad.detach())
-        if L.param.grad is not None
-        else torch.zeros_like(L.param)
-        for L in layers
-    ]
+    out = []
+    for L in layers:
+        g = L.grad
+        out.append(torch.zeros_like(L.w) if g is None else g.clone() if clone else g)
+    return out
 
 
 class _GradView(Sequence[Tensor]):
@@ -119,8 +119,9 @@ class _GradView(Sequence[Tensor]):
         return len(self.layers)
 
     def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
-        p = self.layers[i].param
-        return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        L = self.layers[i]
+        g = L.grad
+        return g if g is not None else torch.zeros_like(L.w)
 
 
 def _grad_version(p: Tensor) -> tuple[Tensor | None, int]:
@@ -149,6 +150,47 @@ def _local_world_size(config: EF21Config) -> int:
     if not env.isdigit() or int(env) < 1:
         raise ValueError(f"LOCAL_WORLD_SIZE={env!r} in the environment; valid values: integers >= 1")
     return int(env)
+
+
+def _check_sharded(optimizer: torch.optim.Optimizer, config: EF21Config) -> bool:
+    """Whether the optimizer's parameters are FSDP2 DTensors (then the options they need are checked)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sharded = [isinstance(p, DTensor) for p in params]
+    if not any(sharded):
+        return False
+    if not all(sharded):
+        raise ValueError(
+            f"{sum(sharded)} of {len(params)} parameters are DTensors: shard the whole model with fully_shard (every "
+            "parameter a DTensor on the node's mesh) or none of it"
+        )
+    if config.topology != "hierarchical":
+        raise ValueError(
+            f"FSDP2-sharded parameters need topology='hierarchical' (got {config.topology!r}): the parameters are "
+            "sharded over the processes of a node and EF21 runs across nodes on the local shards; valid choice: "
+            "topology='hierarchical'"
+        )
+    low = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
+    if low:
+        raise ValueError(
+            f"FSDP2-sharded parameters in {', '.join(low)}: keep the sharded parameters float32 (X is updated in "
+            "them) and train in low precision with fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=...))"
+        )
+    return True
+
+
+def _check_mesh(optimizer: torch.optim.Optimizer, t: HierarchicalTransport) -> None:
+    """Every DTensor parameter is sharded over exactly this process's node (a 1-D mesh: FSDP2, not HSDP)."""
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            ranks = p.device_mesh.mesh.flatten().tolist()
+            if p.device_mesh.ndim != 1 or ranks != t.node_ranks:
+                raise ValueError(
+                    f"a parameter is sharded over ranks {ranks} (mesh of {p.device_mesh.ndim} dimension(s)); "
+                    f"topology='hierarchical' with FSDP2 needs each node's parameters sharded over that node's ranks "
+                    f"{t.node_ranks} only: fully_shard(module, mesh=init_device_mesh(device, (nodes, "
+                    f"{t.local_world_size}), mesh_dim_names=('replicate', 'shard'))['shard']) (not HSDP's 2-D mesh: "
+                    "EF21 replaces its replicate all-reduce)"
+                )
 
 
 def _common_dtype(params: Sequence[Tensor]) -> torch.dtype:
@@ -244,7 +286,7 @@ class _EF21Base(abc.ABC):
         self.step_count = 0  # steps taken, skipped ones included (seeds use it)
         self.applied = 0  # applied steps: the first one of a VR estimator is a full refresh
         self.ledger = Ledger()
-        self.dense_bytes = sum(L.param.numel() * L.param.element_size() for L in self.layers)
+        self.dense_bytes = sum(L.w.numel() * L.w.element_size() for L in self.layers)
         self._W_prev: dict[int, Tensor] = {}  # W where the last gradient was taken (VR estimators only)
         self._sent_grads = {}
         self._take_over(optimizer, route_step)
@@ -476,23 +518,21 @@ class _EF21Base(abc.ABC):
             X = self._rows["server", "X", g.index]
             assert X is not None  # not replicated: the server keeps X apart from the parameters
             parts = K.downlink_message(
-                g.down, X, [L.param for L in g.layers], g.shape, self._seeds(g, K.SERVER), self.fused
+                g.down, X, [L.w for L in g.layers], g.shape, self._seeds(g, K.SERVER), self.fused
             )
             for dst, part in zip(layout.views(mine, g), parts):
                 dst.copy_(part)
         bufs = self._exchange_downlink(mine)
         for g in self.groups:
             parts = layout.views(bufs[max(g.owner, 0)], g)
-            K.apply_downlink_(
-                [L.param.data for L in g.layers], g.down, parts, g.shape, self._seeds(g, K.SERVER), self.fused
-            )
+            K.apply_downlink_([L.w for L in g.layers], g.down, parts, g.shape, self._seeds(g, K.SERVER), self.fused)
 
     def _my_slot(self) -> int:
         return 0
 
     @property
     def _device(self) -> torch.device:
-        return self.layers[0].param.device if self.layers else torch.device("cpu")
+        return self.layers[0].w.device if self.layers else torch.device("cpu")
 
     @torch.no_grad()
     def _sync(
@@ -508,7 +548,7 @@ class _EF21Base(abc.ABC):
             self._skip(bad)
             return False
         if self.config.variance_reduced:  # remember W, where these gradients were taken
-            self._W_prev = {L.index: L.param.detach().clone() for L in self.layers}
+            self._W_prev = {L.index: L.w.clone() for L in self.layers}
         # 2-3: each local worker's messages, bucket by bucket, and 4: aggregate the served groups
         received: dict[int, list[Tensor]] = {}
         seconds = 0.0
@@ -535,7 +575,7 @@ class _EF21Base(abc.ABC):
         elif any(L.param.dtype != torch.float32 for L in self.layers):
             for L in self.layers:  # replicated in a low-precision dtype: W is X cast to the training dtype
                 if L.index in self.server.X:  # (float32 parameters are X themselves)
-                    L.param.data.copy_(self.server.X[L.index])
+                    L.w.copy_(self.server.X[L.index])
         rec = self._record(refresh, participants, local, vr)
         rec.uplink_seconds, rec.uplink_overlap_seconds = self._uplink_timing
         rec.uplink_bits += self._extra_sent[0]
@@ -607,11 +647,11 @@ class _EF21Base(abc.ABC):
         with torch.no_grad():
             for L in self.all_layers:
                 if L.name in values:
-                    L.param.copy_(values[L.name])
+                    L.w.copy_(values[L.name])
 
     @contextlib.contextmanager
     def _params_loaded(self, values: Mapping[str, Tensor]) -> Iterator[None]:
-        current = {L.name: L.param.detach().clone() for L in self.all_layers if L.name in values}
+        current = {L.name: L.w.clone() for L in self.all_layers if L.name in values}
         self.load_parameters(values)
         try:
             yield
@@ -714,11 +754,20 @@ class EF21Engine(_EF21Base):
         **options: Any,
     ) -> None:
         config = EF21Config.build(config, **options)
+        #: FSDP2: the parameters are DTensors sharded inside each node; EF21 runs across nodes on the local shards
+        self.fsdp = _check_sharded(optimizer, config)
         self.transport: Transport = build_transport(
-            config.topology, group, server_rank=config.server_rank, local_world_size=_local_world_size(config)
+            config.topology,
+            group,
+            server_rank=config.server_rank,
+            local_world_size=_local_world_size(config),
+            sharded_params=self.fsdp,
         )
         t = self.transport
         self.hierarchical = isinstance(t, HierarchicalTransport)
+        if self.fsdp:
+            assert isinstance(t, HierarchicalTransport)  # _check_sharded demands the topology
+            _check_mesh(optimizer, t)
         self._intra_bytes = 0  # this step's bytes sent inside the node (hierarchical)
         if (
             isinstance(t, HierarchicalTransport) and t.n_nodes == 1
@@ -742,8 +791,8 @@ class EF21Engine(_EF21Base):
         n_owners = 1 if t.replicated else t.world_size
         self.up_lengths = {r: self._lengths(self.layers, "up", n_owners, r) for r in (False, True)}  # by refresh
         self.down_lengths = self._lengths(self.layers, "down", n_owners)
-        if sync_initial:
-            broadcast_tensors_([L.param.data for L in self.all_layers], 0, t.world_group)
+        if sync_initial:  # FSDP2: each shard from its copy on node 0 (the same local index: t.group)
+            broadcast_tensors_([L.w for L in self.all_layers], 0, t.group if self.fsdp else t.world_group)
         self._workers = {t.rank: WorkerState.new(self.layers, self.estimator)}
         self.server = ServerState.new(self.served, x_is_param=t.replicated)
         self._init_rows()
@@ -777,7 +826,7 @@ class EF21Engine(_EF21Base):
         """The fields every rank must agree on (checked at start-up)."""
         layers = self.all_layers
         return {
-            "layers": [(L.name, tuple(L.shape)) for L in layers],
+            "layers": [(L.name, tuple(L.param.shape)) for L in layers],
             "uplink": [L.up.spec for L in layers],
             "downlink": [L.down.spec for L in layers],
             "norms": [str(g.get("norm", type(self.optimizer).__name__)) for g in self.optimizer.param_groups],
@@ -1016,7 +1065,7 @@ class EF21Engine(_EF21Base):
 
     def _sync_mine(self, grads: list[Tensor], prev: list[Tensor] | None) -> bool:
         r = self.transport.rank
-        if not self.hierarchical:
+        if not self.hierarchical or self.fsdp:  # (FSDP2 averaged the node's gradients onto the shards already)
             return self._sync({r: grads}, {r: prev} if prev is not None else None, self.transport.world_size)
         # hierarchical (estimator ef21, no prev): this share's gradients averaged over the node, EF21 across nodes,
         # then every process of the node gets every share's new W
@@ -1134,7 +1183,7 @@ class EF21Engine(_EF21Base):
     def server_model(self) -> dict[str, Tensor]:
         t = self.transport
         if t.replicated:
-            return {L.name: self.server.X.get(L.index, L.param.detach()).float().clone() for L in self.layers}
+            return {L.name: self.server.X.get(L.index, L.w).float().clone() for L in self.layers}
         out: dict[str, Tensor] = {}
         for o in range(t.world_size):  # hierarchical: the owner nodes of this share, then the node's shares
             layers = [L for L in self.layers if L.owner == o]
@@ -1147,7 +1196,7 @@ class EF21Engine(_EF21Base):
             t.broadcast_(buf, o)
             for L, chunk in zip(layers, buf.split([L.param.numel() for L in layers])):
                 out[L.name] = chunk.view(L.shape).clone()
-        return self._broadcast_shares(out, into_params=False) if self.hierarchical else out
+        return self._broadcast_shares(out, into_params=False) if self.hierarchical and not self.fsdp else out
 
     def state_dict(self) -> dict[str, Any]:
         """This process's own EF21 state: M_j, G_j (V_j), served X and G, the optimizer state of served layers,

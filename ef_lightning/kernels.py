@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from ef_lightning import compressors as _comp
 from ef_lightning.optim import momentum_direction_
@@ -202,17 +204,36 @@ def server_view(
     """Step 5 runs the optimizer's own rule: inside the block each parameter's data is X (``None``: the parameter
     is X itself) and its grad is G (``None``: not served here, no grad, the optimizer skips it). Afterwards the
     parameters hold W again and have no grad."""
-    saved = [(p, p.data) for p in params]
+    saved = [(p, p.data) for p in params if not isinstance(p, DTensor)]
+    copied = []  # a DTensor's data cannot be swapped (FSDP2 keeps its own view): X is copied in and back out
     for p, x, g in zip(params, X, G):
+        if isinstance(p, DTensor):
+            if x is not None:
+                w = cast(DTensor, p.data).to_local()
+                copied.append((w, w.clone(), x))
+                w.copy_(x)
+            p.grad = None if g is None else _dtensor_like(p, g.to(p.dtype))
+            continue
         if x is not None:
             p.data = x
         p.grad = None if g is None else (g if p.dtype == torch.float32 else g.to(p.dtype))
     try:
         yield
     finally:
+        for w, w_saved, x in copied:
+            x.copy_(w)
+            w.copy_(w_saved)
         for p, data in saved:
             p.data = data
+        for p in params:
             p.grad = None
+
+
+def _dtensor_like(p: DTensor, local_part: Tensor) -> DTensor:
+    """``local_part`` (this process's shard) as a DTensor placed like the parameter ``p``."""
+    return DTensor.from_local(
+        local_part, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False
+    )
 
 
 # ----------------------------------------------------------------------------------------- steps 6-7: the downlink

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from ef_lightning import compressors as _comp
 
-__all__ = ["LayerSpec", "WorkerState", "ServerState", "zeros32", "tensors_state", "load_tensors"]
+__all__ = ["LayerSpec", "WorkerState", "ServerState", "local", "zeros32", "tensors_state", "load_tensors"]
 
 
 @dataclasses.dataclass
@@ -37,7 +38,25 @@ class LayerSpec:
 
     @property
     def shape(self) -> torch.Size:
-        return self.param.shape
+        """Shape of this process's part of the parameter (an FSDP2 DTensor's local shard, else the whole)."""
+        return self.w.shape
+
+    @property
+    def w(self) -> Tensor:
+        """This process's part of W, sharing the parameter's storage, outside autograd (``param.data`` or the local
+        shard of an FSDP2 DTensor parameter)."""
+        return local(self.param.data)
+
+    @property
+    def grad(self) -> Tensor | None:
+        """This process's part of the gradient (the local shard of a DTensor gradient), detached; None if absent."""
+        g = self.param.grad
+        return None if g is None else local(g.detach())
+
+
+def local(t: Tensor) -> Tensor:
+    """The process's own part of ``t``: the local shard of a DTensor (FSDP2's sharded parameters), else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def zeros32(p: Tensor) -> Tensor:
@@ -60,11 +79,11 @@ class WorkerState:
         ws = cls()
         for L in layers:
             if L.momentum > 0 and estimator == "ef21":
-                ws.M[L.index] = zeros32(L.param)
+                ws.M[L.index] = zeros32(L.w)
             if estimator != "marina":
-                ws.G[L.index] = zeros32(L.param)
+                ws.G[L.index] = zeros32(L.w)
             if estimator in ("ef21_page", "mvr"):  # the estimators that keep V_j
-                ws.V[L.index] = zeros32(L.param)
+                ws.V[L.index] = zeros32(L.w)
         return ws
 
     def state_dict(self, layers: Sequence[LayerSpec]) -> dict[str, dict[str, Tensor]]:
@@ -87,9 +106,9 @@ class ServerState:
     def new(cls, served: Sequence[LayerSpec], x_is_param: bool) -> ServerState:
         ss = cls()
         for L in served:
-            ss.G[L.index] = zeros32(L.param)
+            ss.G[L.index] = zeros32(L.w)
             if not (x_is_param and L.param.dtype == torch.float32):
-                ss.X[L.index] = L.param.detach().float().clone()
+                ss.X[L.index] = L.w.float().clone()
         return ss
 
     def state_dict(self, served: Sequence[LayerSpec]) -> dict[str, dict[str, Tensor]]:
@@ -179,7 +198,7 @@ def build_groups(layers: Sequence[LayerSpec], buckets: Sequence[int]) -> list[Gr
     by bucket, then by their first layer."""
     by_key: dict[tuple[Any, ...], Group] = {}
     for L, b in sorted(zip(layers, buckets), key=lambda t: (t[1], t[0].index)):
-        p = L.param
+        p = L.w
         key = (b, L.owner, L.up.spec, L.down.spec, tuple(L.shape), p.dtype, p.device, L.momentum, L.nesterov)
         g = by_key.get(key)
         if g is None:

@@ -391,3 +391,58 @@ def engine_hierarchical(rank: int, world: int, cfg: dict, steps: int, local_worl
         train(model, opt, eng, split, steps)
         res["resumed"] = _state_snapshot(model, eng)
     return res
+
+
+# ----------------------------------------------------------------------------------------- FSDP2 (sharded parameters)
+def counting_batch(step: int, rank: int, n: int = 8, length: int = 12, vocab: int = 64) -> torch.Tensor:
+    """Token sequences that count up from a random start (mod vocab): a language a tiny model learns in a few steps."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    start = torch.randint(0, vocab, (n, 1), generator=g)
+    return (start + torch.arange(length)) % vocab
+
+
+def engine_fsdp(rank: int, world: int, local_world_size: int, steps: int, configs: list[dict]) -> dict[str, Any]:
+    """A 2-layer Llama sharded with FSDP2 inside each node of ``local_world_size`` processes. Reference: HSDP (the
+    same shards, FSDP2's own all-reduce across nodes) with the same optimizer; then EF21 across nodes on the local
+    shards (``topology="hierarchical"``) for each config. Returns full parameters and losses of every run."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ef_lightning import EF21Engine, build_lmo_optimizer
+
+    mesh = init_device_mesh("cpu", (world // local_world_size, local_world_size), mesh_dim_names=("replicate", "shard"))
+
+    def build(on):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=on)
+        fully_shard(model, mesh=on)
+        return model, build_lmo_optimizer(model, preset="muon", lr=0.02, momentum=0.9, verbose=False)
+
+    def train(model, opt, step):
+        losses = []
+        for s in range(steps):
+            opt.zero_grad(set_to_none=True)
+            ids = counting_batch(s, rank)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+            step()
+        return losses
+
+    def full(model):
+        return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+
+    model, opt = build(mesh)  # HSDP: 2-D mesh, replicate x shard
+    res: dict[str, Any] = {"hsdp": {"losses": train(model, opt, opt.step), "W": full(model)}}
+    for cfg in configs:
+        model, opt = build(mesh["shard"])
+        eng = EF21Engine(model, opt, topology="hierarchical", local_world_size=local_world_size, **cfg)
+        losses = train(model, opt, eng.step)
+        res[repr(sorted(cfg.items()))] = {"losses": losses, "W": full(model), "ledger": eng.ledger.summary(),
+                                          "shard_shapes": {L.name: tuple(L.shape) for L in eng.layers},
+                                          "served": [L.name for L in eng.served]}
+    return res
