@@ -534,6 +534,19 @@ class ShardedTransport(Transport):
         return max(lengths) * self.world_size
 
 
+def _group_timeout(group: dist.ProcessGroup | None) -> Any:
+    """The collective timeout ``group`` (default WORLD) was created with, or None (torch's default) when the
+    backend does not say. Reads the backend's options (torch 2.13; pinned by tests/test_compat.py)."""
+    pg = group if group is not None else dist.group.WORLD
+    if pg is None:
+        return None
+    try:
+        device = torch.device("cuda") if dist.get_backend(pg) == "nccl" else torch.device("cpu")
+        return pg._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
+
+
 class HierarchicalTransport(ShardedTransport):
     """``sharded`` across nodes, dense inside a node (see the module docstring).
 
@@ -572,9 +585,11 @@ class HierarchicalTransport(ShardedTransport):
         #: for all shards (its LMO then runs on the node's DTensor shards together)
         self.sharded_params = sharded_params
         nodes = [ranks[j * lws : (j + 1) * lws] for j in range(self.n_nodes)]
-        # new_group is collective over WORLD: every rank creates every group, in the same order
-        intra = [dist.new_group(r) for r in nodes]
-        cross = [dist.new_group(ranks[i::lws]) for i in range(lws)]
+        # new_group is collective over WORLD: every rank creates every group, in the same order, with the parent
+        # group's timeout (a dead or stalled peer must fail them as fast as the rest; new_group's default is 30 min)
+        timeout = _group_timeout(group)
+        intra = [dist.new_group(r, timeout=timeout) for r in nodes]
+        cross = [dist.new_group(ranks[i::lws], timeout=timeout) for i in range(lws)]
         self.node_ranks = nodes[self.node]  # global ranks of this node, by local index
         self.intra = intra[self.node]
         super().__init__(cross[self.local_rank])

@@ -28,13 +28,15 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from datetime import timedelta
+from types import TracebackType
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -221,39 +223,148 @@ class EF21MuonStrategy(DDPStrategy):
         return {**state, "ef21": gathered}
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """Load each optimizer's state, then hand every rank its own EF21 state (see ``resume_world_size``)."""
+        """Load each optimizer's state, then hand every rank its own EF21 state (see ``resume_world_size``).
+
+        Every rank checks every rank's entry first, so all of them take the same decision: a missing or damaged
+        entry is a ValueError naming that rank and the checkpoint file on every rank, and so is an entry that then
+        fails to load on its rank; with ``resume_world_size="reinit"`` the estimates restart from the intact
+        entries' server model X instead.
+        """
         states = list(checkpoint["optimizer_states"])
         ef21 = [s.get("ef21") if isinstance(s, Mapping) else None for s in states]
         stripped = [{k: v for k, v in s.items() if k != "ef21"} for s in states]
         super().load_optimizer_state_dict({**checkpoint, "optimizer_states": stripped})
-        for opt, saved in zip(self.optimizers, ef21):
+        for index, (opt, saved) in enumerate(zip(self.optimizers, ef21)):
             engine = self.engines.get(id(opt))
             if engine is None or saved is None:
                 continue
-            if len(saved) == self.world_size and all(s["topology"] == engine.topology for s in saved):
-                engine.load_state_dict(saved[self.global_rank])
-            elif self.resume_world_size == "reinit":
-                self._reinit_from(engine, saved)
-            else:
-                raise ValueError(
-                    f"checkpoint holds EF21 state of {len(saved)} process(es) with topology {saved[0]['topology']!r}; "
-                    f"this run has {self.world_size} with {engine.topology!r}. Error-feedback state is per rank and "
-                    "cannot be re-split; pass EF21MuonStrategy(resume_world_size='reinit') to restart the estimates "
-                    "from the checkpoint's server model X"
-                )
+            self._load_ef21(engine, saved, index)
 
-    def _reinit_from(self, engine: EF21Engine, saved: list[Mapping[str, Any]]) -> None:
+    def _load_ef21(self, engine: EF21Engine, saved: Any, index: int) -> None:
+        where = f"optimizer_states[{index}]['ef21'] of checkpoint {self._checkpoint_path or '(path not known)'}"
+        if not isinstance(saved, Sequence) or isinstance(saved, (str, bytes)):
+            raise ValueError(
+                f"{where} is a {type(saved).__name__}, not the list of per-rank EF21 states this strategy writes; "
+                "resume from another checkpoint"
+            )
+        problems, n_saved = _entry_problems(saved)
+        intact = [s for r, s in enumerate(saved) if r not in problems]
+        layouts = sorted({_layout(s["topology"], s.get("local_world_size", 1)) for s in intact})
+        mine = _layout(engine.topology, getattr(engine.transport, "local_world_size", 1))
+        if problems:
+            if self.resume_world_size == "reinit":
+                self._reinit_from(engine, intact, problems)
+                return
+            listed = "; ".join(f"rank {r}: {why}" for r, why in sorted(problems.items()))
+            raise ValueError(
+                f"the EF21 state of rank(s) {', '.join(map(str, sorted(problems)))} in {where} (written by "
+                f"{n_saved} process(es)) is missing or damaged ({listed}). A rank's error-feedback state exists only "
+                "in its own entry; resume from another checkpoint, or pass "
+                "EF21MuonStrategy(resume_world_size='reinit') to restart the estimates from the intact entries' "
+                "server model X (the layers those ranks served restart from the checkpoint's weights)"
+            )
+        if n_saved != self.world_size or layouts != [mine]:
+            if self.resume_world_size == "reinit":
+                self._reinit_from(engine, intact)
+                return
+            raise ValueError(
+                f"{where} holds EF21 state of {n_saved} process(es) with topology {', '.join(layouts)}; this run "
+                f"has {self.world_size} with {mine}. "
+                "Error-feedback state is per rank and cannot be re-split; pass "
+                "EF21MuonStrategy(resume_world_size='reinit') to restart the estimates from the checkpoint's server "
+                "model X"
+            )
+        rank, cause = self.global_rank, None
+        try:
+            engine.load_state_dict(saved[rank])
+        except Exception as e:  # reported below, on every rank
+            cause = e
+        failed = self._ranks_failing(cause is not None)
+        if failed and self.resume_world_size == "reinit":
+            self._reinit_from(engine, [s for r, s in enumerate(saved) if r not in failed], failed)
+        elif failed:
+            own = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+            raise ValueError(
+                f"rank(s) {', '.join(map(str, failed))} could not load their EF21 state from {where}; this is rank "
+                f"{rank}{own}. Resume from another checkpoint, or pass EF21MuonStrategy(resume_world_size='reinit') "
+                "to restart the error-feedback estimates from the server model X"
+            ) from cause
+
+    def _ranks_failing(self, failed: bool) -> list[int]:
+        """The ranks for which ``failed`` is True (a collective when there are several processes)."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return [self.global_rank] if failed else []
+        flags = torch.zeros(self.world_size, dtype=torch.int32, device=self.root_device)
+        flags[self.global_rank] = int(failed)
+        dist.all_reduce(flags)
+        return [r for r, f in enumerate(flags.tolist()) if f]
+
+    def _reinit_from(self, engine: EF21Engine, saved: Sequence[Mapping[str, Any]], lost: Collection[int] = ()) -> None:
         X: dict[str, torch.Tensor] = {}
         for s in saved:
             X.update(s["server"]["X"])
         engine.load_parameters(X)  # allgather with fp32 keeps X in the parameters: already loaded
         self.engines[id(engine.optimizer)] = self._new_engine(engine.optimizer, engine.config)  # takes it over
+        without = (
+            f"; the entries of rank(s) {', '.join(map(str, sorted(lost)))} were missing or damaged, the layers "
+            "they served keep the checkpoint's weights"
+            if lost
+            else ""
+        )
         warnings.warn(
             f"EF21 state from {len(saved)} process(es) re-initialised for {self.world_size}: "
-            "server model restored, error-feedback estimates restarted from zero",
+            f"server model restored, error-feedback estimates restarted from zero{without}",
             UserWarning,
             stacklevel=2,
         )
+
+    #: the file :meth:`load_checkpoint` read last (named in errors about its EF21 state)
+    _checkpoint_path: str | None = None
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Read the checkpoint (every rank reads the whole file). A truncated or corrupted file is a ValueError
+        naming this rank and the file; any other load error propagates as it is."""
+        self._checkpoint_path = str(checkpoint_path)
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        except Exception as e:
+            why = damage(checkpoint_path) if isinstance(checkpoint_path, (str, os.PathLike)) else None
+            if why is None:
+                raise
+            raise ValueError(
+                f"rank {self.global_rank}: checkpoint {self._checkpoint_path} cannot be read: {why}. It was not "
+                "written completely (a crash or a full disk during the save, a partial copy) or was damaged since; "
+                "resume from another checkpoint (e.g. the one saved before it)"
+            ) from e
+
+    @property
+    def checkpoint_io(self) -> CheckpointIO:
+        """Lightning's checkpoint IO, except that the default one writes each file atomically
+        (:class:`AtomicCheckpointIO`); a checkpoint IO given by the user (``checkpoint_io=``, ``plugins=``) is kept,
+        and an ``AsyncCheckpointIO`` without a base gets the atomic one as its base."""
+        if self._checkpoint_io is None:
+            self._checkpoint_io = AtomicCheckpointIO()
+        elif isinstance(self._checkpoint_io, _WrappingCheckpointIO):
+            self._checkpoint_io.checkpoint_io = AtomicCheckpointIO()  # ignored when a base was configured
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO) -> None:
+        self._checkpoint_io = io
+
+    # ------------------------------------------------------------------------------------------------ faults
+    def on_exception(self, exception: BaseException) -> None:
+        """Lightning's handling; in addition, on the process that started the others (``start_method="popen"``),
+        if the exception ends the script, children still running :data:`CHILD_GRACE_S` seconds later are killed.
+
+        A rank that dies or stalls makes the others raise within the process group's ``timeout`` (a dead peer at
+        once); Lightning already ends every process when a child fails, but a child stalled outside a collective
+        would outlive a launcher that failed. An exception the script catches changes nothing.
+        """
+        super().on_exception(exception)
+        procs = getattr(self.launcher, "procs", None)  # _SubprocessScriptLauncher's children (empty in a child)
+        if procs and not isinstance(sys.excepthook, _StopChildrenOnUncaughtError):
+            sys.excepthook = _StopChildrenOnUncaughtError(list(procs), sys.excepthook)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -263,6 +374,119 @@ class EF21MuonStrategy(DDPStrategy):
                 strategy_registry.register(
                     name, cls, description=f"EF21-Muon compressed data parallel ({method})", start_method=method
                 )
+
+
+#: keys every rank's entry of a checkpoint's EF21 list has (EF21Engine.state_dict)
+_ENTRY_KEYS = ("rank", "world_size", "topology", "worker", "server", "optimizer", "step", "ledger")
+
+
+def _entry_problems(saved: Sequence[Any]) -> tuple[dict[int, str], int]:
+    """What is wrong with each rank's entry of a checkpoint's EF21 list (rank -> reason; intact entries absent) and
+    how many processes wrote it: the ``world_size`` most entries carry (the list's length when none does)."""
+    sizes: Counter[int] = Counter()
+    for s in saved:
+        n = s.get("world_size") if isinstance(s, Mapping) else None
+        if isinstance(n, int) and not isinstance(n, bool):
+            sizes[n] += 1
+    n_saved = sizes.most_common(1)[0][0] if sizes else len(saved)
+    problems: dict[int, str] = {}
+    for r in range(max(n_saved, len(saved))):
+        why = _entry_problem(saved[r] if r < len(saved) else None, r, n_saved, len(saved))
+        if why is not None:
+            problems[r] = why
+    return problems, n_saved
+
+
+def _entry_problem(entry: Any, rank: int, n_saved: int, length: int) -> str | None:
+    if rank >= length:
+        return f"no entry (the list has {length})"
+    if entry is None:
+        return "no entry (None)"
+    if not isinstance(entry, Mapping):
+        return f"a {type(entry).__name__}, not a state dict"
+    missing = [k for k in _ENTRY_KEYS if k not in entry]
+    if missing:
+        return f"no {', '.join(map(repr, missing))}"
+    if not isinstance(entry["topology"], str) or not isinstance(entry.get("local_world_size", 1), int):
+        return f"topology={entry['topology']!r}, local_world_size={entry.get('local_world_size')!r}"
+    if entry["rank"] != rank or entry["world_size"] != n_saved:
+        return f"holds rank={entry['rank']!r} of world_size={entry['world_size']!r} at position {rank} of {n_saved}"
+    for part in ("worker", "server"):
+        if not isinstance(entry[part], Mapping):
+            return f"{part!r} is a {type(entry[part]).__name__}, not a dict"
+        for kind, tensors in entry[part].items():
+            if not isinstance(tensors, Mapping):
+                return f"{part}[{kind!r}] is a {type(tensors).__name__}, not a dict"
+            for name, t in tensors.items():
+                if not isinstance(t, torch.Tensor):
+                    return f"{part}[{kind!r}][{name!r}] is a {type(t).__name__}, not a tensor"
+    return None
+
+
+def _layout(topology: str, local_world_size: int) -> str:
+    return repr(topology) + (f" (local_world_size={local_world_size})" if local_world_size != 1 else "")
+
+
+def _local_path(path: Any) -> str | None:
+    """``path`` as a local file name, or None for a remote (fsspec URL) one."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        return None
+    if text.startswith("file://"):
+        return text[len("file://") :]
+    return None if "://" in text else text
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's :class:`~lightning.pytorch.plugins.io.TorchCheckpointIO` with crash-safe writes: a local file is
+    written to a temporary file beside it, fsynced and renamed over the target
+    (:func:`ef_lightning._atomic.atomic_save`), so a process killed while saving leaves the previous complete
+    checkpoint at the path, never a partial one. Remote paths (fsspec URLs: object stores replace whole objects) and
+    ``storage_options`` go to Lightning's implementation. :class:`EF21MuonStrategy` installs it by default.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Write ``checkpoint`` to ``path`` atomically (see the class)."""
+        local = _local_path(path)
+        if storage_options is not None or local is None:
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        atomic_save(checkpoint, local)
+
+
+#: seconds the launching process waits, after an error ended its script, for its children to end on their own
+CHILD_GRACE_S = 5.0
+
+
+class _StopChildrenOnUncaughtError:
+    """``sys.excepthook`` of the launching process once a fit failed there: report the error as before, give the
+    child processes :data:`CHILD_GRACE_S` seconds to end on their own (their errors get printed), kill the rest."""
+
+    def __init__(self, procs: list[subprocess.Popen[Any]], previous: Callable[..., Any]) -> None:
+        self.procs, self.previous = procs, previous
+
+    def __call__(self, exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        self.previous(exc_type, exc, tb)
+        deadline = time.monotonic() + CHILD_GRACE_S
+        for local_rank, proc in enumerate(self.procs, start=1):
+            if not _ended(proc, deadline - time.monotonic()):
+                print(
+                    f"EF21MuonStrategy: killing local rank {local_rank} (pid {proc.pid}), still running "
+                    f"{CHILD_GRACE_S:g} s after the launching process failed",
+                    file=sys.stderr,
+                )
+                proc.kill()
+
+
+def _ended(proc: subprocess.Popen[Any], timeout: float) -> bool:
+    """Whether ``proc`` ends within ``timeout`` seconds."""
+    try:
+        proc.wait(timeout=max(0.0, timeout))
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 @contextlib.contextmanager

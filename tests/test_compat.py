@@ -101,3 +101,14 @@ def test_torch_compile_wrapper_exposes_the_wrapped_module_as_orig_mod():
     compiled = torch.compile(module)  # wrapping only: nothing is compiled until it is called
     assert compiled._orig_mod is module, "torch.compile's OptimizedModule no longer exposes _orig_mod"
     assert _find_ddp(compiled) is None  # looked through the wrapper and found no DDP (one process)
+
+
+def test_group_timeout_reads_the_backend_options(tmp_path):
+    """ef_lightning.comm._group_timeout reads a process group's timeout from its backend's options (no public
+    getter): the hierarchical topology gives its node and cross-node groups the run's timeout, not torch's 30 min."""
+    import datetime
+
+    from dist_helpers import check_ok, group_timeout, run_distributed
+
+    (got,) = check_ok(run_distributed(group_timeout, 1, tmp_path))
+    assert got == datetime.timedelta(seconds=60), f"ProcessGroup backend options no longer carry _timeout: {got!r}"
