@@ -23,14 +23,17 @@ from ef_lightning.optim import LMO, build_lmo_optimizer, param_groups
 
 if TYPE_CHECKING:
     from ef_lightning.strategy import EF21MuonStrategy as _EF21MuonStrategy
+    from ef_lightning.strategy_fsdp import EF21FSDPStrategy as _EF21FSDPStrategy
 
 EF21MuonStrategy: type[_EF21MuonStrategy] | None  # None without Lightning
-try:  # importing registers "ef21_muon" / "ef21_muon_spawn" with lightning.pytorch's StrategyRegistry
+EF21FSDPStrategy: type[_EF21FSDPStrategy] | None
+try:  # importing registers "ef21_muon", "ef21_muon_spawn", "ef21_fsdp" with lightning.pytorch's StrategyRegistry
     import lightning.pytorch  # noqa: F401
 except ImportError:  # Lightning is optional: the engine, Simulator and optimizer work without it
-    EF21MuonStrategy = None
+    EF21MuonStrategy = EF21FSDPStrategy = None
 else:
     from ef_lightning.strategy import EF21MuonStrategy
+    from ef_lightning.strategy_fsdp import EF21FSDPStrategy
 
 __version__ = "0.1.0"
 
@@ -44,6 +47,7 @@ __all__ = [
     "EF21Config",
     "EF21Engine",
     "EF21MuonStrategy",
+    "EF21FSDPStrategy",
     "Simulator",
     "Ledger",
     "assign_owners",

@@ -400,6 +400,13 @@ def _check_accelerator(accelerator: Accelerator) -> None:
             f"EF21-Muon replaces DDP's gradient all-reduce and needs plain data parallelism (or one "
             f"process); got distributed_type={accelerator.distributed_type.value}. Supported: NO, "
             f"MULTI_CPU, MULTI_GPU and the other MULTI_* (DDP) types"
+            + (
+                ". For FSDP2 inside a node with EF21 across nodes, shard the model with torch's fully_shard over "
+                "each node's processes and drive it with EF21Engine(model, optimizer, topology='hierarchical'), or "
+                "use Lightning's EF21FSDPStrategy (README, 'Multi-node clusters')"
+                if accelerator.distributed_type == DistributedType.FSDP
+                else ""
+            )
         )
     if accelerator.scaler is not None:
         raise ValueError(

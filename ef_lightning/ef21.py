@@ -1192,9 +1192,9 @@ class EF21Engine(_EF21Base):
             if t.rank == o:
                 buf = torch.cat([self.server.X[L.index].flatten() for L in layers])
             else:
-                buf = torch.empty(sum(L.param.numel() for L in layers), dtype=torch.float32, device=t.device)
+                buf = torch.empty(sum(L.w.numel() for L in layers), dtype=torch.float32, device=t.device)
             t.broadcast_(buf, o)
-            for L, chunk in zip(layers, buf.split([L.param.numel() for L in layers])):
+            for L, chunk in zip(layers, buf.split([L.w.numel() for L in layers])):
                 out[L.name] = chunk.view(L.shape).clone()
         return self._broadcast_shares(out, into_params=False) if self.hierarchical and not self.fsdp else out
 

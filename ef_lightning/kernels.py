@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from ef_lightning import compressors as _comp
 from ef_lightning.optim import momentum_direction_
+from ef_lightning.state import dtensor_like
 
 __all__ = [
     "SERVER",
@@ -212,7 +213,7 @@ def server_view(
                 w = cast(DTensor, p.data).to_local()
                 copied.append((w, w.clone(), x))
                 w.copy_(x)
-            p.grad = None if g is None else _dtensor_like(p, g.to(p.dtype))
+            p.grad = None if g is None else dtensor_like(p, g.to(p.dtype))
             continue
         if x is not None:
             p.data = x
@@ -227,13 +228,6 @@ def server_view(
             p.data = data
         for p in params:
             p.grad = None
-
-
-def _dtensor_like(p: DTensor, local_part: Tensor) -> DTensor:
-    """``local_part`` (this process's shard) as a DTensor placed like the parameter ``p``."""
-    return DTensor.from_local(
-        local_part, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False
-    )
 
 
 # ----------------------------------------------------------------------------------------- steps 6-7: the downlink

@@ -59,6 +59,13 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def dtensor_like(p: DTensor, local_part: Tensor) -> DTensor:
+    """``local_part`` (this process's shard) as a DTensor placed like the parameter ``p``."""
+    return DTensor.from_local(
+        local_part, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False
+    )
+
+
 def zeros32(p: Tensor) -> Tensor:
     """A float32 zero tensor shaped and placed like ``p``."""
     return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
@@ -137,7 +144,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer, layers: Sequence[LayerSpec
     """The optimizer's per-parameter state of ``layers`` (the served ones), keyed by name."""
     st = optimizer.state
     return {
-        L.name: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st[L.param].items()}
+        L.name: {k: (local(v).clone() if isinstance(v, Tensor) else v) for k, v in st[L.param].items()}
         for L in layers
         if L.param in st
     }
@@ -146,11 +153,20 @@ def optimizer_state(optimizer: torch.optim.Optimizer, layers: Sequence[LayerSpec
 def load_optimizer_state(
     optimizer: torch.optim.Optimizer, state: Mapping[str, Any], layers: Sequence[LayerSpec]
 ) -> None:
+    """Restore what :func:`optimizer_state` saved (a DTensor parameter's state tensors are saved as this process's
+    local shards and placed like the parameter again)."""
     for L in layers:
         if L.name in state:
-            optimizer.state[L.param] = {
-                k: (v.clone() if isinstance(v, Tensor) else v) for k, v in state[L.name].items()
-            }
+            optimizer.state[L.param] = {k: _like_param(L, v) for k, v in state[L.name].items()}
+
+
+def _like_param(L: LayerSpec, v: Any) -> Any:
+    if not isinstance(v, Tensor):
+        return v
+    p = L.param
+    if isinstance(p, DTensor) and not isinstance(v, DTensor) and v.shape == L.shape and v.ndim:
+        return dtensor_like(p, v.clone())
+    return v.clone()
 
 
 # ------------------------------------------------------------------------------------------------ groups and buckets

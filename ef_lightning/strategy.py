@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
@@ -52,7 +52,94 @@ __all__ = ["EF21MuonStrategy"]
 RESUME_POLICIES = ("error", "reinit")
 
 
-class EF21MuonStrategy(DDPStrategy):
+class _EF21Driving(Strategy):
+    """What the Lightning strategies share: an :class:`~ef_lightning.EF21Engine` per optimizer (it takes the
+    optimizer over, so Lightning's ``optimizer.step(closure)`` is the EF21 step), gradient-accumulation blocks,
+    validation at the server model X, X left in the module after fit. Mixed in before a Lightning strategy."""
+
+    config: EF21Config
+    engines: dict[int, EF21Engine]
+    evaluate_at_server_model: bool
+    _at_x: contextlib.ExitStack | None
+
+    def _start_engines(self, trainer: Any) -> None:
+        """One engine per optimizer when fitting (a previous fit's engines let go of their optimizers first)."""
+        for old in self.engines.values():
+            old.detach()
+        self.engines = {}
+        if trainer.state.fn != "fit":
+            return
+        self.config.check_accumulation(trainer.accumulate_grad_batches, "accumulate_grad_batches")
+        config = self.config
+        if config.overlap and trainer.gradient_clip_val:
+            # Lightning clips between backward and optimizer.step(): buckets sent during backward would carry the
+            # unclipped gradients, so the sync waits for the step (the clipped gradients are what EF21 compresses)
+            config = config.replace(overlap=False)
+            rank_zero_info("EF21-Muon: gradient_clip_val is set, so the uplink is sent at the step (overlap off)")
+        for opt in self.optimizers:
+            self.engines[id(opt)] = self._new_engine(opt, config)
+
+    def _new_engine(self, optimizer: Optimizer, config: EF21Config | None = None) -> EF21Engine:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        """Lightning's gradient-accumulation micro-batches: no bucket is sent before the step's last backward."""
+        with contextlib.ExitStack() as stack:
+            for engine in self.engines.values():
+                stack.enter_context(engine.no_sync())
+            yield
+
+    @property
+    def engine(self) -> EF21Engine | None:
+        """The engine of the (first) optimizer while fitting, else None."""
+        return next(iter(self.engines.values()), None)
+
+    def teardown(self) -> None:
+        # engines stay readable after fit (``trainer.strategy.engine.ledger.summary()``); setup() makes new ones
+        self._restore_w()
+        super().teardown()
+
+    def _quiet(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """The training closure with the module's logging switched off: its run at the previous point (the
+        variance-reduced estimators' second gradient) must not log. The engine runs it before the current point's
+        run, so the loop keeps the current point's training-step output."""
+
+        def run() -> Any:
+            with _logging_off(self.lightning_module):
+                return closure()
+
+        return run
+
+    # ------------------------------------------------------------------------------------------------ evaluation at X
+    def _swap_in_x(self) -> None:
+        engine = self.engine
+        if engine is None or not self.evaluate_at_server_model or self._at_x is not None:
+            return
+        self._at_x = contextlib.ExitStack()
+        self._at_x.enter_context(engine.at_server_model())  # left in on_validation_end (or teardown)
+
+    def _restore_w(self) -> None:
+        if self._at_x is not None:
+            self._at_x.close()
+            self._at_x = None
+
+    def on_train_end(self) -> None:
+        """Leave the server model X in the module: it is the model training produced."""
+        super().on_train_end()
+        if self.engine is not None:
+            self.engine.load_server_model()
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._swap_in_x()
+
+    def on_validation_end(self) -> None:
+        self._restore_w()
+        super().on_validation_end()
+
+
+class EF21MuonStrategy(_EF21Driving, DDPStrategy):
     """Data-parallel training with EF21-Muon compressed communication in both directions.
 
     Args:
@@ -129,28 +216,7 @@ class EF21MuonStrategy(DDPStrategy):
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
-        for old in self.engines.values():  # a previous fit's engines let go of their optimizers
-            old.detach()
-        self.engines = {}
-        if trainer.state.fn != "fit":
-            return
-        self.config.check_accumulation(trainer.accumulate_grad_batches, "accumulate_grad_batches")
-        config = self.config
-        if config.overlap and trainer.gradient_clip_val:
-            # Lightning clips between backward and optimizer.step(): buckets sent during backward would carry the
-            # unclipped gradients, so the sync waits for the step (the clipped gradients are what EF21 compresses)
-            config = config.replace(overlap=False)
-            rank_zero_info("EF21-Muon: gradient_clip_val is set, so the uplink is sent at the step (overlap off)")
-        for opt in self.optimizers:
-            self.engines[id(opt)] = self._new_engine(opt, config)
-
-    @contextlib.contextmanager
-    def block_backward_sync(self) -> Iterator[None]:
-        """Lightning's gradient-accumulation micro-batches: no bucket is sent before the step's last backward."""
-        with contextlib.ExitStack() as stack:
-            for engine in self.engines.values():
-                stack.enter_context(engine.no_sync())
-            yield
+        self._start_engines(trainer)
 
     def _new_engine(self, optimizer: Optimizer, config: EF21Config | None = None) -> EF21Engine:
         assert self.lightning_module is not None  # setup() connected it
@@ -158,54 +224,6 @@ class EF21MuonStrategy(DDPStrategy):
         if config.topology == "hierarchical" and config.local_world_size is None:
             config = config.replace(local_world_size=self.num_processes)  # Trainer(devices=G, num_nodes=N)
         return EF21Engine(self.lightning_module, optimizer, config, sync_initial=False, quiet=self._quiet)
-
-    @property
-    def engine(self) -> EF21Engine | None:
-        """The engine of the (first) optimizer while fitting, else None."""
-        return next(iter(self.engines.values()), None)
-
-    def teardown(self) -> None:
-        # engines stay readable after fit (``trainer.strategy.engine.ledger.summary()``); setup() makes new ones
-        self._restore_w()
-        super().teardown()
-
-    def _quiet(self, closure: Callable[[], Any]) -> Callable[[], Any]:
-        """The training closure with the module's logging switched off: its run at the previous point (the
-        variance-reduced estimators' second gradient) must not log. The engine runs it before the current point's
-        run, so the loop keeps the current point's training-step output."""
-
-        def run() -> Any:
-            with _logging_off(self.lightning_module):
-                return closure()
-
-        return run
-
-    # ------------------------------------------------------------------------------------------------ evaluation at X
-    def _swap_in_x(self) -> None:
-        engine = self.engine
-        if engine is None or not self.evaluate_at_server_model or self._at_x is not None:
-            return
-        self._at_x = contextlib.ExitStack()
-        self._at_x.enter_context(engine.at_server_model())  # left in on_validation_end (or teardown)
-
-    def _restore_w(self) -> None:
-        if self._at_x is not None:
-            self._at_x.close()
-            self._at_x = None
-
-    def on_train_end(self) -> None:
-        """Leave the server model X in the module: it is the model training produced."""
-        super().on_train_end()
-        if self.engine is not None:
-            self.engine.load_server_model()
-
-    def on_validation_start(self) -> None:
-        super().on_validation_start()
-        self._swap_in_x()
-
-    def on_validation_end(self) -> None:
-        self._restore_w()
-        super().on_validation_end()
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:

@@ -357,8 +357,60 @@ def s_hierarchical(out: Path, devices: int) -> None:
     save(out, "hierarchical", t, res)
 
 
+class ShardedRegressor(Regressor):
+    """The regressor, sharded with FSDP2 over the processes of each node (EF21FSDPStrategy's "shard" mesh)."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=self.device_mesh["shard"])
+        fully_shard(self, mesh=self.device_mesh["shard"])
+
+    def configure_optimizers(self):
+        return efl.build_lmo_optimizer(self, preset="muon", lr=0.05, verbose=False)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y), sync_dist=True)
+        self.val_weights = {k: v.full_tensor().detach().clone() for k, v in self.state_dict().items()}
+
+
+def full_weights(module: LightningModule) -> dict[str, torch.Tensor]:
+    return {k: v.full_tensor().detach().clone() for k, v in module.state_dict().items()}
+
+
+def s_fsdp(out: Path, devices: int) -> None:
+    """EF21FSDPStrategy on num_nodes x devices: 8 steps with validation at X; 4 steps + distributed checkpoint +
+    resume to 8; the losses and the ledger of the first run."""
+    strategy = lambda: efl.EF21FSDPStrategy(uplink="top_k:0.25", downlink="top_k:0.5")  # noqa: E731
+    seed_everything(0)
+    full = ShardedRegressor(step_data=True)
+    losses = LossAtW()
+    # 8 steps = one epoch of 256 samples in batches of 8 over 4 processes: validation (at X) ends it
+    t = trainer(devices, strategy(), out, "fsdp_full", max_steps=8, limit_val_batches=1, callbacks=[losses])
+    t.fit(full, *loaders())
+    res = {"full": full_weights(full), "at_validation": full.val_weights, "losses": losses.expected,
+           "records": [dict(vars(r)) for r in t.strategy.engine.ledger.records],
+           "X": t.strategy.engine.server_model(), "shard": {L.name: tuple(L.shape) for L in t.strategy.engine.layers}}
+    seed_everything(0)
+    part = ShardedRegressor(step_data=True)
+    ck = ModelCheckpoint(dirpath=str(out / "fsdp_ckpt"), every_n_train_steps=4, save_top_k=-1)
+    t = trainer(devices, strategy(), out, "fsdp_part", max_steps=4, ckpt=True, callbacks=[ck], limit_val_batches=1)
+    t.fit(part, *loaders())
+    seed_everything(1)  # a different initial model: everything must come from the checkpoint
+    resumed = ShardedRegressor(step_data=True)
+    t = trainer(devices, strategy(), out, "fsdp_resumed", max_steps=8, limit_val_batches=1)
+    t.fit(resumed, *loaders(), ckpt_path=str(sorted((out / "fsdp_ckpt").glob("*.ckpt"))[-1]))
+    res["resumed"] = full_weights(resumed)
+    res["resumed_records"] = [dict(vars(r)) for r in t.strategy.engine.ledger.records]
+    save(out, "fsdp", t, res)
+
+
 SCENARIOS = {f.__name__[2:]: f for f in (s_vs_ddp, s_topk_csv, s_resume, s_accumulate, s_bf16, s_adamw,
-                                          s_world_change, s_vr, s_participation, s_hierarchical)}
+                                          s_world_change, s_vr, s_participation, s_hierarchical,
+                                          s_fsdp)}
 
 if __name__ == "__main__":
     out_dir, devices, *names = sys.argv[1:]

@@ -49,3 +49,44 @@ def test_compressed_trains(fsdp_run):
         end = lambda xs: sum(xs[-3:]) / 3  # noqa: E731
         assert losses[0] - end(losses) > 0.5 * (dense[0] - end(dense)) > 0, (losses, dense)
         assert res[key]["ledger"]["compression_ratio"] > 3
+
+
+# ----------------------------------------------------------------------------------------- under Lightning
+@pytest.fixture(scope="module")
+def lightning_fsdp(tmp_path_factory):
+    from pathlib import Path
+
+    from test_hierarchical import _run_nodes
+
+    out = tmp_path_factory.mktemp("fsdp_lightning")
+    _run_nodes([str(Path(__file__).parent / "lightning_scenarios.py"), str(out), "2", "fsdp"], out, 2,
+               {"EF21_TEST_NUM_NODES": "2"})
+    return [torch.load(out / f"fsdp_rank{r}.pt", weights_only=False) for r in range(4)]
+
+
+def test_lightning_fsdp_trains_validates_at_x_and_resumes(lightning_fsdp):
+    from lightning_scenarios import Regressor, step_batch
+
+    untimed = lambda recs: [{k: v for k, v in x.items() if not k.endswith("seconds")} for x in recs]  # noqa: E731
+    held_out = [step_batch(100 + s, r) for s in range(8) for r in range(4)]  # the training task, unseen batches
+    x, y = torch.cat([b[0] for b in held_out]), torch.cat([b[1] for b in held_out])
+    model = Regressor()  # the scenario's initial model (seed 0)
+    before = torch.nn.functional.mse_loss(model(x), y).item()
+    for r, res in enumerate(lightning_fsdp):
+        model.load_state_dict(res["full"])
+        after = torch.nn.functional.mse_loss(model(x), y).item()
+        assert after < 0.7 * before, (before, after)  # 8 compressed steps learn the task
+        for k, w in res["full"].items():
+            assert torch.equal(w, res["resumed"][k]), (r, k)  # 4 steps + distributed checkpoint + 4 more
+            assert torch.equal(w, res["at_validation"][k]), (r, k)  # validation at the end ran at X
+        assert untimed(res["records"]) == untimed(res["resumed_records"])
+        assert all(rec["uplink_bits"] < 8 * rec["dense_bytes"] for rec in res["records"])  # compressed
+        for name, shape in res["shard"].items():  # EF21 state is the local shard: half the rows on 2 processes
+            assert shape[0] * 2 == res["full"][name].shape[0]
+
+
+def test_ef21_fsdp_strategy_refuses_other_topologies():
+    import ef_lightning as efl
+
+    with pytest.raises(ValueError, match="topology='sharded'"):
+        efl.EF21FSDPStrategy(topology="sharded")
