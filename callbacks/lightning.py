@@ -52,7 +52,10 @@ class CommunicationMonitor(Callback):
 
     Per-worker counts are identical on every rank, except with partial participation (``participation=``), where a
     rank sends only in the rounds it takes part in: then they are averaged over the ranks with a torchmetrics
-    metric synchronised across processes (one synchronisation of a 5-vector per step).
+    metric synchronised across processes (one synchronisation of a 5-vector per step); and with
+    ``topology="hierarchical"`` (and ``EF21FSDPStrategy``), where a worker is a node and each of its G processes
+    sends its share: then the per-worker counts are the node's (G times the mean over processes), the inter-node
+    traffic of one node, and ``comm/intra_node_bytes`` is this process's traffic inside its node.
 
     The monitor also checks that the compressed sync really ran (DeepSpeed's Muon once trained plain SGD silently):
     an optimizer step that produced no EF21 record, or compressors that sent as many bytes as dense, raises
@@ -70,6 +73,7 @@ class CommunicationMonitor(Callback):
         self._stepped = 0
         self._active = False
         self._mean: _MeanOverRanks | None = None
+        self._per_node = 1  # hierarchical: processes per node (a worker's counts are its node's)
         self._compressing = False
 
     @staticmethod
@@ -77,9 +81,9 @@ class CommunicationMonitor(Callback):
         return getattr(trainer.strategy, "engine", None)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from ef_lightning.strategy import EF21MuonStrategy
+        from ef_lightning.strategy import _EF21Driving
 
-        self._active = isinstance(trainer.strategy, EF21MuonStrategy)
+        self._active = isinstance(trainer.strategy, _EF21Driving)
         if not self._active:
             warnings.warn(
                 f"CommunicationMonitor: strategy is {type(trainer.strategy).__name__}, not ef21_muon; "
@@ -96,7 +100,10 @@ class CommunicationMonitor(Callback):
         self._stepped = trainer.global_step
         self._compressing = any(L.up.kind != "identity" for L in engine.layers)
         self._mean = None
-        if getattr(engine, "participation", None) is not None and trainer.world_size > 1:
+        hierarchical = getattr(engine, "hierarchical", False)
+        self._per_node = getattr(engine.transport, "local_world_size", 1) if hierarchical else 1
+        varies = getattr(engine, "participation", None) is not None or hierarchical
+        if varies and trainer.world_size > 1:
             self._mean = _MeanOverRanks(len(_PER_WORKER)).to(pl_module.device)
 
     def on_train_batch_end(
@@ -128,7 +135,7 @@ class CommunicationMonitor(Callback):
         metrics = engine.ledger.metrics(prefix="")
         if self._mean is not None:  # partial participation: the mean over ranks
             self._mean.update(torch.tensor([float(metrics[k]) for k in _PER_WORKER], dtype=torch.float64))
-            metrics.update(zip(_PER_WORKER, self._mean.compute().tolist()))
+            metrics.update(zip(_PER_WORKER, (v * self._per_node for v in self._mean.compute().tolist())))
             self._mean.reset()
             metrics.pop("compression_ratio", None)
             if metrics["uplink_bytes_total"]:

@@ -9,9 +9,12 @@ messages that tell a damaged file from other load errors.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 import zipfile
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -88,3 +91,45 @@ def damage(path: str | os.PathLike[str]) -> str | None:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         return f"corrupted archive ({e})"
     return None if bad is None else f"corrupted member {bad!r} (CRC mismatch)"
+
+
+def rank_state_path(directory: str | os.PathLike[str], rank: int) -> str:
+    """Where rank ``rank``'s EF21 state lives in a checkpoint directory: ``directory/ef21_rank{rank}.pt``."""
+    return os.path.join(os.fspath(directory), f"ef21_rank{rank}.pt")
+
+
+def read_rank_state(directory: str | os.PathLike[str], rank: int, map_location: Any, what: str) -> dict[str, Any]:
+    """Rank ``rank``'s EF21 engine state from ``directory`` (a file written as ``{"config": ..., "engine": ...}``).
+
+    Args:
+        directory: the checkpoint directory.
+        rank: this process's rank.
+        map_location: device for the loaded tensors.
+        what: the save step that writes these files, for the messages (e.g. ``"save_state"``).
+
+    Raises:
+        ValueError: naming the rank and the file, when the file is missing, truncated, corrupted or holds no state.
+    """
+    path = rank_state_path(directory, rank)
+    if not os.path.isfile(path):
+        found = sorted(os.path.basename(f) for f in glob.glob(os.path.join(os.fspath(directory), "ef21_rank*.pt")))
+        raise ValueError(
+            f"rank {rank}: {path} does not exist (EF21 files in {os.fspath(directory)!r}: {found or 'none'}); "
+            "every rank needs its own file: resume an EF21 run from a checkpoint it saved, with the same number "
+            "of processes"
+        )
+    try:
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        why = damage(path) or f"{type(e).__name__}: {e}"
+        raise ValueError(
+            f"rank {rank}: {path} cannot be read: {why}. It was not written completely (a crash or a full disk "
+            f"during {what}, a partial copy) or was damaged since; this rank's error-feedback state exists only in "
+            "this file: resume from another checkpoint"
+        ) from e
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("engine"), Mapping):
+        raise ValueError(
+            f"rank {rank}: {path} holds no EF21 state (expected a dict with key 'engine', as {what} writes); "
+            "resume from a checkpoint an EF21 run saved"
+        )
+    return dict(saved["engine"])

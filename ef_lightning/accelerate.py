@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -38,7 +37,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from ef_lightning._atomic import atomic_save, damage
+from ef_lightning._atomic import atomic_save, rank_state_path, read_rank_state
 from ef_lightning.comm import TOPOLOGIES, Ledger
 from ef_lightning.config import (
     COMPRESSOR_ROLES,
@@ -344,36 +343,14 @@ class _Runtime:
         return self.accelerator.process_index
 
     def path(self, directory: str | os.PathLike) -> str:
-        return os.path.join(os.fspath(directory), f"ef21_rank{self.rank}.pt")
+        return rank_state_path(directory, self.rank)
 
     def read(self, directory: str | os.PathLike) -> dict[str, Any]:
         """This rank's EF21 state from ``directory``; a missing, unreadable or malformed file is a ValueError
         naming the rank and the file."""
-        path = self.path(directory)
-        if not os.path.isfile(path):
-            found = sorted(os.path.basename(f) for f in glob.glob(os.path.join(os.fspath(directory), "ef21_rank*.pt")))
-            raise ValueError(
-                f"rank {self.rank}: {path} does not exist (EF21 files in {os.fspath(directory)!r}: {found or 'none'}); "
-                "every rank needs its own file: resume an EF21 run from a checkpoint it saved, with the same number "
-                "of processes"
-            )
         # optimizer state is restored as loaded (not copied into existing tensors): load it onto the parameters' device
         device = self.engine.layers[0].param.device if self.engine.layers else "cpu"
-        try:
-            saved = torch.load(path, map_location=device, weights_only=True)
-        except Exception as e:
-            why = damage(path) or f"{type(e).__name__}: {e}"
-            raise ValueError(
-                f"rank {self.rank}: {path} cannot be read: {why}. It was not written completely (a crash or a full "
-                "disk during save_state, a partial copy) or was damaged since; this rank's error-feedback state "
-                "exists only in this file: resume from another checkpoint"
-            ) from e
-        if not isinstance(saved, Mapping) or not isinstance(saved.get("engine"), Mapping):
-            raise ValueError(
-                f"rank {self.rank}: {path} holds no EF21 state (expected a dict with key 'engine', as "
-                "EF21Plugin.save writes); resume from a checkpoint an EF21 run saved"
-            )
-        return dict(saved["engine"])
+        return read_rank_state(directory, self.rank, device, "save_state")
 
     def stage(self, directory: str | os.PathLike) -> None:
         # load_state's pre-hook runs before Accelerate loads the optimizer from rank 0's file, which would overwrite

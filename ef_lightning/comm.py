@@ -78,8 +78,10 @@ class StepRecord:
         uplink_overlap_seconds: the part of it before ``optimizer.step()`` began, i.e. hidden behind the backward
             pass (only with ``overlap``; wall-clock, so not part of :meth:`Ledger.summary`).
         intra_node_bytes: bytes this process sent to processes of its own node (``hierarchical``: the dense
-            gradient reduce and the parameter broadcast; 0 for the flat topologies). The uplink and downlink
-            fields are then the inter-node traffic.
+            gradient reduce and the parameter broadcast; 0 for the flat topologies and under FSDP2, whose own
+            reduce-scatter and all-gather do that work). The uplink and downlink fields then count what is handed to
+            the cross-node collectives (as for ``sharded``: the part a rank addresses to itself and the all-gather
+            padding included; 0 with one node).
     """
 
     step: int
@@ -578,6 +580,13 @@ class HierarchicalTransport(ShardedTransport):
                 f"valid values divide {n}: {', '.join(str(d) for d in range(1, n + 1) if n % d == 0)}"
             )
         me = ranks.index(dist.get_rank())
+        layouts: list[Any] = [None] * n  # every process must split the same way, or new_group would hang
+        dist.all_gather_object(layouts, lws, group=group)
+        if len(set(layouts)) > 1:
+            raise ValueError(
+                f"topology 'hierarchical': processes disagree on local_world_size (by rank: {layouts}); set the "
+                "same local_world_size (or LOCAL_WORLD_SIZE) on every node"
+            )
         self.local_rank, self.local_world_size = me % lws, lws
         self.node, self.n_nodes = me // lws, n // lws
         #: FSDP2: the node's processes already hold shards of every layer (reduce-scattered gradients), so there are

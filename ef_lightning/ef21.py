@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel as _FSDP1
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
@@ -199,8 +200,8 @@ def _common_dtype(params: Sequence[Tensor]) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _empty(dtype: torch.dtype, engine: _EF21Base) -> Tensor:
-    return torch.empty(0, dtype=dtype, device=engine._device)
+def _empty(dtype: torch.dtype, engine: EF21Engine) -> Tensor:
+    return torch.empty(0, dtype=dtype, device=engine.transport.device)  # (an empty share has no parameter device)
 
 
 def _nonfinite(grads: Sequence[Tensor]) -> bool:
@@ -216,6 +217,7 @@ class _EF21Base(abc.ABC):
     _bucketed = False  # several uplink buckets (overlap with backward), else one
     _uplink_timing = (0.0, 0.0)  # this step's uplink seconds and the part of them hidden behind backward
     _extra_sent = (0, 0)  # uplink bits and wire bytes of early sends this step dropped (resync or skip)
+    _intra_sent = 0  # hierarchical: bytes this step already sent inside the node (counted when it is skipped)
     _sent_grads: dict[int, Tensor]  # group -> the stacked gradients its early send encoded (overlap)
     _step_hint = ""  # how to step instead, for the guard's error
     # set by the subclass's __init__ (after this class's): the layers this process serves, the server state (X, G)
@@ -592,7 +594,15 @@ class _EF21Base(abc.ABC):
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
         bits, wire = self._extra_sent  # an overlapped step's uplink went out before the check
         self._extra_sent = (0, 0)
-        self.ledger.record(StepRecord(step=self.step_count, skipped=True, uplink_bits=bits, uplink_wire_bytes=wire))
+        self.ledger.record(
+            StepRecord(
+                step=self.step_count,
+                skipped=True,
+                uplink_bits=bits,
+                uplink_wire_bytes=wire,
+                intra_node_bytes=self._intra_sent,
+            )
+        )
         self.step_count += 1
 
     # what differs between one process of a group and n simulated workers
@@ -769,9 +779,14 @@ class EF21Engine(_EF21Base):
             assert isinstance(t, HierarchicalTransport)  # _check_sharded demands the topology
             _check_mesh(optimizer, t)
         self._intra_bytes = 0  # this step's bytes sent inside the node (hierarchical)
-        if (
-            isinstance(t, HierarchicalTransport) and t.n_nodes == 1
-        ):  # no link between nodes to save: plain data parallel
+        self._intra_sent = 0  # ... of them, those sent before the step could be skipped
+        if isinstance(model, nn.Module) and any(isinstance(m, _FSDP1) for m in model.modules()):
+            raise ValueError(
+                "the model is wrapped in FullyShardedDataParallel (FSDP1, flat parameters): EF21 cannot see its "
+                "layers; shard with FSDP2's fully_shard over each node's processes and use topology='hierarchical' "
+                "(README, 'Multi-node clusters'), or train without FSDP"
+            )
+        if isinstance(t, HierarchicalTransport) and t.n_nodes == 1:  # no link between nodes: plain data parallel
             config = config.replace(uplink="identity", downlink="identity")
         self.replicated = t.replicated
         # overlap: EF21 with every worker each round, in a real group (VR estimators need their closure first);
@@ -848,7 +863,7 @@ class EF21Engine(_EF21Base):
             if diff:
                 k = diff[0]
                 raise ValueError(
-                    f"EF21 configuration differs between ranks in field {k!r}: rank {self.transport.rank} "
+                    f"EF21 configuration differs between ranks in field {k!r}: rank {self.transport.global_rank} "
                     f"has {repr(mine[k])[:200]}, rank {r} has {shown[k]} (fields differing: {diff})"
                 )
 
@@ -1092,8 +1107,10 @@ class EF21Engine(_EF21Base):
             flats.append(torch.cat([g.reshape(-1).to(dtype) for g in grads]) if grads else _empty(dtype, self))
         mine = t.reduce_to_shares(flats)
         # intra-node bytes this process sends: the other shares' gradients, then its share's W to the G-1 others
+        # (both in the dtype they travel in); a skipped step sent the first part only
         others = sum(f.numel() for i, f in enumerate(flats) if i != t.local_rank) * dtype.itemsize
-        mine_w = sum(L.param.numel() * L.param.element_size() for L in self.layers) * (t.local_world_size - 1)
+        mine_w = sum(L.w.numel() for L in self.layers) * dtype.itemsize * (t.local_world_size - 1)
+        self._intra_sent = others if t.local_world_size > 1 else 0
         self._intra_bytes = others + mine_w if t.local_world_size > 1 else 0
         return [
             chunk.view(L.shape) for L, chunk in zip(self.layers, mine.split([L.param.numel() for L in self.layers]))
@@ -1118,7 +1135,7 @@ class EF21Engine(_EF21Base):
                     torch.cat([mine[L.name].reshape(-1).to(dtype) for L in layers]) if layers else _empty(dtype, self)
                 )
             else:
-                flats.append(torch.empty(sum(L.param.numel() for L in layers), dtype=dtype, device=self._device))
+                flats.append(torch.empty(sum(L.param.numel() for L in layers), dtype=dtype, device=t.device))
         t.share_in_node(flats)
         out: dict[str, Tensor] = {}
         for layers, flat in zip(shares, flats):
@@ -1167,12 +1184,14 @@ class EF21Engine(_EF21Base):
 
     def _record(self, refresh: bool, participants: Sequence[int], local: Sequence[int], vr: bool) -> StepRecord:
         t, me = self.transport, bool(local)
+        crosses = not (self.hierarchical and t.world_size == 1)  # one node: nothing crosses a node boundary
+        down = crosses and not t.replicated
         return StepRecord(
             step=self.step_count,
-            uplink_bits=self._up_bits[refresh] if me else 0,
-            uplink_wire_bytes=t.uplink_wire_bytes(self.up_lengths[refresh]) if me else 0,
-            downlink_bits=0 if t.replicated else self._down_bits,
-            downlink_wire_bytes=t.downlink_wire_bytes(self.down_lengths),
+            uplink_bits=self._up_bits[refresh] if me and crosses else 0,
+            uplink_wire_bytes=t.uplink_wire_bytes(self.up_lengths[refresh]) if me and crosses else 0,
+            downlink_bits=self._down_bits if down else 0,
+            downlink_wire_bytes=t.downlink_wire_bytes(self.down_lengths) if down else 0,
             dense_bytes=self.dense_bytes,
             gradient_evals=(1 + vr) if me else 0,
             intra_node_bytes=self._intra_bytes if self.hierarchical else 0,

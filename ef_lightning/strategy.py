@@ -62,6 +62,20 @@ class _EF21Driving(Strategy):
     evaluate_at_server_model: bool
     _at_x: contextlib.ExitStack | None
 
+    # ------------------------------------------------------------------------------------------------ faults
+    def on_exception(self, exception: BaseException) -> None:
+        """Lightning's handling; in addition, on the process that started the others (the subprocess launcher),
+        if the exception ends the script, children still running :data:`CHILD_GRACE_S` seconds later are killed.
+
+        A rank that dies or stalls makes the others raise within the process group's ``timeout`` (a dead peer at
+        once); Lightning already ends every process when a child fails, but a child stalled outside a collective
+        would outlive a launcher that failed. An exception the script catches changes nothing.
+        """
+        super().on_exception(exception)
+        procs = getattr(self.launcher, "procs", None)  # _SubprocessScriptLauncher's children (empty in a child)
+        if procs and not isinstance(sys.excepthook, _StopChildrenOnUncaughtError):
+            sys.excepthook = _StopChildrenOnUncaughtError(list(procs), sys.excepthook)
+
     def _start_engines(self, trainer: Any) -> None:
         """One engine per optimizer when fitting (a previous fit's engines let go of their optimizers first)."""
         for old in self.engines.values():
@@ -369,20 +383,6 @@ class EF21MuonStrategy(_EF21Driving, DDPStrategy):
     @checkpoint_io.setter
     def checkpoint_io(self, io: CheckpointIO) -> None:
         self._checkpoint_io = io
-
-    # ------------------------------------------------------------------------------------------------ faults
-    def on_exception(self, exception: BaseException) -> None:
-        """Lightning's handling; in addition, on the process that started the others (``start_method="popen"``),
-        if the exception ends the script, children still running :data:`CHILD_GRACE_S` seconds later are killed.
-
-        A rank that dies or stalls makes the others raise within the process group's ``timeout`` (a dead peer at
-        once); Lightning already ends every process when a child fails, but a child stalled outside a collective
-        would outlive a launcher that failed. An exception the script catches changes nothing.
-        """
-        super().on_exception(exception)
-        procs = getattr(self.launcher, "procs", None)  # _SubprocessScriptLauncher's children (empty in a child)
-        if procs and not isinstance(sys.excepthook, _StopChildrenOnUncaughtError):
-            sys.excepthook = _StopChildrenOnUncaughtError(list(procs), sys.excepthook)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

@@ -10,7 +10,10 @@ FSDP2's dense traffic. Every process trains on its own data (the sampler spans a
 Checkpoints: the model (W) is written by Lightning's distributed checkpoint (a directory); each process writes its
 own EF21 state (its node's M_j, G_j for its shards, the X and G it serves, the optimizer state of those, the
 ledger) to ``ef21_rank{r}.pt`` inside it, atomically, and reads it back on resume (same number of nodes and
-processes). The optimizer's state lives in those files: the distributed checkpoint holds the model only.
+processes; no ``resume_world_size="reinit"`` here). The optimizer's state lives in those files: the distributed
+checkpoint holds the model only. The distributed checkpoint itself is Lightning's (not written atomically as a
+whole): a missing or damaged EF21 file, or files from different steps, make every rank raise on resume, naming the
+rank and the directory.
 
 Not supported, with a clear error: Lightning's ``FSDPStrategy`` (FSDP1, GPU only), HSDP (``fully_shard`` on the 2-D
 mesh: EF21 replaces its replicate all-reduce), Accelerate's FSDP plugin (``EF21Plugin`` refuses it).
@@ -18,7 +21,6 @@ mesh: EF21 replaces its replicate all-reduce), Accelerate's FSDP plugin (``EF21P
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch.distributed.device_mesh import init_device_mesh
 from torch.optim import Optimizer
 
-from ef_lightning._atomic import atomic_save, damage
+from ef_lightning._atomic import atomic_save, rank_state_path, read_rank_state
 from ef_lightning.config import EF21Config
 from ef_lightning.ef21 import EF21Engine
 from ef_lightning.strategy import _EF21Driving
@@ -118,8 +120,8 @@ class EF21FSDPStrategy(_EF21Driving, ModelParallelStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options)
         engine = self.engine
         if engine is not None:
-            path = self._ef21_path(Path(self.broadcast(filepath)))
-            atomic_save({"config": self.config.to_dict(), "engine": engine.state_dict()}, str(path))
+            path = rank_state_path(Path(self.broadcast(filepath)), self.global_rank)
+            atomic_save({"config": self.config.to_dict(), "engine": engine.state_dict()}, path)
         self.barrier("ef21_checkpoint_saved")
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -136,31 +138,40 @@ class EF21FSDPStrategy(_EF21Driving, ModelParallelStrategy):
         checkpoint.pop("optimizer_states", None)  # restored from the EF21 files below
         engine = self.engine
         if engine is not None:
-            engine.load_state_dict(self._read_ef21(path))
+            self._load_ef21(engine, path)
         return checkpoint
 
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         """Nothing: :meth:`load_checkpoint` restored each process's state."""
 
-    def _ef21_path(self, directory: Path) -> Path:
-        return directory / f"ef21_rank{self.global_rank}.pt"
-
-    def _read_ef21(self, directory: Path) -> dict[str, Any]:
-        path = self._ef21_path(directory)
-        if not path.is_file():
-            raise ValueError(
-                f"rank {self.global_rank}: {path} does not exist: every process needs its own EF21 state; resume "
-                "an EF21FSDPStrategy run from a checkpoint it saved, with the same numbers of nodes and processes"
-            )
+    def _load_ef21(self, engine: EF21Engine, directory: Path) -> None:
+        """This process's EF21 state from ``directory``, with every rank agreeing: a rank whose file is missing or
+        damaged, or whose state is from another step than the others' (a crash between the files of one save),
+        makes every rank raise, naming the rank(s) and the directory."""
+        cause: Exception | None = None
+        step = -1
         try:
-            saved = torch.load(path, map_location=self.root_device, weights_only=True)
-            return dict(saved["engine"])
-        except Exception as e:
-            why = damage(os.fspath(path)) or f"{type(e).__name__}: {e}"
+            state = read_rank_state(directory, self.global_rank, self.root_device, "EF21FSDPStrategy.save_checkpoint")
+            engine.load_state_dict(state)
+            step = int(state["step"])
+        except Exception as e:  # reported below, on every rank
+            cause = e
+        steps = torch.tensor([step], dtype=torch.int64, device=engine.transport.device)
+        everyone = [torch.zeros_like(steps) for _ in range(self.world_size)]
+        torch.distributed.all_gather(everyone, steps)
+        by_rank = [int(t.item()) for t in everyone]
+        failed = [r for r, s in enumerate(by_rank) if s < 0]
+        if failed:
+            own = f" ({cause})" if cause is not None else ""
             raise ValueError(
-                f"rank {self.global_rank}: {path} cannot be read: {why}; this process's error-feedback state exists "
-                "only in this file: resume from another checkpoint"
-            ) from e
+                f"rank(s) {', '.join(map(str, failed))} could not load their EF21 state from {directory}; this is "
+                f"rank {self.global_rank}{own}. Resume from another checkpoint"
+            ) from cause
+        if len(set(by_rank)) > 1:
+            raise ValueError(
+                f"the EF21 files in {directory} are from different steps (by rank: {by_rank}): a save did not "
+                "complete on every rank; resume from another checkpoint"
+            )
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import datetime
 import os
 import socket
+import subprocess
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -453,3 +454,43 @@ def group_timeout(rank: int, world: int) -> Any:
     from ef_lightning.comm import _group_timeout
 
     return _group_timeout(None)
+
+
+# ----------------------------------------------------------------------------------------- several "nodes" on one machine
+def run_nodes(script: list[str], out, nodes: int, env_extra: dict | None = None) -> None:
+    """Run ``script`` once per node (NODE_RANK), each starting its own local processes, as on a real cluster."""
+    import sys
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **(env_extra or {})}
+    run_many([[sys.executable, *script] for _ in range(nodes)], env, per_node_env=True)
+
+
+def run_many(commands: list[list[str]], env_extra: dict, per_node_env: bool = False, timeout: int = 600) -> None:
+    """Start one command per node at once (``NODE_RANK`` = its index when ``per_node_env``); all must exit 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env_extra}
+    procs = [subprocess.Popen(cmd, env={**env, **({"NODE_RANK": str(n)} if per_node_env else {})},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n, cmd in enumerate(commands)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    bad = [(n, p.returncode) for n, p in enumerate(procs) if p.returncode != 0]
+    if bad:
+        raise AssertionError(f"node runs failed {bad}:\n" + "\n".join(log[-4000:] for log in logs))
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    """Ledger records without their wall-clock fields (which no two runs share)."""
+    return [{k: v for k, v in x.items() if not k.endswith("seconds")} for x in records]
+
+
+def engine_layout_mismatch(rank: int, world: int) -> Any:
+    """Processes that disagree on local_world_size (rank 0 says 1, the others 2)."""
+    from ef_lightning import EF21Engine
+
+    model = make_model(0)
+    EF21Engine(model, make_optimizer(model), topology="hierarchical", local_world_size=1 if rank == 0 else 2)

@@ -338,7 +338,10 @@ def s_hierarchical(out: Path, devices: int) -> None:
     for name, strategy, step_data in runs:
         seed_everything(0)
         model = Regressor(step_data=step_data)
-        t = trainer(devices, strategy(), out, f"hier_{name}", max_steps=20 if name != "compressed" else 10)
+        monitored = {"logger": CSVLogger(str(out), name="hier_csv", version=0), "callbacks": [CommunicationMonitor()],
+                     "log_every_n_steps": 1} if name == "compressed" else {}
+        t = trainer(devices, strategy(), out, f"hier_{name}", max_steps=20 if name != "compressed" else 10,
+                    **monitored)
         t.fit(model, loaders()[0])
         eng = getattr(t.strategy, "engine", None)
         res[name] = {"weights": weights(model), "records": [dict(vars(r)) for r in eng.ledger.records] if eng else None,

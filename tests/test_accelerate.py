@@ -60,7 +60,8 @@ def test_env_configures_plugin_and_explicit_arguments_win(monkeypatch):
     assert p.enabled is True
     assert p.config.to_dict() == {"uplink": "top_k:0.05+natural", "downlink": "top_k:0.5", "topology": "server",
                                   "server_rank": 1, "seed": 7, "on_nonfinite": "raise", "estimator": "ef21", "p": None,
-                                  "participation": None, "fused": False, "overlap": False, "bucket_cap_mb": 4.0}
+                                  "participation": None, "fused": False, "overlap": False, "bucket_cap_mb": 4.0,
+                                  "local_world_size": None}
     q = EF21Plugin(enabled=False, uplink="identity", topology="sharded", seed=3)
     c = q.config
     assert (q.enabled, c.uplink, c.topology, c.seed, c.downlink) == (False, "identity", "sharded", 3, "top_k:0.5")
@@ -85,7 +86,7 @@ def test_defaults_without_environment(monkeypatch):
     assert p.config.to_dict() == {"uplink": dict(DEFAULT_UPLINK), "downlink": dict(DEFAULT_DOWNLINK),
                                   "topology": "sharded", "server_rank": 0, "seed": 0, "on_nonfinite": "skip",
                                   "estimator": "ef21", "p": None, "participation": None, "fused": True,
-                                  "overlap": True, "bucket_cap_mb": 25.0}
+                                  "overlap": True, "bucket_cap_mb": 25.0, "local_world_size": None}
 
 
 def test_plugin_fields_are_the_config_options():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_helpers import check_ok, engine_fsdp, run_distributed
+from dist_helpers import check_ok, engine_fsdp, run_distributed, untimed
 
 pytestmark = pytest.mark.slow  # multi-process
 
@@ -56,10 +56,10 @@ def test_compressed_trains(fsdp_run):
 def lightning_fsdp(tmp_path_factory):
     from pathlib import Path
 
-    from test_hierarchical import _run_nodes
+    from dist_helpers import run_nodes
 
     out = tmp_path_factory.mktemp("fsdp_lightning")
-    _run_nodes([str(Path(__file__).parent / "lightning_scenarios.py"), str(out), "2", "fsdp"], out, 2,
+    run_nodes([str(Path(__file__).parent / "lightning_scenarios.py"), str(out), "2", "fsdp"], out, 2,
                {"EF21_TEST_NUM_NODES": "2"})
     return [torch.load(out / f"fsdp_rank{r}.pt", weights_only=False) for r in range(4)]
 
@@ -67,7 +67,6 @@ def lightning_fsdp(tmp_path_factory):
 def test_lightning_fsdp_trains_validates_at_x_and_resumes(lightning_fsdp):
     from lightning_scenarios import Regressor, step_batch
 
-    untimed = lambda recs: [{k: v for k, v in x.items() if not k.endswith("seconds")} for x in recs]  # noqa: E731
     held_out = [step_batch(100 + s, r) for s in range(8) for r in range(4)]  # the training task, unseen batches
     x, y = torch.cat([b[0] for b in held_out]), torch.cat([b[1] for b in held_out])
     model = Regressor()  # the scenario's initial model (seed 0)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import ef_lightning as efl
-from dist_helpers import check_ok, engine_hierarchical, make_data, make_model, make_optimizer, mse, run_distributed
+from dist_helpers import (check_ok, engine_hierarchical, make_data, make_model, make_optimizer, mse, run_distributed,
+                          run_many, run_nodes, untimed)
 
 pytestmark = pytest.mark.slow  # multi-process
 
@@ -102,46 +103,17 @@ def test_resume_is_bit_identical(compressed_run):
 
 
 # ----------------------------------------------------------------------------------------- under Lightning
-def _run_nodes(script: list[str], out, nodes: int, env_extra: dict | None = None) -> None:
-    """Run ``script`` once per node (NODE_RANK), each starting its own local processes, as on a real cluster."""
-    import sys
-
-    from dist_helpers import free_port
-
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **(env_extra or {})}
-    _run_many([[sys.executable, *script] for _ in range(nodes)], env, per_node_env=True)
-
-
-def _run_many(commands: list[list[str]], env_extra: dict, per_node_env: bool = False, timeout: int = 600) -> None:
-    """Start one command per node at once (``NODE_RANK`` = its index when ``per_node_env``); all must exit 0."""
-    import os
-    import subprocess
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env_extra}
-    procs = [subprocess.Popen(cmd, env={**env, **({"NODE_RANK": str(n)} if per_node_env else {})},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for n, cmd in enumerate(commands)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            p.kill()
-    bad = [(n, p.returncode) for n, p in enumerate(procs) if p.returncode != 0]
-    if bad:
-        raise AssertionError(f"node runs failed {bad}:\n" + "\n".join(log[-4000:] for log in logs))
-
-
 @pytest.fixture(scope="module")
 def lightning_run(tmp_path_factory):
     from pathlib import Path
 
     out = tmp_path_factory.mktemp("hier_lightning")
     here = Path(__file__).parent
-    _run_nodes([str(here / "lightning_scenarios.py"), str(out), str(PER_NODE), "hierarchical"], out, NODES,
+    run_nodes([str(here / "lightning_scenarios.py"), str(out), str(PER_NODE), "hierarchical"], out, NODES,
                {"EF21_TEST_NUM_NODES": str(NODES)})
-    return [torch.load(out / f"hierarchical_rank{r}.pt", weights_only=False) for r in range(NODES * PER_NODE)]
+    res = [torch.load(out / f"hierarchical_rank{r}.pt", weights_only=False) for r in range(NODES * PER_NODE)]
+    res[0]["csv"] = (out / "hier_csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    return res
 
 
 def test_lightning_identity_equals_ddp(lightning_run):
@@ -149,6 +121,17 @@ def test_lightning_identity_equals_ddp(lightning_run):
         for k, w in res["identity"]["weights"].items():
             torch.testing.assert_close(w, res["ddp"]["weights"][k], atol=1e-6, rtol=0, msg=f"rank {r} {k}")
         assert all(rec["intra_node_bytes"] > 0 for rec in res["identity"]["records"])
+
+
+def test_lightning_monitor_logs_a_nodes_inter_node_traffic(lightning_run):
+    """A worker is a node: CommunicationMonitor logs the sum of its processes' uplink (each sends its share)."""
+    import csv
+
+    logged = lightning_run[0]["csv"]
+    per_rank = [[rec["uplink_bits"] for rec in res["compressed"]["records"]] for res in lightning_run]
+    node = [sum(bits) for bits in zip(*per_rank[:PER_NODE])]
+    assert node == [sum(bits) for bits in zip(*per_rank[PER_NODE:])]  # every node sends the same
+    assert [float(row["comm/uplink_bits"]) for row in csv.DictReader(logged) if row.get("comm/uplink_bits")] == node
 
 
 def test_lightning_compressed_equals_simulator_and_resumes(lightning_run):
@@ -172,7 +155,6 @@ def test_lightning_compressed_equals_simulator_and_resumes(lightning_run):
         for k, w in res["compressed"]["weights"].items():
             torch.testing.assert_close(w, X_ref[k], atol=1e-6, rtol=0, msg=f"rank {r} {k}")
             assert torch.equal(w, res["resumed"]["weights"][k]), (r, k)
-        untimed = lambda recs: [{k: v for k, v in x.items() if not k.endswith("seconds")} for x in recs]  # noqa: E731
         assert untimed(res["compressed"]["records"]) == untimed(res["resumed"]["records"])
 
 
@@ -193,7 +175,7 @@ def accelerate_run(tmp_path_factory):
                          str(NODES), "--machine_rank", str(n), "--num_processes", str(NODES * PER_NODE),
                          "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--monitor_interval", "1",
                          *script])
-    _run_many([[sys.executable, *a] for a in per_node], {"ACCELERATE_USE_CPU": "1"})
+    run_many([[sys.executable, *a] for a in per_node], {"ACCELERATE_USE_CPU": "1"})
     return [torch.load(out / f"accelerate_rank{r}.pt", weights_only=False) for r in range(NODES * PER_NODE)]
 
 
@@ -220,7 +202,6 @@ def test_accelerate_compressed_equals_simulator_and_resumes(accelerate_run):
             batches.append((torch.cat(xs), torch.cat(ys)))
         sim.step(mse, batches)
     X_ref, W_ref = sim.server_model(), dict(model.named_parameters())
-    untimed = lambda recs: [{k: v for k, v in x.items() if not k.endswith("seconds")} for x in recs]  # noqa: E731
     for r, res in enumerate(accelerate_run):
         for k in X_ref:
             torch.testing.assert_close(res["compressed"]["X"][k], X_ref[k], atol=1e-6, rtol=0, msg=f"rank {r} {k}")
@@ -248,7 +229,8 @@ def test_one_process_per_node_is_sharded_and_one_node_is_ddp(tmp_path):
     for r in one_node:  # no link between nodes: nothing is compressed, plain data parallel
         for k, w in r["W"].items():
             torch.testing.assert_close(w, r["ddp"][k], atol=1e-6, rtol=0)
-        assert r["ledger"]["uplink_wire_bytes_per_worker"] == r["ledger"]["dense_bytes_per_worker"]
+        assert r["ledger"]["uplink_wire_bytes_per_worker"] == r["ledger"]["downlink_wire_bytes"] == 0  # nothing leaves
+        assert r["ledger"]["intra_node_bytes"] > 0
 
 
 def test_bad_node_layout_is_a_clear_error(tmp_path):
@@ -258,6 +240,13 @@ def test_bad_node_layout_is_a_clear_error(tmp_path):
     res = run_distributed(engine_run, 3, tmp_path, configs=[cfg], steps=1)
     for r in res:
         assert "__error__" in r and "local_world_size=2" in r["__error__"] and "valid values divide 3" in r["__error__"]
+
+
+def test_disagreeing_node_layouts_fail_on_every_rank(tmp_path):
+    from dist_helpers import engine_layout_mismatch
+
+    for r in run_distributed(engine_layout_mismatch, 2, tmp_path):
+        assert "__error__" in r and "disagree on local_world_size" in r["__error__"] and "[1, 2]" in r["__error__"]
 
 
 @pytest.mark.parametrize("kwargs,match", [({"estimator": "mvr"}, "estimator='ef21'"),
