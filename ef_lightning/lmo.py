@@ -37,6 +37,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 __all__ = [
     "NORMS",
@@ -156,6 +157,11 @@ def direction_parts(
     multiplying T by c first would round once more. For the other norms c = 1 and T is in G's dtype.
     """
     _check_name(name)
+    if name in _SPECTRAL and isinstance(G, DTensor):
+        # a sharded matrix (FSDP2): gather it once, run Newton-Schulz on the whole matrix, keep this process's shard
+        # (no communication: every process of the mesh computed the same T), as distributed Muon implementations do
+        T, factor = direction_parts(name, G.full_tensor(), ns_steps=ns_steps, ns_dtype=ns_dtype, transpose=transpose)
+        return distribute_tensor(T, G.device_mesh, G.placements, src_data_rank=None), factor
     if name == "bias_rms":  # over all entries; Scion's BiasRMS (mean over dim 0) for the 1-D tensors it serves
         return G / (G.square().mean().sqrt() + EPS), 1.0
     if name == "spectral_conv":

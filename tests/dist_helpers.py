@@ -439,13 +439,21 @@ def engine_fsdp(rank: int, world: int, local_world_size: int, steps: int, config
 
     model, opt = build(mesh)  # HSDP: 2-D mesh, replicate x shard
     res: dict[str, Any] = {"hsdp": {"losses": train(model, opt, opt.step), "W": full(model)}}
+    from ef_lightning import lmo
+
     for cfg in configs:
         model, opt = build(mesh["shard"])
         eng = EF21Engine(model, opt, topology="hierarchical", local_world_size=local_world_size, **cfg)
-        losses = train(model, opt, eng.step)
+        ns_shapes = []  # what Newton-Schulz ran on: whole matrices (gathered once), on the layer's owner node only
+        orig_ns = lmo.newton_schulz
+        lmo.newton_schulz = lambda G, *a, **k: (ns_shapes.append(tuple(G.shape)), orig_ns(G, *a, **k))[1]
+        try:
+            losses = train(model, opt, eng.step)
+        finally:
+            lmo.newton_schulz = orig_ns
         res[repr(sorted(cfg.items()))] = {"losses": losses, "W": full(model), "ledger": eng.ledger.summary(),
                                           "shard_shapes": {L.name: tuple(L.shape) for L in eng.layers},
-                                          "served": [L.name for L in eng.served]}
+                                          "served": [L.name for L in eng.served], "ns_shapes": ns_shapes}
     return res
 
 

@@ -41,6 +41,17 @@ def test_ef21_state_is_the_local_shard(fsdp_run):
         assert fsdp_run[2 * node][key]["served"] == fsdp_run[2 * node + 1][key]["served"]
 
 
+def test_newton_schulz_runs_on_whole_matrices_on_the_owner_node(fsdp_run):
+    """Each served hidden matrix is gathered once per step and orthogonalised whole (not as DTensor shards)."""
+    key = repr(sorted(IDENTITY.items()))
+    for res in fsdp_run:
+        run = res[key]
+        full = {name: tuple(w.shape) for name, w in run["W"].items()}
+        # muon preset: the 2-D weights of the decoder layers are hidden (Newton-Schulz); embedding and head are AdamW
+        hidden = [n for n in run["served"] if "layers." in n and len(full[n]) == 2]
+        assert sorted(run["ns_shapes"]) == sorted(full[n] for n in hidden for _ in range(STEPS))
+
+
 def test_compressed_trains(fsdp_run):
     """Loss falls by at least half as much as uncompressed HSDP's over the same steps, on ~7x fewer uplink bytes."""
     key = repr(sorted(COMPRESSED.items()))
