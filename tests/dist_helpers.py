@@ -353,10 +353,7 @@ def engine_hierarchical(rank: int, world: int, cfg: dict, steps: int, local_worl
     data = make_data(world, steps)
 
     def train(model, opt, eng, lo, hi):
-        for s in range(lo, hi):
-            opt.zero_grad(set_to_none=True)
-            mse(model, data[s][rank]).backward()
-            eng.step()
+        _train_steps(model, opt, eng, data, rank, lo, hi)
 
     model = make_model(0)
     opt = make_optimizer(model)
@@ -502,3 +499,12 @@ def engine_layout_mismatch(rank: int, world: int) -> Any:
 
     model = make_model(0)
     EF21Engine(model, make_optimizer(model), topology="hierarchical", local_world_size=1 if rank == 0 else 2)
+
+
+def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, eng: Any, data: list, rank: int, lo: int,
+                 hi: int) -> None:
+    """Steps ``lo`` to ``hi`` of the test problem on this rank's shard, EF21 step by ``eng.step()``."""
+    for s in range(lo, hi):
+        opt.zero_grad(set_to_none=True)
+        mse(model, data[s][rank]).backward()
+        eng.step()

@@ -25,6 +25,21 @@ def _topk_bits(d: int, ratio: float, f: int = 32) -> int:
     return min(K * (f + math.ceil(math.log2(d))), f * K + d)
 
 
+def _simulate_nodes(cfg: dict, steps: int) -> tuple[dict, dict]:
+    """The reference: a Simulator with one worker per node, fed the node's batches at once (MSE over the
+    concatenation = the mean of its processes' gradients). Returns X and W after ``steps``."""
+    model = make_model(0)
+    sim = efl.Simulator(model, make_optimizer(model), n_workers=NODES, **cfg)
+    data = make_data(NODES * PER_NODE, steps)
+    for s in range(steps):
+        batches = []
+        for j in range(NODES):
+            xs, ys = zip(*data[s][j * PER_NODE:(j + 1) * PER_NODE])
+            batches.append((torch.cat(xs), torch.cat(ys)))
+        sim.step(mse, batches)
+    return sim.server_model(), dict(model.named_parameters())
+
+
 @pytest.fixture(scope="module")
 def identity_run(tmp_path_factory):
     return check_ok(run_distributed(engine_hierarchical, NODES * PER_NODE, tmp_path_factory.mktemp("hier_id"),
@@ -56,16 +71,7 @@ def test_shares_split_the_model_inside_each_node(identity_run):
 def test_compressed_equals_simulator_of_node_averages(compressed_run):
     """One Simulator worker per node, fed the node's two batches at once (MSE over the concatenation = the mean of
     the two processes' gradients): the node average the hierarchical topology compresses."""
-    model = make_model(0)
-    sim = efl.Simulator(model, make_optimizer(model), n_workers=NODES, **COMPRESSED)
-    data = make_data(NODES * PER_NODE, STEPS)
-    for s in range(STEPS):
-        batches = []
-        for j in range(NODES):
-            xs, ys = zip(*data[s][j * PER_NODE:(j + 1) * PER_NODE])
-            batches.append((torch.cat(xs), torch.cat(ys)))
-        sim.step(mse, batches)
-    X_ref, W_ref = sim.server_model(), dict(model.named_parameters())
+    X_ref, W_ref = _simulate_nodes(COMPRESSED, STEPS)
     assert any(not torch.equal(X_ref[k], W_ref[k]) for k in X_ref)  # W != X: the downlink is compressed
     for r, res in enumerate(compressed_run):
         for name in X_ref:
@@ -192,16 +198,7 @@ def test_accelerate_identity_equals_ddp(accelerate_run):
 def test_accelerate_compressed_equals_simulator_and_resumes(accelerate_run):
     from accelerate_nodes import COMPRESSED as ACC, STEPS as ACC_STEPS
 
-    model = make_model(0)
-    sim = efl.Simulator(model, make_optimizer(model), n_workers=NODES, **ACC)
-    data = make_data(NODES * PER_NODE, ACC_STEPS)
-    for s in range(ACC_STEPS):
-        batches = []
-        for j in range(NODES):
-            xs, ys = zip(*data[s][j * PER_NODE:(j + 1) * PER_NODE])
-            batches.append((torch.cat(xs), torch.cat(ys)))
-        sim.step(mse, batches)
-    X_ref, W_ref = sim.server_model(), dict(model.named_parameters())
+    X_ref, W_ref = _simulate_nodes(ACC, ACC_STEPS)
     for r, res in enumerate(accelerate_run):
         for k in X_ref:
             torch.testing.assert_close(res["compressed"]["X"][k], X_ref[k], atol=1e-6, rtol=0, msg=f"rank {r} {k}")
