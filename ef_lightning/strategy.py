@@ -61,6 +61,8 @@ class _EF21Driving(Strategy):
     engines: dict[int, EF21Engine]
     evaluate_at_server_model: bool
     _at_x: contextlib.ExitStack | None
+    #: broadcast node 0's parameters when an engine is built (False: the strategy aligned the replicas already)
+    _sync_initial = True
 
     # ------------------------------------------------------------------------------------------------ faults
     def on_exception(self, exception: BaseException) -> None:
@@ -94,7 +96,13 @@ class _EF21Driving(Strategy):
             self.engines[id(opt)] = self._new_engine(opt, config)
 
     def _new_engine(self, optimizer: Optimizer, config: EF21Config | None = None) -> EF21Engine:
-        raise NotImplementedError
+        """The engine for ``optimizer``; ``hierarchical`` takes its node layout from the Trainer (``devices``
+        processes per node) unless the config names one."""
+        assert self.lightning_module is not None  # setup() connected it
+        config = config or self.config
+        if config.topology == "hierarchical" and config.local_world_size is None:
+            config = config.replace(local_world_size=self.num_processes)  # Trainer(devices=G, num_nodes=N)
+        return EF21Engine(self.lightning_module, optimizer, config, sync_initial=self._sync_initial, quiet=self._quiet)
 
     @contextlib.contextmanager
     def block_backward_sync(self) -> Iterator[None]:
@@ -185,6 +193,7 @@ class EF21MuonStrategy(_EF21Driving, DDPStrategy):
     """
 
     strategy_name = "ef21_muon"
+    _sync_initial = False  # configure_ddp broadcast rank 0's module already
 
     def __init__(
         self,
@@ -231,13 +240,6 @@ class EF21MuonStrategy(_EF21Driving, DDPStrategy):
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         self._start_engines(trainer)
-
-    def _new_engine(self, optimizer: Optimizer, config: EF21Config | None = None) -> EF21Engine:
-        assert self.lightning_module is not None  # setup() connected it
-        config = config or self.config
-        if config.topology == "hierarchical" and config.local_world_size is None:
-            config = config.replace(local_world_size=self.num_processes)  # Trainer(devices=G, num_nodes=N)
-        return EF21Engine(self.lightning_module, optimizer, config, sync_initial=False, quiet=self._quiet)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:

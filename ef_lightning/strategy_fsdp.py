@@ -103,12 +103,6 @@ class EF21FSDPStrategy(_EF21Driving, ModelParallelStrategy):
         super().setup(trainer)
         self._start_engines(trainer)
 
-    def _new_engine(self, optimizer: Optimizer, config: EF21Config | None = None) -> EF21Engine:
-        assert self.lightning_module is not None
-        config = (config or self.config).replace(local_world_size=self.num_processes)
-        # sync_initial: each shard from node 0's copy (modules initialised with different seeds agree from here on)
-        return EF21Engine(self.lightning_module, optimizer, config, sync_initial=True)
-
     # ------------------------------------------------------------------------------------------------ checkpoints
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """Empty: the optimizer state of the layers a process serves is in its own EF21 file (other processes hold

@@ -32,10 +32,11 @@ def test_identity_equals_hsdp_with_the_same_optimizer(fsdp_run):
 
 def test_ef21_state_is_the_local_shard(fsdp_run):
     key = repr(sorted(IDENTITY.items()))
-    for r, res in enumerate(fsdp_run):
-        for name, shape in res[key]["shard_shapes"].items():
-            full = res[key]["W"][name].shape
-            assert shape[0] < full[0] or full[0] == 1 or shape[0] == 0 and tuple(shape[1:]) == tuple(full[1:])
+    for node in (0, 1):  # the node's two processes hold dim-0 shards that make up each whole parameter
+        a, b = (fsdp_run[2 * node + i][key]["shard_shapes"] for i in (0, 1))
+        for name, full in fsdp_run[2 * node][key]["W"].items():
+            assert a[name][0] + b[name][0] == full.shape[0], name
+            assert tuple(a[name][1:]) == tuple(b[name][1:]) == tuple(full.shape[1:]), name
     # the same layer has the same owner node on both processes of a node (its LMO runs on their shards together)
     for node in (0, 1):
         assert fsdp_run[2 * node][key]["served"] == fsdp_run[2 * node + 1][key]["served"]
