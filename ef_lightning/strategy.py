@@ -101,7 +101,7 @@ class _EF21Driving(Strategy):
         assert self.lightning_module is not None  # setup() connected it
         config = config or self.config
         if config.topology == "hierarchical" and config.local_world_size is None:
-            config = config.replace(local_world_size=self.num_processes)  # Trainer(devices=G, num_nodes=N)
+            config = config.replace(local_world_size=self.num_processes)  # type: ignore[attr-defined]  # devices
         return EF21Engine(self.lightning_module, optimizer, config, sync_initial=self._sync_initial, quiet=self._quiet)
 
     @contextlib.contextmanager
