@@ -76,21 +76,28 @@ def _flag(text: str, where: str) -> bool:
     return t in _TRUE
 
 
+_VALID_NUMBERS = {
+    "bucket_cap_mb": "numbers > 0 (MiB)",
+    "outer_lr": "numbers > 0",
+    "outer_momentum": "numbers in [0, 1)",
+}
+
+
 def _from_env(name: str, text: str, where: str) -> Any:
     """An ``EF21_*`` string as the typed value :class:`EF21Config` checks (ranges and choices are its job)."""
-    if name in ("server_rank", "seed", "local_world_size"):
+    if name in ("server_rank", "seed", "local_world_size", "sync_every"):
         try:
             return int(text)
         except ValueError:
-            low = 1 if name == "local_world_size" else 0
+            low = 1 if name in ("local_world_size", "sync_every") else 0
             raise ValueError(f"{where}={text!r} is not an integer; valid values: integers >= {low}") from None
     if name in ("fused", "overlap"):
         return _flag(text, where)
-    if name in ("p", "participation", "bucket_cap_mb"):
+    if name in ("p", "participation", "bucket_cap_mb", "outer_lr", "outer_momentum"):
         try:
             return float(text)
         except ValueError:
-            valid = "numbers > 0 (MiB)" if name == "bucket_cap_mb" else "numbers in (0, 1]"
+            valid = _VALID_NUMBERS.get(name, "numbers in (0, 1]")
             raise ValueError(f"{where}={text!r} is not a number; valid values: {valid}") from None
     if name in ("uplink", "downlink") and "=" in text:
         pairs = [p.strip() for p in text.split(",") if p.strip()]
@@ -177,6 +184,14 @@ class EF21Plugin:
         "Processes per node with topology 'hierarchical'; default the launcher's LOCAL_WORLD_SIZE (accelerate "
         "launch / torchrun set it)",
     )
+    sync_every: int | None = _field(
+        "EF21_SYNC_EVERY",
+        "Optimizer steps per synchronisation: 1 = EF21-Muon every step; H > 1 = H local steps, then the compressed, "
+        "error-corrected outer sync (DiLoCo-style)",
+    )
+    outer: str | None = _field("EF21_OUTER", "Outer step with sync_every > 1: nesterov (DiLoCo) or lmo")
+    outer_lr: float | None = _field("EF21_OUTER_LR", "Outer step size; default 0.7 (nesterov) or sync_every (lmo)")
+    outer_momentum: float | None = _field("EF21_OUTER_MOMENTUM", "Momentum of the nesterov outer step, in [0, 1)")
     # resolved in __post_init__ (not arguments): the checked configuration, and what exists once attached
     config: EF21Config = dataclasses.field(init=False, repr=False, compare=False)
     _runtime: _Runtime | None = dataclasses.field(init=False, default=None, repr=False, compare=False)

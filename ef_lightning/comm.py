@@ -77,6 +77,9 @@ class StepRecord:
         uplink_seconds: wall time from the first uplink collective's start to the last one's completion.
         uplink_overlap_seconds: the part of it before ``optimizer.step()`` began, i.e. hidden behind the backward
             pass (only with ``overlap``; wall-clock, so not part of :meth:`Ledger.summary`).
+        synced: the step synchronised (always, except the inner steps of local training, ``sync_every > 1``, which
+            communicate nothing across workers: their bits and wire bytes are 0, ``dense_bytes`` is still what
+            data-parallel training would have sent that step).
         intra_node_bytes: bytes this process sent to processes of its own node (``hierarchical``: the dense
             gradient reduce and the parameter broadcast; 0 for the flat topologies and under FSDP2, whose own
             reduce-scatter and all-gather do that work). The uplink and downlink fields then count what is handed to
@@ -95,6 +98,7 @@ class StepRecord:
     uplink_seconds: float = 0.0
     uplink_overlap_seconds: float = 0.0
     intra_node_bytes: int = 0
+    synced: bool = True
 
 
 class Ledger:
@@ -123,8 +127,10 @@ class Ledger:
         Returns:
             dict with ``steps``, ``skipped_steps``, ``uplink_bits_per_worker``, ``uplink_wire_bytes_per_worker``,
             ``downlink_bits``, ``downlink_wire_bytes``, ``dense_bytes_per_worker``, ``intra_node_bytes`` (all
-            cumulative; bits or bytes as named) and ``compression_ratio`` (dense bytes / uplink wire bytes; ``inf``
-            when nothing was sent).
+            cumulative; bits or bytes as named), ``outer_rounds`` (applied synchronisations: every applied step
+            unless ``sync_every > 1``) and ``compression_ratio`` (dense bytes / uplink wire bytes; ``inf`` when
+            nothing was sent: with local steps the dense baseline counts every step, so the ratio includes the
+            factor the inner steps save).
         """
         r = self.records
         up_wire = sum(x.uplink_wire_bytes for x in r)
@@ -140,6 +146,7 @@ class Ledger:
             "compression_ratio": (dense / up_wire) if up_wire else float("inf"),
             "gradient_evaluations_per_worker": sum(x.gradient_evals for x in r if not x.skipped),
             "intra_node_bytes": sum(x.intra_node_bytes for x in r),
+            "outer_rounds": sum(x.synced and not x.skipped for x in r),
         }
 
     def overlap(self) -> dict[str, float]:
@@ -167,12 +174,14 @@ class Ledger:
             ``dense_bytes_total`` (the uncompressed baseline per worker), cumulative; ``compression_ratio``: cumulative
             dense bytes / uplink wire bytes (left out while nothing was sent); ``steps`` and ``skipped_steps``;
             with ``topology="hierarchical"`` also ``intra_node_bytes`` and ``intra_node_bytes_total`` (then the
-            uplink/downlink numbers are inter-node). Bits are theoretical (docs/algorithm.md §3); bytes are the wire
+            uplink/downlink numbers are inter-node). With local steps (``sync_every > 1``) the per-step numbers are
+            the last synchronisation's and ``outer_rounds`` counts the synchronisations. Bits are theoretical (docs/algorithm.md §3); bytes are the wire
             bytes handed to the collectives.
         """
         if self.last is None:
             return {}
-        last, total = self.last, self.summary()
+        # the last synchronisation (with local steps the inner steps in between send nothing)
+        last, total = next((r for r in reversed(self.records) if r.synced), self.last), self.summary()
         out = {
             "uplink_bits": last.uplink_bits,
             "uplink_bytes": last.uplink_wire_bytes,
@@ -188,6 +197,8 @@ class Ledger:
         }
         if total["uplink_wire_bytes_per_worker"]:  # inf (nothing sent yet) is not JSON; leave the ratio out instead
             out["compression_ratio"] = total["compression_ratio"]
+        if any(not r.synced for r in self.records):  # local steps
+            out["outer_rounds"] = total["outer_rounds"]
         if total["intra_node_bytes"]:
             out["intra_node_bytes"] = last.intra_node_bytes
             out["intra_node_bytes_total"] = total["intra_node_bytes"]
@@ -618,6 +629,15 @@ class HierarchicalTransport(ShardedTransport):
         for i, o in zip(mine, assign_owners([sizes[i] for i in mine], self.n_nodes)):
             out[i] = o
         return out
+
+    def node_any(self, flag: bool) -> bool:
+        """True on every process of the node when ``flag`` is True on any of them (one 4-byte all-reduce inside the
+        node, not in the ledger)."""
+        if self.local_world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.intra)
+        return bool(t.item() > 0)
 
     def reduce_to_shares(self, flats: Sequence[torch.Tensor]) -> torch.Tensor:
         """Average share ``i``'s flat buffer over the node onto local rank ``i`` (one ``reduce`` per share);

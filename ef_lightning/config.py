@@ -32,6 +32,9 @@ __all__ = [
     "DEFAULT_UPLINK",
     "DEFAULT_DOWNLINK",
     "DEFAULT_TOPOLOGY",
+    "OUTER_OPTIMIZERS",
+    "DILOCO_OUTER_LR",
+    "DILOCO_OUTER_MOMENTUM",
 ]
 
 #: keys of a per-role compressor mapping: the model roles of :func:`ef_lightning.build_lmo_optimizer` (``other``
@@ -41,6 +44,11 @@ COMPRESSOR_ROLES: tuple[str, ...] = (*(r for r in MODEL_ROLES if r != "other"), 
 NONFINITE: tuple[str, ...] = ("skip", "raise")
 #: gradient estimators (docs/algorithm.md §2 and §4; arXiv 2604.10689)
 ESTIMATORS: tuple[str, ...] = ("ef21", "marina", "ef21_page", "mvr")
+#: the outer step of local training (``sync_every > 1``): DiLoCo's Nesterov SGD, or the LMO step on the aggregate
+OUTER_OPTIMIZERS: tuple[str, ...] = ("nesterov", "lmo")
+#: DiLoCo's outer Nesterov SGD (Douillard et al., arXiv 2311.08105, §3: learning rate 0.7, momentum 0.9)
+DILOCO_OUTER_LR = 0.7
+DILOCO_OUTER_MOMENTUM = 0.9
 #: the estimators with a refresh probability ``p``
 REFRESH_ESTIMATORS: tuple[str, ...] = ("marina", "ef21_page")
 
@@ -156,6 +164,19 @@ class EF21Config:
             uplink collective at ``optimizer.step()``.
         bucket_cap_mb: size of the uplink buckets in MiB of fp32 gradient (the first bucket is at most 1 MiB, as in
             DDP); only with ``overlap``.
+        sync_every: H, optimizer steps per synchronisation. 1 (default): the EF21-Muon step above, every step.
+            H > 1: local training (DiLoCo-style, arXiv 2311.08105): every ``optimizer.step()`` is an inner step
+            with the optimizer's own rule and state on this worker's parameters (no communication); every H-th
+            step then sends the outer delta W_start - W_j through the uplink with error feedback, the server takes
+            the ``outer`` step on X and the downlink brings the new W to every worker (docs/algorithm.md,
+            "Local steps"). Needs ``estimator="ef21"`` and every worker each round.
+        outer: the server's step on the aggregated outer delta G when ``sync_every > 1``: ``nesterov`` (DiLoCo's
+            Nesterov SGD: B <- m*B + G; X <- X - outer_lr*(G + m*B)) or ``lmo`` (the optimizer's LMO rule on G:
+            X <- X - outer_lr*lr*scale*d(G), no momentum, no weight decay; parameters the optimizer steps with
+            AdamW take the Nesterov step).
+        outer_lr: the outer step size (dimensionless); ``None``: 0.7 for ``nesterov`` (DiLoCo), H for ``lmo`` (H
+            inner radii: the distance H aligned inner steps travel).
+        outer_momentum: m of the ``nesterov`` outer step, in [0, 1) (DiLoCo: 0.9).
 
     Raises:
         EF21ConfigError: (a ValueError) naming the option, the bad value and the valid choices.
@@ -179,6 +200,10 @@ class EF21Config:
     overlap: bool = True
     bucket_cap_mb: float = 25.0
     local_world_size: int | None = None
+    sync_every: int = 1
+    outer: str = "nesterov"
+    outer_lr: float | None = None
+    outer_momentum: float = DILOCO_OUTER_MOMENTUM
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen: normalise once)
@@ -211,6 +236,7 @@ class EF21Config:
                 "participation=None; the variance-reduced estimators and partial participation need topology "
                 "'sharded' or 'server')",
             )
+        self._check_local()
         uplink = self._compressor("uplink", DEFAULT_UPLINK if self.uplink is None else self.uplink)
         set_("uplink", uplink)
         downlink = self.downlink
@@ -267,6 +293,43 @@ class EF21Config:
                     f"(rand_k:<r>:unbiased, natural, qsgd:<s>) or identity; uplink {bad[0]!r} is "
                     "contractive — valid estimators for contractive compressors: ef21_page, mvr",
                 )
+
+    def _check_local(self) -> None:
+        """The local-training options (``sync_every``, ``outer``, ``outer_lr``, ``outer_momentum``)."""
+        H = self.sync_every
+        if isinstance(H, bool) or not isinstance(H, int) or H < 1:
+            raise EF21ConfigError(
+                "sync_every", f"sync_every={H!r}; valid values: integers >= 1 (optimizer steps per synchronisation)"
+            )
+        self._choice("outer", OUTER_OPTIMIZERS)
+        lr = self.outer_lr
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf")):
+            raise EF21ConfigError("outer_lr", f"outer_lr={lr!r}; valid values: numbers > 0, or None (the default)")
+        m = self.outer_momentum
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
+            raise EF21ConfigError("outer_momentum", f"outer_momentum={m!r}; valid values: numbers in [0, 1)")
+        object.__setattr__(self, "outer_momentum", float(m))
+        if lr is not None:
+            object.__setattr__(self, "outer_lr", float(lr))
+        if H > 1 and (self.estimator != "ef21" or self.participation not in (None, 1, 1.0)):
+            raise EF21ConfigError(
+                ("sync_every", "estimator"),
+                f"sync_every={H} (local steps) runs estimator='ef21' with every worker each round; got "
+                f"estimator={self.estimator!r}, participation={self.participation!r} (valid: estimator='ef21', "
+                "participation=None; or sync_every=1)",
+            )
+
+    @property
+    def local_steps(self) -> bool:
+        """True when workers take local steps between synchronisations (``sync_every > 1``)."""
+        return self.sync_every > 1
+
+    @property
+    def outer_step_size(self) -> float:
+        """``outer_lr`` resolved: the given value, else 0.7 (``nesterov``, DiLoCo) or ``sync_every`` (``lmo``)."""
+        if self.outer_lr is not None:
+            return self.outer_lr
+        return DILOCO_OUTER_LR if self.outer == "nesterov" else float(self.sync_every)
 
     def _choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)

@@ -37,6 +37,7 @@ other torch optimizer works too: then there is no worker momentum and it receive
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -81,8 +82,10 @@ from ef_lightning.state import (
     build_groups,
     group_rows_,
     load_optimizer_state,
+    load_tensors,
     optimizer_state,
     tensors_state,
+    zeros32,
 )
 
 __all__ = ["EF21Engine", "Simulator", "LayerSpec"]
@@ -246,12 +249,24 @@ class _EF21Base(abc.ABC):
             raise ValueError(f"optimizer holds {len(unknown)} parameter(s) not in the model (shapes {unknown[:3]})")
         classified = {id(q): role for _, q, role, *_ in _classify(model)} if isinstance(model, nn.Module) else {}
         is_lmo = isinstance(optimizer, LMO)
+        #: local training (``sync_every > 1``): inner steps with the optimizer's own rule, an outer sync every H
+        self.local_steps = config.local_steps
+        self.sync_every = config.sync_every
+        if self.local_steps and config.outer == "lmo" and not is_lmo:
+            raise ValueError(
+                f"outer='lmo' takes the LMO step of the optimizer's norms; {type(optimizer).__name__} has none: use "
+                "an ef_lightning.LMO (build_lmo_optimizer) or outer='nesterov' (valid choices: nesterov, lmo)"
+            )
+        self._lmo_outer: set[int] = set()  # uids of the layers whose outer step is the LMO step (outer='lmo')
         #: every parameter the optimizer trains, in its order; ``layers``: those this process runs EF21 on (all,
         #: except in ``hierarchical``, where the other processes of the node handle the other shares)
         self.all_layers: list[LayerSpec] = []
         for i, ((p, group), owner) in enumerate(zip(params, owners([p.numel() for p, _ in params]))):
             role = _role_of(group, p, classified)
-            worker_momentum = is_lmo and group.get("norm") != "adamw"
+            # with local steps the momentum is the optimizer's own (inner); the outer delta is sent as it is
+            worker_momentum = is_lmo and group.get("norm") != "adamw" and not self.local_steps
+            if self.local_steps and config.outer == "lmo" and group.get("norm") != "adamw":
+                self._lmo_outer.add(i)
             self.all_layers.append(
                 LayerSpec(
                     index=i,
@@ -318,7 +333,7 @@ class _EF21Base(abc.ABC):
         previous = ref() if ref is not None else None
         if previous is not None:
             previous.detach()  # a notebook re-running a cell: the new engine takes over
-        if isinstance(optimizer, LMO):  # momentum lives on the workers (step 2): switch the optimizer's off
+        if isinstance(optimizer, LMO) and not self.local_steps:  # momentum lives on the workers (step 2)
             optimizer.external_momentum = True
             for L in self.all_layers:
                 optimizer.state.get(L.param, {}).pop("momentum_buffer", None)
@@ -366,7 +381,11 @@ class _EF21Base(abc.ABC):
             del _DRIVERS[self.optimizer]
 
     def _server_update(self) -> None:
-        """Step 5: the optimizer's own rule on the served parameters (pointed at X, with grad G)."""
+        """Step 5: the optimizer's own rule on the served parameters (pointed at X, with grad G); with local steps
+        the outer step instead (:meth:`_outer_update`)."""
+        if self.local_steps:
+            self._outer_update()
+            return
         params = [L.param for L in self.layers]
         served = {L.index for L in self.served}
         X = [self.server.X.get(L.index) if L.index in served else None for L in self.layers]
@@ -379,6 +398,135 @@ class _EF21Base(abc.ABC):
                 self._update()
             finally:
                 self._in_update = False
+
+    # --------------------------------------------------------------------------------------------- local steps
+    def _init_local(self) -> None:
+        """Local-step state, once ``served`` exists: W at the start of the round (the shared W of EF21-P, float32,
+        for the layers this process syncs) and the Nesterov outer momentum of the served layers."""
+        if not self.local_steps:
+            self._start: dict[int, Tensor] = {}
+            self._outer_buf: dict[int, Tensor] = {}
+            return
+        self._begin_round()
+        self._outer_buf = {L.index: zeros32(L.w) for L in self.served if L.uid not in self._lmo_outer}
+
+    def _begin_round(self) -> None:
+        self._start = {L.index: L.w.float().clone() for L in self.layers}
+
+    @property
+    def round_position(self) -> int:
+        """Inner steps taken in the current round (0 right after a synchronisation; always 0 without local steps)."""
+        return self.step_count % self.sync_every
+
+    def _inner_update(self, grads: Sequence[Tensor]) -> None:
+        """One inner step: the optimizer's own rule (its own momentum / moments) on this process's layers with
+        gradients ``grads`` (in :attr:`layers` order); another process's share (``hierarchical``) is left alone."""
+        others = [L.param for L in self.all_layers if L.owner == OTHER_SHARE]
+        params = [L.param for L in self.layers] + others
+        G: list[Tensor | None] = [*grads, *([None] * len(others))]
+        with K.server_view(params, [None] * len(params), G):
+            self._in_update = True
+            try:
+                self._update()
+            finally:
+                self._in_update = False
+
+    def _outer_delta(self, grads: Sequence[Tensor] | None) -> list[Tensor]:
+        """The round's last inner step (``grads``; ``None``: skipped), then the outer delta W_start - W_j of every
+        layer and the parameters back at W_start (where the downlink's EF21-P update applies)."""
+        if grads is not None:
+            self._inner_update(grads)
+        delta = []
+        for L in self.layers:
+            start = self._start[L.index]
+            delta.append(start - L.w.float())
+            L.w.copy_(start)
+        return delta
+
+    def _inner_record(self, skipped: bool, evals: int = 1, intra: int = 0) -> None:
+        """The ledger record of an inner step that does not synchronise: no bits, the dense baseline of the step."""
+        self.ledger.record(
+            StepRecord(
+                step=self.step_count,
+                skipped=skipped,
+                dense_bytes=0 if skipped else self.dense_bytes,
+                gradient_evals=evals,
+                intra_node_bytes=intra,
+                synced=False,
+            )
+        )
+        self.step_count += 1
+
+    def _inner_nonfinite(self, where: str) -> None:
+        msg = f"EF21 inner step {self.step_count}: non-finite gradient on {where}; this local step skipped"
+        if self.config.on_nonfinite == "raise":
+            raise FloatingPointError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=5)
+
+    @torch.no_grad()
+    def _outer_update(self) -> None:
+        """The outer step on the served layers' X with the aggregated outer delta G: DiLoCo's Nesterov SGD
+        (B <- m*B + G; X <- X - outer_lr*(G + m*B), torch.optim.SGD(nesterov=True)'s arithmetic), or for the
+        ``outer='lmo'`` layers the optimizer's own LMO rule at radius outer_lr*lr*scale (momentum and weight decay
+        off: the inner steps apply both)."""
+        lr, m = self.config.outer_step_size, self.config.outer_momentum
+        lmo = []
+        for L in self.served:
+            if L.uid in self._lmo_outer:
+                lmo.append(L)
+                continue
+            x, agg, buf = self.server.X[L.index], self.server.G[L.index], self._outer_buf[L.index]
+            buf.mul_(m).add_(agg)
+            x.add_(agg.add(buf, alpha=m), alpha=-lr)
+        if not lmo:
+            return
+        assert isinstance(self.optimizer, LMO)  # __init__ allows outer='lmo' with an LMO only
+        opt, saved = self.optimizer, [(g["lr"], g["weight_decay"]) for g in self.optimizer.param_groups]
+        X_of = {L.uid: self.server.X[L.index] for L in lmo}  # (server state is keyed by this process's index)
+        G_of = {L.uid: self.server.G[L.index] for L in lmo}
+        params = [L.param for L in self.all_layers]
+        X = [X_of.get(L.uid) for L in self.all_layers]
+        G = [G_of.get(L.uid) for L in self.all_layers]
+        try:
+            opt.external_momentum = True
+            for g in opt.param_groups:
+                g["lr"], g["weight_decay"] = g["lr"] * lr, 0.0
+            with K.server_view(params, X, G):
+                self._in_update = True
+                LMO.step(opt)  # the class's rule, not a (scheduler-wrapped) bound step: inner steps count those
+        finally:
+            self._in_update = False
+            opt.external_momentum = False
+            for g, (glr, wd) in zip(opt.param_groups, saved):
+                g["lr"], g["weight_decay"] = glr, wd
+
+    def _local_state(self) -> dict[str, Any]:
+        """Local-step state of this process: the round's start, this worker's parameters (they differ between
+        workers mid-round), the outer momentum."""
+        if not self.local_steps:
+            return {}
+        return {
+            "start": tensors_state(self._start, self.layers),
+            "params": {L.name: L.w.clone() for L in self.all_layers},
+            "outer_buf": tensors_state(self._outer_buf, self.served),
+        }
+
+    def _load_local(self, state: Mapping[str, Any]) -> None:
+        if not self.local_steps:
+            return
+        saved = state.get("local")
+        if not saved:
+            raise ValueError(
+                f"EF21 state has no local-step state but this run has sync_every={self.sync_every}: resume with the "
+                "sync_every the checkpoint was written with"
+            )
+        load_tensors(self._start, saved["start"], self.layers, "local.start")
+        load_tensors(self._outer_buf, saved["outer_buf"], self.served, "local.outer_buf")
+        with torch.no_grad():
+            for L in self.all_layers:
+                if L.name not in saved["params"]:
+                    raise ValueError(f"EF21 state is missing local.params[{L.name!r}]")
+                L.w.copy_(saved["params"][L.name])
 
     # --------------------------------------------------------------------------------------------- one step
     def _refresh(self) -> bool:
@@ -574,7 +722,7 @@ class _EF21Base(abc.ABC):
         self._server_update()
         if not self.replicated:
             self._downlink()
-        elif any(L.param.dtype != torch.float32 for L in self.layers):
+        elif self.local_steps or any(L.param.dtype != torch.float32 for L in self.layers):
             for L in self.layers:  # replicated in a low-precision dtype: W is X cast to the training dtype
                 if L.index in self.server.X:  # (float32 parameters are X themselves)
                     L.w.copy_(self.server.X[L.index])
@@ -673,8 +821,9 @@ class _EF21Base(abc.ABC):
         return self._params_loaded({L.name: self._W_prev[L.index] for L in self.layers})
 
     def _w_is_x(self) -> bool:
-        # an identity downlink sets W = X every step (all layers: every process must agree, whatever its share)
-        return all(L.down.kind == "identity" for L in self.all_layers)
+        # an identity downlink sets W = X every step (all layers: every process must agree, whatever its share);
+        # with local steps the parameters hold this worker's W_j
+        return not self.local_steps and all(L.down.kind == "identity" for L in self.all_layers)
 
     @contextlib.contextmanager
     def at_server_model(self) -> Iterator[None]:
@@ -699,17 +848,32 @@ class _EF21Base(abc.ABC):
             "applied": self.applied,
             "W_prev": tensors_state(self._W_prev, self.layers),
             "server": self.server.state_dict(self.served),
-            "optimizer": optimizer_state(self.optimizer, self.served),
+            "optimizer": optimizer_state(self.optimizer, self._optimizer_layers),
             "ledger": self.ledger.state_dict(),
+            "sync_every": self.sync_every,
+            "local": self._local_state(),
         }
 
+    @property
+    def _optimizer_layers(self) -> list[LayerSpec]:
+        """The layers whose optimizer state this process owns: those it serves (the server's update), or with local
+        steps all it trains (each worker's inner optimizer state is its own)."""
+        return self.layers if self.local_steps else self.served
+
     def _load_common(self, state: Mapping[str, Any]) -> None:
+        saved_every = state.get("sync_every", 1)
+        if saved_every != self.sync_every:
+            raise ValueError(
+                f"EF21 state was saved with sync_every={saved_every!r}, this run has sync_every={self.sync_every}; "
+                "resume with the same sync_every"
+            )
         self.step_count = int(state["step"])
         self.applied = int(state.get("applied", state["step"]))
         saved_prev = state.get("W_prev", {})
         self._W_prev = {L.index: saved_prev[L.name].clone() for L in self.layers if L.name in saved_prev}
         self.server.load_state_dict(state["server"], self.served)
-        load_optimizer_state(self.optimizer, state["optimizer"], self.served)
+        load_optimizer_state(self.optimizer, state["optimizer"], self._optimizer_layers)
+        self._load_local(state)
         self.ledger.load_state_dict(state["ledger"])
 
 
@@ -797,6 +961,7 @@ class EF21Engine(_EF21Base):
             and config.participation is None
             and t.world_size > 1
             and not self.hierarchical
+            and not config.local_steps
         )
         self._bucketed = self.overlapping
         super().__init__(model, optimizer, config, owners=t.owners, route_step=self.optimizer_step)
@@ -809,8 +974,10 @@ class EF21Engine(_EF21Base):
         if sync_initial:  # FSDP2: each shard from its copy on node 0 (the same local index: t.group)
             broadcast_tensors_([L.w for L in self.all_layers], 0, t.group if self.fsdp else t.world_group)
         self._workers = {t.rank: WorkerState.new(self.layers, self.estimator)}
-        self.server = ServerState.new(self.served, x_is_param=t.replicated)
+        # (local steps: the parameters hold W_j mid-round, so even a replicated X is kept apart)
+        self.server = ServerState.new(self.served, x_is_param=t.replicated and not self.local_steps)
         self._init_rows()
+        self._init_local()
         self._should_sync = should_sync
         self._blocked = 0  # depth of no_sync() blocks
         self.resynced = 0  # overlapped steps synced again at the step (gradients changed after their bucket was sent)
@@ -852,6 +1019,7 @@ class EF21Engine(_EF21Base):
             "world_size": (self.transport.global_size, getattr(self.transport, "local_world_size", 1)),
             "server_rank": getattr(self.transport, "server_rank", None),
             "overlap": (self.overlapping, [self.layer_buckets.get(L.uid, 0) for L in layers]),
+            "local": (self.sync_every, self.config.outer, self.config.outer_step_size, self.config.outer_momentum),
         }
 
     def _check_agreement(self) -> None:
@@ -1025,6 +1193,15 @@ class EF21Engine(_EF21Base):
         first, at the previous point (wrapped by ``quiet``), so the current point's run is the last one. Without a
         closure the gradients must already be in ``param.grad``. With ``backward_done=True`` see :meth:`step`.
         """
+        if self.local_steps:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            applied = self._local_step()
+            if self.on_step is not None:
+                self.on_step(applied)
+            return loss
         me = self.transport.rank in self._participants(self.transport.world_size)
         if self.config.variance_reduced and closure is None:  # fail on the first step already
             raise self._closure_missing()
@@ -1060,6 +1237,8 @@ class EF21Engine(_EF21Base):
             True if the step was applied; False if it was skipped because some worker's gradient was non-finite
             (then no state changed anywhere).
         """
+        if self.local_steps:
+            return self._local_step()
         if self.overlapping:
             return self._overlapped_step()
         vr = self.needs_previous_gradient and self.transport.rank in self._participants(self.transport.world_size)
@@ -1088,6 +1267,35 @@ class EF21Engine(_EF21Base):
         if applied:
             self._share_in_node()
         return applied
+
+    @torch.no_grad()
+    def _local_step(self) -> bool:
+        """``sync_every > 1``: an inner step on the gradients in ``param.grad`` (``hierarchical``: averaged over the
+        node first, as DDP would inside a node), and on every H-th step the outer sync. A non-finite gradient skips
+        this worker's inner step only (its node's, ``hierarchical``/FSDP2); the sync runs on every worker either
+        way. Returns whether this worker's inner step and, on a sync step, the sync were applied."""
+        t = self.transport
+        node = self.hierarchical and not self.fsdp
+        grads = self._node_average() if node else _grads_of(self.layers, clone=False)
+        bad = _nonfinite(grads)
+        if self.hierarchical:  # the node's processes hold one model: they skip together
+            assert isinstance(t, HierarchicalTransport)
+            bad = t.node_any(bad)
+        if bad:
+            self._inner_nonfinite(f"rank {t.global_rank}'s node" if self.hierarchical else f"rank {t.rank}")
+        if self.round_position < self.sync_every - 1:
+            if not bad:
+                self._inner_update(grads)
+                if node:
+                    self._share_in_node()
+            self._inner_record(bad, intra=self._intra_bytes if node else 0)
+            return not bad
+        delta = self._outer_delta(None if bad else grads)
+        applied = self._sync({t.rank: delta}, None, t.world_size)
+        if node:  # every share's new W (or, after a skipped sync, its W_start) to the whole node
+            self._share_in_node()
+        self._begin_round()
+        return applied and not bad
 
     def _shares(self) -> list[list[LayerSpec]]:
         """``hierarchical``: the layers of each local index (share), in parameter order."""
@@ -1249,9 +1457,9 @@ class EF21Engine(_EF21Base):
                 )
         self.worker.load_state_dict(state["worker"], self.layers)
         self._load_common(state)
-        served = {id(L.param) for L in self.served}
+        own = {id(L.param) for L in self._optimizer_layers}
         for L in self.all_layers:  # a framework may have loaded rank 0's optimizer state everywhere: keep only ours
-            if id(L.param) not in served:
+            if id(L.param) not in own:
                 self.optimizer.state.pop(L.param, None)
 
 
@@ -1304,6 +1512,11 @@ class Simulator(_EF21Base):
         self._workers = {j: WorkerState.new(self.layers, self.estimator) for j in range(n_workers)}
         self.server = ServerState.new(self.layers, x_is_param=False)
         self._init_rows()
+        self._init_local()
+        if self.local_steps:  # each worker's own parameters W_j and inner optimizer state (a copy of the initial)
+            self._local_W = {j: [L.w.clone() for L in self.layers] for j in range(n_workers)}
+            initial = self._optimizer_state_copy(self.optimizer.state)
+            self._inner_states = {j: self._optimizer_state_copy(initial) for j in range(n_workers)}
 
     @property
     def workers(self) -> list[WorkerState]:
@@ -1324,6 +1537,8 @@ class Simulator(_EF21Base):
         """
         if len(batches) != self.n_workers:
             raise ValueError(f"got {len(batches)} batches for n_workers={self.n_workers}; pass one batch per worker")
+        if self.local_steps:
+            return self._local_step(loss_fn, batches)
         participants = set(self._participants(self.n_workers))
         losses = [float("nan")] * self.n_workers
         grads: list[list[Tensor] | None] = [None] * self.n_workers
@@ -1335,6 +1550,59 @@ class Simulator(_EF21Base):
                     prev[j] = self._gradient(loss_fn, batches[j])[1]
         self.optimizer.zero_grad(set_to_none=True)
         self.apply(grads, prev)
+        return losses
+
+    def worker_parameters(self, j: int) -> dict[str, Tensor]:
+        """Worker ``j``'s own parameters W_j by name (clones): with ``sync_every > 1`` where its next inner step starts
+        (they differ between workers mid-round); otherwise the shared W every worker holds."""
+        if not 0 <= j < self.n_workers:
+            raise ValueError(f"worker {j!r} does not exist; valid: 0 .. {self.n_workers - 1}")
+        ws = self._local_W[j] if self.local_steps else [L.w for L in self.layers]
+        return {L.name: w.clone() for L, w in zip(self.layers, ws)}
+
+    @staticmethod
+    def _optimizer_state_copy(state: Mapping[Any, Mapping[str, Any]]) -> collections.defaultdict[Any, dict[str, Any]]:
+        out: collections.defaultdict[Any, dict[str, Any]] = collections.defaultdict(dict)
+        for p, st in state.items():
+            out[p] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in st.items()}
+        return out
+
+    def _local_step(self, loss_fn: Callable[[nn.Module, Any], Tensor], batches: Sequence[Any]) -> list[float]:
+        """``sync_every > 1``: every worker's inner step from its own W_j with its own optimizer state; on every
+        H-th step the outer sync. Between steps the parameters hold the round's shared W_start."""
+        sync = self.round_position == self.sync_every - 1
+        losses, deltas, bad = [], {}, []
+        own_state = self.optimizer.state
+        try:
+            for j in range(self.n_workers):
+                with torch.no_grad():
+                    for L, w in zip(self.layers, self._local_W[j]):
+                        L.w.copy_(w)
+                self.optimizer.state = self._inner_states[j]
+                loss, grads = self._gradient(loss_fn, batches[j])
+                losses.append(loss)
+                if _nonfinite(grads):
+                    bad.append(j)
+                    self._inner_nonfinite(f"worker {j}")
+                else:
+                    self._inner_update(grads)
+                with torch.no_grad():
+                    if sync:
+                        deltas[j] = [self._start[L.index] - L.w.float() for L in self.layers]
+                    else:
+                        self._local_W[j] = [L.w.clone() for L in self.layers]
+        finally:
+            self.optimizer.state = own_state
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for L in self.layers:
+                    L.w.copy_(self._start[L.index])
+        if not sync:
+            self._inner_record(len(bad) == self.n_workers)
+            return losses
+        self._sync(deltas, None, self.n_workers)
+        self._begin_round()
+        self._local_W = {j: [L.w.clone() for L in self.layers] for j in range(self.n_workers)}
         return losses
 
     def _gradient(self, loss_fn: Callable[[nn.Module, Any], Tensor], batch: Any) -> tuple[float, list[Tensor]]:
@@ -1354,6 +1622,11 @@ class Simulator(_EF21Base):
         """
         if self.needs_previous_gradient and prev is None:
             raise ValueError(f"estimator {self.estimator!r} needs the previous point's gradients (prev=...)")
+        if self.local_steps:
+            raise ValueError(
+                f"sync_every={self.sync_every}: each worker steps from its own parameters, so a round needs its loss "
+                "on every inner step: call step(loss_fn, batches) (apply() takes gradients at one shared point)"
+            )
         local = {j: g for j, g in enumerate(grads) if g is not None}
         before = {j: p for j, p in enumerate(prev) if p is not None} if prev is not None else None
         return self._sync(local, before, self.n_workers)
@@ -1389,11 +1662,24 @@ class Simulator(_EF21Base):
 
     def state_dict(self) -> dict[str, Any]:
         """Every simulated worker's state, the server state, the optimizer state and the ledger."""
-        return {
+        state = {
             "n_workers": self.n_workers,
             "workers": [w.state_dict(self.layers) for w in self.workers],
             **self._common_state(),
         }
+        if self.local_steps:  # every worker's W_j and inner optimizer state, by parameter name
+            state["inner"] = [
+                {
+                    "W": {L.name: w.clone() for L, w in zip(self.layers, self._local_W[j])},
+                    "optimizer": {
+                        L.name: {k: v.clone() if isinstance(v, Tensor) else v for k, v in st[L.param].items()}
+                        for L in self.layers
+                        if L.param in (st := self._inner_states[j])
+                    },
+                }
+                for j in range(self.n_workers)
+            ]
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` (same model and n_workers). W is the model's own state."""
@@ -1402,3 +1688,13 @@ class Simulator(_EF21Base):
         for w, s in zip(self.workers, state["workers"]):
             w.load_state_dict(s, self.layers)
         self._load_common(state)
+        if self.local_steps:
+            for j, saved in enumerate(state["inner"]):
+                self._local_W[j] = [saved["W"][L.name].clone() for L in self.layers]
+                st = self._inner_states[j]
+                st.clear()
+                for L in self.layers:
+                    if L.name in saved["optimizer"]:
+                        st[L.param] = {
+                            k: v.clone() if isinstance(v, Tensor) else v for k, v in saved["optimizer"][L.name].items()
+                        }

@@ -1,0 +1,289 @@
+"""Local steps (``sync_every=H``): H inner steps with the optimizer's own rule, then the compressed, error-corrected
+outer sync. References are independent of the engine: DiLoCo written line by line with torch.optim (n model copies,
+each with its own inner optimizer; the outer pseudo-gradient averaged by hand; torch.optim.SGD(nesterov=True) as the
+outer optimizer), the compressors' closed-form bit counts, and the uninterrupted run for resume."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import ef_lightning as efl
+from dist_helpers import (check_ok, engine_hierarchical, engine_resume, engine_run, make_data, make_model,
+                          make_optimizer, mse, run_distributed)
+from ef_lightning.config import EF21Config, EF21ConfigError
+
+H = 4
+STEPS = 14  # three rounds and half of a fourth: the end is mid-round
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+
+
+INNER = {"adamw": adamw, "gluon": make_optimizer}
+
+
+def diloco(n: int, steps: int, H: int, inner, outer_lr: float = 0.7, m: float = 0.9, outer=None):
+    """DiLoCo (arXiv 2311.08105, Algorithm 1), line by line: every worker its own copy and inner optimizer; every H
+    steps the mean of theta_start - theta_j is the outer gradient; ``outer`` (default Nesterov SGD) steps the global
+    model, which every worker copies. Returns the global model's parameters and each worker's current ones."""
+    glob = make_model(0)
+    opt = outer(glob) if outer is not None else torch.optim.SGD(glob.parameters(), lr=outer_lr, momentum=m,
+                                                                 nesterov=True)
+    workers = [copy.deepcopy(glob) for _ in range(n)]
+    opts = [inner(w) for w in workers]
+    data = make_data(n, steps)
+    for s in range(steps):
+        for j in range(n):
+            opts[j].zero_grad()
+            mse(workers[j], data[s][j]).backward()
+            opts[j].step()
+        if (s + 1) % H == 0:
+            for p, *ws in zip(glob.parameters(), *[w.parameters() for w in workers]):
+                p.grad = torch.stack([p.detach() - w.detach() for w in ws]).mean(0)
+            opt.step()
+            for w in workers:
+                w.load_state_dict(glob.state_dict())
+    return ({k: v.detach().clone() for k, v in glob.named_parameters()},
+            [{k: v.detach().clone() for k, v in w.named_parameters()} for w in workers])
+
+
+def simulate(n: int, steps: int, inner=make_optimizer, **cfg):
+    model = make_model(0)
+    sim = efl.Simulator(model, inner(model), n_workers=n, **cfg)
+    data = make_data(n, steps)
+    for s in range(steps):
+        sim.step(mse, data[s])
+    return sim, model
+
+
+def close(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=0, msg=k)
+
+
+def _topk_bits(d: int, ratio: float, f: int = 32) -> int:
+    K = math.ceil(ratio * d)
+    return min(K * (f + math.ceil(math.log2(d))), f * K + d)
+
+
+# ----------------------------------------------------------------------------------------------- options
+@pytest.mark.parametrize("opts, field", [
+    ({"sync_every": 0}, "sync_every"), ({"sync_every": 2.0}, "sync_every"), ({"sync_every": True}, "sync_every"),
+    ({"outer": "adam"}, "outer"), ({"outer_lr": 0.0}, "outer_lr"), ({"outer_momentum": 1.0}, "outer_momentum"),
+    ({"sync_every": 4, "estimator": "mvr"}, "sync_every"),
+    ({"sync_every": 4, "topology": "server", "participation": 0.5}, "sync_every"),
+])
+def test_bad_local_options_name_the_value_and_the_choices(opts, field):
+    with pytest.raises(EF21ConfigError, match="valid") as e:
+        EF21Config(**opts)
+    assert field in str(e.value)
+
+
+def test_outer_step_size_defaults():
+    assert EF21Config(sync_every=8).outer_step_size == 0.7  # DiLoCo
+    assert EF21Config(sync_every=8, outer="lmo").outer_step_size == 8.0  # H inner radii
+    assert EF21Config(sync_every=8, outer_lr=0.3).outer_step_size == 0.3
+
+
+def test_lmo_outer_needs_an_lmo_optimizer():
+    model = make_model(0)
+    with pytest.raises(ValueError, match="outer='nesterov'"):
+        efl.Simulator(model, adamw(model), n_workers=2, sync_every=2, outer="lmo")
+
+
+# ----------------------------------------------------------------------------------------------- Simulator
+@pytest.mark.parametrize("inner", ["adamw", "gluon"])
+def test_identity_simulator_equals_line_by_line_diloco(inner):
+    n = 3
+    X_ref, W_ref = diloco(n, STEPS, H, INNER[inner])
+    sim, model = simulate(n, STEPS, INNER[inner], uplink="identity", downlink="identity", sync_every=H)
+    close(sim.server_model(), X_ref)
+    for j in range(n):  # mid-round: every worker's own parameters
+        close(sim.worker_parameters(j), W_ref[j])
+    close({k: v.detach() for k, v in model.named_parameters()}, X_ref)  # between steps: the shared W = X here
+    s = sim.ledger.summary()
+    assert s["steps"] == STEPS and s["outer_rounds"] == STEPS // H
+
+
+def test_identity_lmo_outer_equals_reference():
+    """outer='lmo': X <- X - outer_lr*lr*scale*d(mean delta), here written as a momentum-free LMO optimizer over the
+    global model at lr*outer_lr with no weight decay."""
+    n, outer_lr = 2, 2.0
+    lr = make_optimizer(make_model(0)).param_groups[0]["lr"]
+    ref = lambda m: efl.build_lmo_optimizer(m, preset="gluon", lr=lr * outer_lr, momentum=0.0,  # noqa: E731
+                                            weight_decay=0.0, verbose=False)
+    X_ref, _ = diloco(n, 8, H, make_optimizer, outer=ref)
+    sim, _ = simulate(n, 8, uplink="identity", downlink="identity", sync_every=H, outer="lmo", outer_lr=outer_lr)
+    close(sim.server_model(), X_ref)
+
+
+def test_sync_every_one_is_todays_step_bit_for_bit():
+    a, ma = simulate(3, 6, uplink="top_k:0.2", downlink="top_k:0.3")
+    b, mb = simulate(3, 6, uplink="top_k:0.2", downlink="top_k:0.3", sync_every=1)
+    for k, v in a.server_model().items():
+        assert torch.equal(v, b.server_model()[k])
+    for (k, v), (_, w) in zip(ma.named_parameters(), mb.named_parameters()):
+        assert torch.equal(v, w), k
+
+
+def test_ledger_counts_bits_per_outer_round_only():
+    n, steps = 2, 8
+    sim, model = simulate(n, steps, uplink="top_k:0.1", downlink="top_k:0.25", sync_every=H)
+    dims = [p.numel() for p in model.parameters()]
+    up = sum(_topk_bits(d, 0.1) for d in dims)
+    down = sum(_topk_bits(d, 0.25) for d in dims)
+    for rec in sim.ledger.records:
+        synced = (rec.step + 1) % H == 0
+        assert rec.synced == synced
+        assert rec.uplink_bits == (up if synced else 0) and rec.downlink_bits == (down if synced else 0)
+        assert rec.dense_bytes == 4 * sum(dims)  # what data-parallel training sends every step
+    s = sim.ledger.summary()
+    assert s["outer_rounds"] == 2 and s["uplink_bits_per_worker"] == 2 * up
+    assert s["compression_ratio"] == pytest.approx(steps * 4 * sum(dims) / s["uplink_wire_bytes_per_worker"])
+    m = sim.ledger.metrics()
+    assert m["comm/uplink_bits"] == up and m["comm/outer_rounds"] == 2
+
+
+def test_simulator_resume_mid_round_is_bit_identical():
+    n, split = 2, 6  # 6 % 4: two inner steps into the second round
+    cfg = dict(uplink="top_k:0.2", downlink="top_k:0.3", sync_every=H)
+    full, mf = simulate(n, STEPS, **cfg)
+    data = make_data(n, STEPS)
+    part, mp = simulate(n, split, **cfg)
+    state, weights = part.state_dict(), copy.deepcopy(mp.state_dict())
+    model = make_model(3)
+    model.load_state_dict(weights)
+    sim = efl.Simulator(model, make_optimizer(model), n_workers=n, **cfg)
+    sim.load_state_dict(state)
+    for s in range(split, STEPS):
+        sim.step(mse, data[s])
+    for k, v in full.server_model().items():
+        assert torch.equal(v, sim.server_model()[k]), k
+    for j in range(n):
+        for k, v in full.worker_parameters(j).items():
+            assert torch.equal(v, sim.worker_parameters(j)[k]), k
+
+
+def test_nonfinite_inner_gradient_skips_that_workers_step_only():
+    n = 2
+    model = make_model(0)
+    sim = efl.Simulator(model, make_optimizer(model), n_workers=n, uplink="top_k:0.2", sync_every=H)
+    data = make_data(n, H)
+    sim.step(mse, data[0])
+    before = [sim.worker_parameters(j) for j in range(n)]
+    G_before = [g.clone() for g in sim.workers[0].G.values()]
+    bad = [data[1][0], (data[1][1][0] * float("nan"), data[1][1][1])]
+    with pytest.warns(RuntimeWarning, match="worker 1"):
+        sim.step(mse, bad)
+    after = [sim.worker_parameters(j) for j in range(n)]
+    assert all(torch.equal(v, after[1][k]) for k, v in before[1].items())  # worker 1 did not move
+    assert any(not torch.equal(v, after[0][k]) for k, v in before[0].items())  # worker 0 did
+    assert all(torch.equal(a, b) for a, b in zip(G_before, sim.workers[0].G.values()))  # no EF21 state touched
+    for s in (2, 3):
+        sim.step(mse, data[s])
+    assert all(torch.isfinite(x).all() for x in sim.server_model().values())
+
+
+# ----------------------------------------------------------------------------------------------- processes
+TOPOLOGIES = ("sharded", "allgather", "server")
+IDENTITY = [{"topology": t, "uplink": "identity", "downlink": "identity", "sync_every": H} for t in TOPOLOGIES]
+COMPRESSED = [{"topology": t, "uplink": "top_k:0.2", "downlink": "identity" if t == "allgather" else "top_k:0.3",
+               "sync_every": H} for t in TOPOLOGIES]
+ONE = [{"topology": t, "uplink": "top_k:0.2", "downlink": "identity" if t == "allgather" else "top_k:0.3", **extra}
+       for t in TOPOLOGIES for extra in ({}, {"sync_every": 1})]
+
+
+@pytest.fixture(scope="module")
+def two_proc(tmp_path_factory):
+    return check_ok(run_distributed(engine_run, 2, tmp_path_factory.mktemp("local"),
+                                    configs=IDENTITY + COMPRESSED + ONE, steps=STEPS))
+
+
+def _key(cfg: dict) -> str:
+    return repr(sorted(cfg.items()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", IDENTITY, ids=lambda c: c["topology"])
+def test_identity_processes_equal_line_by_line_diloco(two_proc, cfg):
+    X_ref, W_ref = diloco(2, STEPS, H, make_optimizer)
+    for r, res in enumerate(two_proc):
+        got = res[_key(cfg)]
+        close(got["X"], X_ref)
+        close(got["W"], W_ref[r])  # mid-round: each rank's own W_j
+        assert got["ledger"]["outer_rounds"] == STEPS // H
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", COMPRESSED, ids=lambda c: c["topology"])
+def test_compressed_processes_equal_simulator(two_proc, cfg):
+    sim, _ = simulate(2, STEPS, **{k: v for k, v in cfg.items() if k != "topology"})
+    for r, res in enumerate(two_proc):
+        got = res[_key(cfg)]
+        close(got["X"], sim.server_model())
+        close(got["W"], sim.worker_parameters(r))
+        ups = [rec["uplink_bits"] for rec in got["records"]]
+        assert ups == [rec.uplink_bits for rec in sim.ledger.records]  # bits only on outer rounds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_sync_every_one_equals_current_step_in_processes(two_proc, topology):
+    a, b = (c for c in ONE if c["topology"] == topology)
+    for res in two_proc:
+        x, y = res[_key(a)], res[_key(b)]
+        for part in ("X", "W"):
+            for k, v in x[part].items():
+                assert torch.equal(v, y[part][k]), (part, k)
+        assert x["records"] == y["records"] or [
+            {k: v for k, v in r.items() if "seconds" not in k} for r in x["records"]
+        ] == [{k: v for k, v in r.items() if "seconds" not in k} for r in y["records"]]
+
+
+@pytest.mark.slow
+def test_engine_resume_mid_round_is_bit_identical(tmp_path):
+    cfg = {"topology": "sharded", "uplink": "top_k:0.2", "downlink": "top_k:0.3", "sync_every": H}
+    for res in check_ok(run_distributed(engine_resume, 2, tmp_path, cfg=cfg, steps=STEPS, split=6)):
+        for part in ("X", "W"):
+            for k, v in res["full"][part].items():
+                assert torch.equal(v, res["resumed"][part][k]), (part, k)
+
+
+@pytest.mark.slow
+def test_hierarchical_local_steps_equal_simulator_of_nodes(tmp_path):
+    """2 nodes x 2 processes: each node's inner step on its average gradient (dense inside the node), the outer
+    sync across nodes; equals a Simulator with one worker per node fed the node's batches; sync_every=1 is today's
+    hierarchical step bit for bit; resume mid-round is bit-identical."""
+    cfg = {"uplink": "top_k:0.2", "downlink": "top_k:0.3", "sync_every": H}
+    steps = 10
+    res = check_ok(run_distributed(engine_hierarchical, 4, tmp_path / "h", cfg=cfg, steps=steps,
+                                   local_world_size=2, split=6))
+    model = make_model(0)
+    sim = efl.Simulator(model, make_optimizer(model), n_workers=2, **cfg)
+    data = make_data(4, steps)
+    for s in range(steps):
+        batches = []
+        for j in range(2):
+            xs, ys = zip(*data[s][2 * j:2 * j + 2])
+            batches.append((torch.cat(xs), torch.cat(ys)))
+        sim.step(mse, batches)
+    for r, got in enumerate(res):
+        close(got["X"], sim.server_model())
+        close(got["W"], sim.worker_parameters(r // 2))
+        for part in ("X", "W"):
+            for k, v in got[part].items():
+                assert torch.equal(v, got["resumed"][part][k]), (part, k)
+    one = {"uplink": "top_k:0.2", "downlink": "top_k:0.3"}
+    a = check_ok(run_distributed(engine_hierarchical, 4, tmp_path / "a", cfg=one, steps=4, local_world_size=2))
+    b = check_ok(run_distributed(engine_hierarchical, 4, tmp_path / "b", cfg={**one, "sync_every": 1}, steps=4,
+                                 local_world_size=2))
+    for x, y in zip(a, b):
+        for part in ("X", "W"):
+            for k, v in x[part].items():
+                assert torch.equal(v, y[part][k]), (part, k)
