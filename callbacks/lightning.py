@@ -48,7 +48,10 @@ class CommunicationMonitor(Callback):
     bits, wire bytes), ``comm/downlink_bits`` / ``downlink_bytes`` (what the server side sent; 0 with
     ``allgather``), the same with ``_total`` (cumulative, restored with the checkpoint), ``comm/dense_bytes_total``,
     ``comm/compression_ratio`` (cumulative dense bytes / uplink wire bytes), ``comm/steps``, ``comm/skipped_steps``.
-    Values are float64, so bit counts stay exact up to 2**53.
+    Values are float64, so bit counts stay exact up to 2**53. With local steps (``sync_every=H > 1``) the monitor
+    logs at the outer rounds only (every H-th optimizer step; the inner steps send nothing), straight to the
+    trainer's loggers (not the progress bar), with ``comm/outer_rounds``; ``comm/compression_ratio`` then counts the dense bytes of every step, the inner ones
+    included.
 
     Per-worker counts are identical on every rank, except with partial participation (``participation=``), where a
     rank sends only in the rounds it takes part in: then they are averaged over the ranks with a torchmetrics
@@ -132,6 +135,9 @@ class CommunicationMonitor(Callback):
                         f"{rec.uplink_wire_bytes} bytes >= dense {rec.dense_bytes}: compression did "
                         "not run"
                     )
+        local = getattr(engine, "local_steps", False)
+        if local and all(not rec.synced for rec in new):  # inner steps between synchronisations: nothing was sent
+            return
         metrics = engine.ledger.metrics(prefix="")
         if self._mean is not None:  # partial participation: the mean over ranks
             self._mean.update(torch.tensor([float(metrics[k]) for k in _PER_WORKER], dtype=torch.float64))
@@ -140,6 +146,14 @@ class CommunicationMonitor(Callback):
             metrics.pop("compression_ratio", None)
             if metrics["uplink_bytes_total"]:
                 metrics["compression_ratio"] = metrics["dense_bytes_total"] / metrics["uplink_bytes_total"]
+        if local:
+            # straight to the loggers, at the outer round's step: a value given to self.log would be logged again,
+            # stale, at every inner step until the epoch ends (Lightning keeps on_step values for the epoch)
+            if trainer.is_global_zero:
+                logged = {f"comm/{k}": float(v) for k, v in metrics.items()}
+                for logger in trainer.loggers:
+                    logger.log_metrics(logged, step=trainer.global_step - 1)
+            return
         for key, value in metrics.items():
             pl_module.log(
                 f"comm/{key}",

@@ -165,6 +165,48 @@ def resume_script(rank: int, world: int, ckpt: str, split: int = 3, steps: int =
     return {"full": full, "resumed": resumed, "files": files}
 
 
+def local_resume_script(rank: int, world: int, ckpt: str, split: int = 8, micro_batches: int = 14) -> dict[str, Any]:
+    """EF21_SYNC_EVERY with gradient_accumulation_steps=2: save_state after ``split`` micro-batches (mid-round),
+    continue; then fresh objects + load_state + the same continuation."""
+    from ef_lightning.accelerate import EF21Plugin
+
+    data = make_data(world, micro_batches)
+
+    def build(seed: int):
+        accelerator = fresh_accelerator(gradient_accumulation_steps=2)
+        model = make_model(seed)
+        optimizer = make_optimizer(model)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.9 ** s)
+        plugin = EF21Plugin()
+        model, optimizer, scheduler = plugin.prepare(accelerator, model, optimizer, scheduler)
+        return accelerator, model, optimizer, scheduler, plugin
+
+    def train(model, optimizer, scheduler, accelerator, lo, hi):
+        for s in range(lo, hi):
+            with accelerator.accumulate(model):
+                accelerator.backward(mse(model, data[s][rank]))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+
+    accelerator, model, optimizer, scheduler, plugin = build(0)
+    train(model, optimizer, scheduler, accelerator, 0, split)
+    accelerator.save_state(ckpt)
+    accelerator.wait_for_everyone()
+    train(model, optimizer, scheduler, accelerator, split, micro_batches)
+    full = _ef21_snapshot(accelerator.unwrap_model(model), plugin)
+    full["records"] = [dict(vars(r)) for r in plugin.ledger.records]
+    accelerator.wait_for_everyone()
+
+    torch.manual_seed(123)
+    accelerator, model, optimizer, scheduler, plugin = build(7)
+    accelerator.load_state(ckpt)
+    train(model, optimizer, scheduler, accelerator, split, micro_batches)
+    resumed = _ef21_snapshot(accelerator.unwrap_model(model), plugin)
+    resumed["records"] = [dict(vars(r)) for r in plugin.ledger.records]
+    return {"full": full, "resumed": resumed}
+
+
 # --------------------------------------------------------------------------- variance-reduced estimators (closures)
 #: (estimator, EF21_* settings) of the VR scenarios; the parent builds the same Simulator from these
 VR_CASES: dict[str, dict[str, str]] = {
@@ -254,6 +296,8 @@ def accelerate_scenarios(rank: int, world: int, ckpt: str) -> dict[str, Any]:
         out["topk"] = train_script(rank, world, steps=3)
     with ef21_env(muon="1", uplink="top_k:0.1", downlink="top_k:0.3", topology="sharded"):
         out["resume"] = resume_script(rank, world, ckpt)
+    with ef21_env(muon="1", uplink="top_k:0.1", downlink="top_k:0.3", sync_every="3"):
+        out["local_resume"] = local_resume_script(rank, world, ckpt + "_local")
     for name, settings in VR_CASES.items():
         with ef21_env(muon="1", **settings):
             out[f"vr_{name}"] = vr_script(rank, world)

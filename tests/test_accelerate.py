@@ -318,6 +318,24 @@ def test_save_state_load_state_continues_bit_identically(acc_results):
     assert any(not torch.equal(g0[k], g1[k]) for k in g0)
 
 
+def test_local_steps_with_accumulation_resume_mid_round_bit_identically(acc_results):
+    """EF21_SYNC_EVERY=3, gradient_accumulation_steps=2, save_state after 4 optimizer steps (one into a round)."""
+    Ws = []
+    for r, res in enumerate(acc_results):
+        full, resumed = res["local_resume"]["full"], res["local_resume"]["resumed"]
+        for part in ("W", "X"):
+            for k, v in full[part].items():
+                assert torch.equal(v, resumed[part][k]), (r, part, k)
+        for kind, tensors in full["ef21"]["local"].items():
+            for k, v in tensors.items():
+                assert torch.equal(v, resumed["ef21"]["local"][kind][k]), (r, kind, k)
+        assert full["ef21"]["step"] == 7 and full["ef21"]["sync_every"] == 3
+        assert [x["synced"] for x in full["records"]] == [False, False, True] * 2 + [False]
+        assert _counts(full["ef21"]["ledger"]) == _counts(resumed["ef21"]["ledger"])
+        Ws.append(full["W"])
+    assert any(not torch.equal(Ws[0][k], Ws[1][k]) for k in Ws[0])  # mid-round each rank holds its own W_j
+
+
 # ------------------------------------------------------------------------------------------------ transformers
 def test_communication_callback_reaches_stock_trainer_log_history(tmp_path):
     from transformers import Trainer, TrainerCallback, TrainingArguments

@@ -14,12 +14,13 @@ pytestmark = pytest.mark.slow  # multi-process
 STEPS = 16
 IDENTITY = {"uplink": "identity", "downlink": "identity"}
 COMPRESSED = {"uplink": "top_k:0.1+natural", "downlink": "top_k:0.2+natural"}
+LOCAL = {"uplink": "identity", "downlink": "identity", "sync_every": 4}
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     return check_ok(run_distributed(engine_fsdp, 4, tmp_path_factory.mktemp("fsdp"), local_world_size=2, steps=STEPS,
-                                    configs=[IDENTITY, COMPRESSED]))
+                                    configs=[IDENTITY, COMPRESSED, LOCAL]))
 
 
 def test_identity_equals_hsdp_with_the_same_optimizer(fsdp_run):
@@ -28,6 +29,31 @@ def test_identity_equals_hsdp_with_the_same_optimizer(fsdp_run):
         for name, w in res[key]["W"].items():
             torch.testing.assert_close(w, res["hsdp"]["W"][name], atol=1e-5, rtol=0, msg=f"rank {r} {name}")
         assert res[key]["losses"] == pytest.approx(res["hsdp"]["losses"], abs=1e-5)
+
+
+def test_local_steps_equal_a_simulator_of_nodes(fsdp_run):
+    """sync_every=4 under FSDP2: each node's inner steps on its shards (FSDP2's reduce-scatter averages the node's
+    gradients), the outer delta of the local shards across nodes. Equals an unsharded Simulator with one worker per
+    node fed that node's batches (DiLoCo over nodes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import ef_lightning as efl
+    from dist_helpers import counting_batch
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    opt = efl.build_lmo_optimizer(model, preset="muon", lr=0.02, momentum=0.9, verbose=False)
+    sim = efl.Simulator(model, opt, n_workers=2, **LOCAL)
+    loss = lambda m, ids: m(input_ids=ids, labels=ids).loss  # noqa: E731
+    for s in range(STEPS):
+        sim.step(loss, [torch.cat([counting_batch(s, 2 * j), counting_batch(s, 2 * j + 1)]) for j in (0, 1)])
+    X = sim.server_model()
+    key = repr(sorted(LOCAL.items()))
+    for r, res in enumerate(fsdp_run):
+        assert res[key]["ledger"]["outer_rounds"] == STEPS // 4
+        for name, w in res[key]["W"].items():  # after the last sync: W = X (identity downlink)
+            torch.testing.assert_close(w, X[name], atol=1e-5, rtol=0, msg=f"rank {r} {name}")
 
 
 def test_ef21_state_is_the_local_shard(fsdp_run):

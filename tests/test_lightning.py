@@ -17,7 +17,7 @@ import ef_lightning as efl
 pytestmark = pytest.mark.slow  # multi-process: the bulk of the suite's time (deselect: -m 'not slow')
 
 HERE = Path(__file__).parent
-TWO_PROC = ["vs_ddp", "topk_csv", "resume", "accumulate", "bf16", "adamw", "vr", "participation"]
+TWO_PROC = ["vs_ddp", "topk_csv", "resume", "accumulate", "bf16", "adamw", "vr", "participation", "local"]
 
 
 def _run(out: Path, devices: int, *scenarios: str) -> None:
@@ -115,6 +115,33 @@ def test_resume_from_checkpoint_is_bit_identical(runs):
             assert torch.equal(v, res["resumed"][k]), k
         assert res["seen_full"][4:] == res["seen_resumed"]  # same data after resuming
         assert res["ledger_resumed"]["steps"] == 10  # the ledger came back with the checkpoint
+
+
+def test_local_steps_with_accumulation_resume_mid_round_bit_identically(runs):
+    """sync_every=4, accumulate_grad_batches=2, checkpoint at step 6 (mid-round): X, each rank's own W_j, its
+    error-feedback state and the round's start all continue bit for bit; the monitor logs at outer rounds only."""
+    per_rank = [_load(runs, "local", r) for r in (0, 1)]
+    for res in per_rank:
+        full, resumed = res["full"], res["resumed"]
+        assert full["global_step"] == resumed["global_step"] == 10
+        for part in ("X", "W"):
+            for k, v in full[part].items():
+                assert torch.equal(v, resumed[part][k]), (part, k)
+        for k in ("G", "M"):
+            for name, v in full["worker"][k].items():
+                assert torch.equal(v, resumed["worker"][k][name]), (k, name)
+        for name, v in full["local"]["start"].items():
+            assert torch.equal(v, resumed["local"]["start"][name]), name
+        assert full["seen"][12:] == resumed["seen"]  # 2 micro-batches per step: the same data after resuming
+        synced = [r["step"] for r in full["records"] if r["synced"]]
+        assert synced == [3, 7] and len(full["records"]) == 10  # one record per optimizer step, a sync every 4
+        assert resumed["records"] == full["records"] or [r["step"] for r in resumed["records"]] == list(range(10))
+    assert any(not torch.equal(per_rank[0]["full"]["W"][k], per_rank[1]["full"]["W"][k])
+               for k in per_rank[0]["full"]["W"])  # mid-round the ranks' W_j differ: each resumed its own
+    rows = list(csv.DictReader(open(runs / "local_csv" / "version_0" / "metrics.csv")))
+    logged = [int(r["step"]) for r in rows if r.get("comm/uplink_bits")]
+    assert logged == [3, 7]  # comm/... at the outer rounds (Lightning's step index of the logging batch)
+    assert all(float(r["comm/outer_rounds"]) == i + 1 for i, r in enumerate(x for x in rows if x.get("comm/uplink_bits")))
 
 
 def test_gradient_accumulation_syncs_once_per_optimizer_step(runs):
