@@ -49,9 +49,9 @@ class CommunicationMonitor(Callback):
     ``allgather``), the same with ``_total`` (cumulative, restored with the checkpoint), ``comm/dense_bytes_total``,
     ``comm/compression_ratio`` (cumulative dense bytes / uplink wire bytes), ``comm/steps``, ``comm/skipped_steps``.
     Values are float64, so bit counts stay exact up to 2**53. With local steps (``sync_every=H > 1``) the monitor
-    logs at the outer rounds only (every H-th optimizer step; the inner steps send nothing), straight to the
-    trainer's loggers (not the progress bar), with ``comm/outer_rounds``; ``comm/compression_ratio`` then counts the dense bytes of every step, the inner ones
-    included.
+    logs at the synchronisations only (every H-th optimizer step, or each fragment's with ``fragments``; the inner
+    steps send nothing), straight to the trainer's loggers (not the progress bar), with ``comm/outer_rounds``;
+    ``comm/compression_ratio`` then counts the dense bytes of every step, the inner ones included.
 
     Per-worker counts are identical on every rank, except with partial participation (``participation=``), where a
     rank sends only in the rounds it takes part in: then they are averaged over the ranks with a torchmetrics

@@ -85,11 +85,11 @@ _VALID_NUMBERS = {
 
 def _from_env(name: str, text: str, where: str) -> Any:
     """An ``EF21_*`` string as the typed value :class:`EF21Config` checks (ranges and choices are its job)."""
-    if name in ("server_rank", "seed", "local_world_size", "sync_every"):
+    if name in ("server_rank", "seed", "local_world_size", "sync_every", "fragments"):
         try:
             return int(text)
         except ValueError:
-            low = 1 if name in ("local_world_size", "sync_every") else 0
+            low = 1 if name in ("local_world_size", "sync_every", "fragments") else 0
             raise ValueError(f"{where}={text!r} is not an integer; valid values: integers >= {low}") from None
     if name in ("fused", "overlap"):
         return _flag(text, where)
@@ -192,6 +192,9 @@ class EF21Plugin:
     outer: str | None = _field("EF21_OUTER", "Outer step with sync_every > 1: nesterov (DiLoCo) or lmo")
     outer_lr: float | None = _field("EF21_OUTER_LR", "Outer step size; default 0.7 (nesterov) or sync_every (lmo)")
     outer_momentum: float | None = _field("EF21_OUTER_MOMENTUM", "Momentum of the nesterov outer step, in [0, 1)")
+    fragments: int | None = _field(
+        "EF21_FRAGMENTS", "Streaming with sync_every > 1: F layer fragments synchronised at staggered steps"
+    )
     # resolved in __post_init__ (not arguments): the checked configuration, and what exists once attached
     config: EF21Config = dataclasses.field(init=False, repr=False, compare=False)
     _runtime: _Runtime | None = dataclasses.field(init=False, default=None, repr=False, compare=False)

@@ -175,8 +175,8 @@ class Ledger:
             dense bytes / uplink wire bytes (left out while nothing was sent); ``steps`` and ``skipped_steps``;
             with ``topology="hierarchical"`` also ``intra_node_bytes`` and ``intra_node_bytes_total`` (then the
             uplink/downlink numbers are inter-node). With local steps (``sync_every > 1``) the per-step numbers are
-            the last synchronisation's and ``outer_rounds`` counts the synchronisations. Bits are theoretical (docs/algorithm.md §3); bytes are the wire
-            bytes handed to the collectives.
+            the last synchronisation's and ``outer_rounds`` counts the synchronisations. Bits are theoretical
+            (docs/algorithm.md §3); bytes are the wire bytes handed to the collectives.
         """
         if self.last is None:
             return {}

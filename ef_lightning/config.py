@@ -177,6 +177,10 @@ class EF21Config:
         outer_lr: the outer step size (dimensionless); ``None``: 0.7 for ``nesterov`` (DiLoCo), H for ``lmo`` (H
             inner radii: the distance H aligned inner steps travel).
         outer_momentum: m of the ``nesterov`` outer step, in [0, 1) (DiLoCo: 0.9).
+        fragments: F, streaming synchronisation (Streaming DiLoCo, arXiv 2501.18512): the layers are split into F
+            contiguous fragments balanced by size, and fragment f synchronises after the steps s with
+            (s + 1 + f*H//F) % H == 0, so each step's link carries about 1/F of a round's traffic instead of
+            bursts every H steps. 1 (default): every layer every H steps. Needs ``sync_every > 1``, 1 <= F <= H.
 
     Raises:
         EF21ConfigError: (a ValueError) naming the option, the bad value and the valid choices.
@@ -204,6 +208,7 @@ class EF21Config:
     outer: str = "nesterov"
     outer_lr: float | None = None
     outer_momentum: float = DILOCO_OUTER_MOMENTUM
+    fragments: int = 1
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen: normalise once)
@@ -309,6 +314,15 @@ class EF21Config:
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
             raise EF21ConfigError("outer_momentum", f"outer_momentum={m!r}; valid values: numbers in [0, 1)")
         object.__setattr__(self, "outer_momentum", float(m))
+        F = self.fragments
+        if isinstance(F, bool) or not isinstance(F, int) or F < 1:
+            raise EF21ConfigError("fragments", f"fragments={F!r}; valid values: integers >= 1")
+        if F > 1 and not 1 < F <= H:
+            raise EF21ConfigError(
+                ("fragments", "sync_every"),
+                f"fragments={F} with sync_every={H}: streaming staggers F fragments over the H steps of a round; "
+                f"valid values: fragments in 1 .. sync_every (and sync_every > 1)",
+            )
         if lr is not None:
             object.__setattr__(self, "outer_lr", float(lr))
         if H > 1 and (self.estimator != "ef21" or self.participation not in (None, 1, 1.0)):

@@ -80,6 +80,7 @@ from ef_lightning.state import (
     WorkerState,
     assign_buckets,
     build_groups,
+    fragment_of,
     group_rows_,
     load_optimizer_state,
     load_tensors,
@@ -91,6 +92,7 @@ from ef_lightning.state import (
 __all__ = ["EF21Engine", "Simulator", "LayerSpec"]
 
 _IDENTITY = _comp.build("identity")
+_NOTHING = torch.zeros(0)  # a layer's entry that a streaming sync does not read
 Closure = Callable[[], Any]
 # optimizer -> the engine driving it (weakly: a dropped engine stops guarding)
 _DRIVERS: weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.ref[_EF21Base]] = weakref.WeakKeyDictionary()
@@ -285,11 +287,25 @@ class _EF21Base(abc.ABC):
         self.layers: list[LayerSpec] = [dataclasses.replace(L, index=k) for k, L in enumerate(mine)]
         self.fused = config.fused
         buckets = [0] * len(self.layers)
-        if self._bucketed:
+        #: streaming (``fragments=F > 1``): each layer's fragment, synchronised at its own staggered steps; the
+        #: fragments are the uplink buckets (one wire buffer each), so a fragment's sync moves only its layers
+        self.fragments = config.fragments
+        self._frag: int | None = None  # the fragment being synchronised (None: every layer)
+        if self.fragments > 1:
+            if len(self.all_layers) < self.fragments:
+                raise ValueError(
+                    f"fragments={self.fragments} but the optimizer trains {len(self.all_layers)} tensor(s): each "
+                    f"fragment needs at least one; valid values: 1 .. {len(self.all_layers)}"
+                )
+            of = fragment_of([L.param.numel() for L in self.all_layers], self.fragments)
+            buckets = [of[L.uid] for L in self.layers]
+        elif self._bucketed:
             mib = 1 << 20
             sizes = [4 * L.param.numel() for L in self.layers]
             buckets = assign_buckets(sizes, int(config.bucket_cap_mb * mib), min(mib, int(config.bucket_cap_mb * mib)))
         self.layer_buckets = {L.uid: b for L, b in zip(self.layers, buckets)}  # by uid
+        if self.fragments > 1:  # every layer's fragment, whatever its share (the same table on every process)
+            self.layer_buckets = {L.uid: of[L.uid] for L in self.all_layers}
         self.groups: list[Group] = build_groups(self.layers, buckets)
         self.n_buckets = 1 + max((g.bucket for g in self.groups), default=0)
         # bits one worker sends (by MARINA refresh round) and the server side sends per step: fixed by the shapes
@@ -305,6 +321,7 @@ class _EF21Base(abc.ABC):
         self.ledger = Ledger()
         self.dense_bytes = sum(L.w.numel() * L.w.element_size() for L in self.layers)
         self._W_prev: dict[int, Tensor] = {}  # W where the last gradient was taken (VR estimators only)
+        self._frag_counts: dict[int, tuple[int, int, list[int], list[int]]] = {}
         self._sent_grads = {}
         self._take_over(optimizer, route_step)
 
@@ -403,20 +420,33 @@ class _EF21Base(abc.ABC):
     def _init_local(self) -> None:
         """Local-step state, once ``served`` exists: W at the start of the round (the shared W of EF21-P, float32,
         for the layers this process syncs) and the Nesterov outer momentum of the served layers."""
+        self._start: dict[int, Tensor] = {}
+        self._outer_buf: dict[int, Tensor] = {}
         if not self.local_steps:
-            self._start: dict[int, Tensor] = {}
-            self._outer_buf: dict[int, Tensor] = {}
             return
         self._begin_round()
         self._outer_buf = {L.index: zeros32(L.w) for L in self.served if L.uid not in self._lmo_outer}
 
     def _begin_round(self) -> None:
-        self._start = {L.index: L.w.float().clone() for L in self.layers}
+        """W_start := W for the layers just synchronised (every layer at the start)."""
+        for L in self._synced(self.layers):
+            self._start[L.index] = L.w.float().clone()
 
-    @property
-    def round_position(self) -> int:
-        """Inner steps taken in the current round (0 right after a synchronisation; always 0 without local steps)."""
-        return self.step_count % self.sync_every
+    def _synced(self, layers: Sequence[LayerSpec]) -> list[LayerSpec]:
+        """``layers`` of the fragment being synchronised (all of them outside a streaming sync)."""
+        f = self._frag
+        return list(layers) if f is None else [L for L in layers if self.layer_buckets[L.uid] == f]
+
+    def due(self, step: int | None = None) -> int | None:
+        """With local steps: the fragment whose synchronisation follows optimizer step ``step`` (default: the next
+        one, :attr:`step_count`), else None (an inner step only). Fragment f syncs after steps s with
+        (s + 1 + f*H//F) % H == 0 (Streaming DiLoCo's staggered schedule); one fragment (F = 1): every H-th step.
+        Without local steps every step synchronises (fragment 0)."""
+        s = self.step_count if step is None else step
+        for f in range(self.fragments):
+            if (s + 1 + f * self.sync_every // self.fragments) % self.sync_every == 0:
+                return f
+        return None
 
     def _inner_update(self, grads: Sequence[Tensor]) -> None:
         """One inner step: the optimizer's own rule (its own momentum / moments) on this process's layers with
@@ -432,12 +462,17 @@ class _EF21Base(abc.ABC):
                 self._in_update = False
 
     def _outer_delta(self, grads: Sequence[Tensor] | None) -> list[Tensor]:
-        """The round's last inner step (``grads``; ``None``: skipped), then the outer delta W_start - W_j of every
-        layer and the parameters back at W_start (where the downlink's EF21-P update applies)."""
+        """The round's last inner step (``grads``; ``None``: skipped), then the outer delta W_start - W_j of the
+        layers being synchronised, which go back to W_start (where the downlink's EF21-P update applies); the other
+        fragments' entries are empty (not read) and their layers keep W_j."""
         if grads is not None:
             self._inner_update(grads)
+        synced = {L.index for L in self._synced(self.layers)}
         delta = []
         for L in self.layers:
+            if L.index not in synced:
+                delta.append(_NOTHING)
+                continue
             start = self._start[L.index]
             delta.append(start - L.w.float())
             L.w.copy_(start)
@@ -471,7 +506,7 @@ class _EF21Base(abc.ABC):
         off: the inner steps apply both)."""
         lr, m = self.config.outer_step_size, self.config.outer_momentum
         lmo = []
-        for L in self.served:
+        for L in self._synced(self.served):
             if L.uid in self._lmo_outer:
                 lmo.append(L)
                 continue
@@ -563,7 +598,7 @@ class _EF21Base(abc.ABC):
             r: WireLayout(self.groups, lambda g, r=r: self._up_comp(g, r), n_owners, by_bucket=True)
             for r in (False, True)
         }
-        self.down_layout = WireLayout(self.groups, lambda g: g.down, n_owners, by_bucket=False)
+        self.down_layout = WireLayout(self.groups, lambda g: g.down, n_owners, by_bucket=self.fragments > 1)
         served = {L.index for L in self.served}
         self.served_groups = [g for g in self.groups if g.layers[0].index in served]
         self._rows: dict[tuple[Any, ...], Tensor | None] = {}
@@ -661,10 +696,16 @@ class _EF21Base(abc.ABC):
         )
 
     def _downlink(self) -> None:
-        """Steps 6-7: the served groups' S = C(X - W) into this rank's downlink buffer, exchanged, applied to W."""
-        layout = self.down_layout
-        mine = torch.empty(layout.lengths[0][self._my_slot()], dtype=torch.uint8, device=self._device)
+        """Steps 6-7: the served groups' S = C(X - W) into this rank's downlink buffer, exchanged, applied to W
+        (streaming: the fragment being synchronised only)."""
+        layout, f = self.down_layout, self._frag
+        if f is not None and not self._has_fragment(f):
+            return  # (hierarchical: this share has no layer in the fragment; neither has the rest of its group)
+        b = f or 0
+        mine = torch.empty(layout.lengths[b][self._my_slot()], dtype=torch.uint8, device=self._device)
         for g in self.served_groups:
+            if f is not None and g.bucket != f:
+                continue
             X = self._rows["server", "X", g.index]
             assert X is not None  # not replicated: the server keeps X apart from the parameters
             parts = K.downlink_message(
@@ -672,8 +713,10 @@ class _EF21Base(abc.ABC):
             )
             for dst, part in zip(layout.views(mine, g), parts):
                 dst.copy_(part)
-        bufs = self._exchange_downlink(mine)
+        bufs = self._exchange_downlink(mine, layout.lengths[b])
         for g in self.groups:
+            if f is not None and g.bucket != f:
+                continue
             parts = layout.views(bufs[max(g.owner, 0)], g)
             K.apply_downlink_([L.w for L in g.layers], g.down, parts, g.shape, self._seeds(g, K.SERVER), self.fused)
 
@@ -684,12 +727,29 @@ class _EF21Base(abc.ABC):
     def _device(self) -> torch.device:
         return self.layers[0].w.device if self.layers else torch.device("cpu")
 
+    def _has_fragment(self, f: int) -> bool:
+        return any(g.bucket == f for g in self.groups)
+
     @torch.no_grad()
     def _sync(
-        self, grads: Mapping[int, Sequence[Tensor]], prev: Mapping[int, Sequence[Tensor]] | None, n_workers: int
+        self,
+        grads: Mapping[int, Sequence[Tensor]],
+        prev: Mapping[int, Sequence[Tensor]] | None,
+        n_workers: int,
+        fragment: int | None = None,
     ) -> bool:
         """Steps 2-7 for the workers this process runs (``grads[j][i]``: worker j, layer i) and the layers it
-        serves. Returns False when the step was skipped for a non-finite gradient (then no state changed)."""
+        serves; ``fragment``: only that fragment's layers (streaming; the other entries of ``grads`` are not read).
+        Returns False when the step was skipped for a non-finite gradient (then no state changed)."""
+        self._frag = fragment
+        try:
+            return self._sync_layers(grads, prev, n_workers)
+        finally:
+            self._frag = None
+
+    def _sync_layers(
+        self, grads: Mapping[int, Sequence[Tensor]], prev: Mapping[int, Sequence[Tensor]] | None, n_workers: int
+    ) -> bool:
         participants = self._participants(n_workers)
         refresh = self._refresh()
         local = [j for j in participants if j in grads]
@@ -702,7 +762,8 @@ class _EF21Base(abc.ABC):
         # 2-3: each local worker's messages, bucket by bucket, and 4: aggregate the served groups
         received: dict[int, list[Tensor]] = {}
         seconds = 0.0
-        for b in range(self.n_buckets):
+        f = self._frag
+        for b in range(self.n_buckets) if f is None else ([f] if self._has_fragment(f) else []):
             messages = {
                 j: self._encode_bucket(b, j, grads[j], prev[j] if prev is not None else None, refresh) for j in local
             }
@@ -711,7 +772,8 @@ class _EF21Base(abc.ABC):
             seconds += time.perf_counter() - t0
         self._uplink_timing = (seconds, 0.0)
         for g in self.served_groups:
-            self._aggregate(g, received[g.bucket], participants, n_workers, refresh)
+            if g.bucket in received:
+                self._aggregate(g, received[g.bucket], participants, n_workers, refresh)
         self._finish(refresh, participants, local, prev is not None)
         return True
 
@@ -723,8 +785,10 @@ class _EF21Base(abc.ABC):
         if not self.replicated:
             self._downlink()
         elif self.local_steps or any(L.param.dtype != torch.float32 for L in self.layers):
-            for L in self.layers:  # replicated in a low-precision dtype: W is X cast to the training dtype
-                if L.index in self.server.X:  # (float32 parameters are X themselves)
+            # replicated: W is X (cast to the training dtype; float32 parameters are X themselves, except with local
+            # steps, where they hold W_j: then the layers just synchronised get X)
+            for L in self._synced(self.layers):
+                if L.index in self.server.X:
                     L.w.copy_(self.server.X[L.index])
         rec = self._record(refresh, participants, local, vr)
         rec.uplink_seconds, rec.uplink_overlap_seconds = self._uplink_timing
@@ -770,8 +834,9 @@ class _EF21Base(abc.ABC):
         addressed to this process (its owner slot), one per sender in participant order."""
 
     @abc.abstractmethod
-    def _exchange_downlink(self, mine: Tensor) -> list[Tensor]:
-        """Move this process's S buffer; return every owner slot's S buffer."""
+    def _exchange_downlink(self, mine: Tensor, lengths: Sequence[int]) -> list[Tensor]:
+        """Move this process's S buffer (``lengths``: every owner slot's buffer size, bytes); return every owner
+        slot's S buffer."""
 
     @abc.abstractmethod
     def _record(self, refresh: bool, participants: Sequence[int], local: Sequence[int], vr: bool) -> StepRecord:
@@ -789,6 +854,19 @@ class _EF21Base(abc.ABC):
         for L in layers:
             lengths[max(L.owner, 0)] += self._comp(L, which, refresh).wire_nbytes(L.shape, torch.float32)
         return lengths
+
+    def _fragment_counts(self, f: int) -> tuple[int, int, list[int], list[int]]:
+        """Uplink and downlink bits and per-owner wire lengths (bytes) of fragment ``f``'s layers (streaming)."""
+        if f not in self._frag_counts:
+            layers = [L for L in self.layers if self.layer_buckets[L.uid] == f]
+            n = len(self._owner_slots())
+            self._frag_counts[f] = (
+                self._bits(layers, "up"),
+                self._bits(layers, "down"),
+                self._lengths(layers, "up", n),
+                self._lengths(layers, "down", n),
+            )
+        return self._frag_counts[f]
 
     # --------------------------------------------------------------------------------------------- the server model X
     @abc.abstractmethod
@@ -1019,7 +1097,13 @@ class EF21Engine(_EF21Base):
             "world_size": (self.transport.global_size, getattr(self.transport, "local_world_size", 1)),
             "server_rank": getattr(self.transport, "server_rank", None),
             "overlap": (self.overlapping, [self.layer_buckets.get(L.uid, 0) for L in layers]),
-            "local": (self.sync_every, self.config.outer, self.config.outer_step_size, self.config.outer_momentum),
+            "local": (
+                self.sync_every,
+                self.fragments,
+                self.config.outer,
+                self.config.outer_step_size,
+                self.config.outer_momentum,
+            ),
         }
 
     def _check_agreement(self) -> None:
@@ -1283,18 +1367,24 @@ class EF21Engine(_EF21Base):
             bad = t.node_any(bad)
         if bad:
             self._inner_nonfinite(f"rank {t.global_rank}'s node" if self.hierarchical else f"rank {t.rank}")
-        if self.round_position < self.sync_every - 1:
+        f = self.due()
+        if f is None:
             if not bad:
                 self._inner_update(grads)
                 if node:
                     self._share_in_node()
             self._inner_record(bad, intra=self._intra_bytes if node else 0)
             return not bad
-        delta = self._outer_delta(None if bad else grads)
-        applied = self._sync({t.rank: delta}, None, t.world_size)
-        if node:  # every share's new W (or, after a skipped sync, its W_start) to the whole node
-            self._share_in_node()
-        self._begin_round()
+        self._frag = f if self.fragments > 1 else None
+        try:
+            delta = self._outer_delta(None if bad else grads)
+            applied = self._sync({t.rank: delta}, None, t.world_size, fragment=self._frag)
+            self._frag = f if self.fragments > 1 else None
+            if node:  # every share's new W (or, after a skipped sync, its W_start) to the whole node
+                self._share_in_node()
+            self._begin_round()
+        finally:
+            self._frag = None
         return applied and not bad
 
     def _shares(self) -> list[list[LayerSpec]]:
@@ -1387,19 +1477,24 @@ class EF21Engine(_EF21Base):
         assert isinstance(t, (ServerTransport, LocalTransport))  # the config allows participation with it only
         return t.uplink_from(parts[t.server_rank] if parts is not None else None, participants, lengths)
 
-    def _exchange_downlink(self, mine: Tensor) -> list[Tensor]:
-        return self.transport.downlink(mine, self.down_layout.lengths[0])
+    def _exchange_downlink(self, mine: Tensor, lengths: Sequence[int]) -> list[Tensor]:
+        return self.transport.downlink(mine, lengths)
 
     def _record(self, refresh: bool, participants: Sequence[int], local: Sequence[int], vr: bool) -> StepRecord:
         t, me = self.transport, bool(local)
         crosses = not (self.hierarchical and t.world_size == 1)  # one node: nothing crosses a node boundary
         down = crosses and not t.replicated
+        up_bits, down_bits, up_lengths, down_lengths = (
+            (self._up_bits[refresh], self._down_bits, self.up_lengths[refresh], self.down_lengths)
+            if self._frag is None
+            else self._fragment_counts(self._frag)
+        )
         return StepRecord(
             step=self.step_count,
-            uplink_bits=self._up_bits[refresh] if me and crosses else 0,
-            uplink_wire_bytes=t.uplink_wire_bytes(self.up_lengths[refresh]) if me and crosses else 0,
-            downlink_bits=self._down_bits if down else 0,
-            downlink_wire_bytes=t.downlink_wire_bytes(self.down_lengths) if down else 0,
+            uplink_bits=up_bits if me and crosses else 0,
+            uplink_wire_bytes=t.uplink_wire_bytes(up_lengths) if me and crosses else 0,
+            downlink_bits=down_bits if down else 0,
+            downlink_wire_bytes=t.downlink_wire_bytes(down_lengths) if down else 0,
             dense_bytes=self.dense_bytes,
             gradient_evals=(1 + vr) if me else 0,
             intra_node_bytes=self._intra_bytes if self.hierarchical else 0,
@@ -1570,7 +1665,7 @@ class Simulator(_EF21Base):
     def _local_step(self, loss_fn: Callable[[nn.Module, Any], Tensor], batches: Sequence[Any]) -> list[float]:
         """``sync_every > 1``: every worker's inner step from its own W_j with its own optimizer state; on every
         H-th step the outer sync. Between steps the parameters hold the round's shared W_start."""
-        sync = self.round_position == self.sync_every - 1
+        f = self.due()
         losses, deltas, bad = [], {}, []
         own_state = self.optimizer.state
         try:
@@ -1587,22 +1682,29 @@ class Simulator(_EF21Base):
                 else:
                     self._inner_update(grads)
                 with torch.no_grad():
-                    if sync:
+                    self._local_W[j] = [L.w.clone() for L in self.layers]
+                    if f is not None:  # (a streaming sync reads its fragment's entries only)
                         deltas[j] = [self._start[L.index] - L.w.float() for L in self.layers]
-                    else:
-                        self._local_W[j] = [L.w.clone() for L in self.layers]
         finally:
             self.optimizer.state = own_state
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for L in self.layers:
                     L.w.copy_(self._start[L.index])
-        if not sync:
+        if f is None:
             self._inner_record(len(bad) == self.n_workers)
             return losses
-        self._sync(deltas, None, self.n_workers)
-        self._begin_round()
-        self._local_W = {j: [L.w.clone() for L in self.layers] for j in range(self.n_workers)}
+        frag = f if self.fragments > 1 else None
+        self._sync(deltas, None, self.n_workers, fragment=frag)
+        self._frag = frag
+        try:
+            self._begin_round()
+            synced = [L.index for L in self._synced(self.layers)]
+        finally:
+            self._frag = None
+        for j in range(self.n_workers):  # the synchronised layers start again from the new shared W
+            for i in synced:
+                self._local_W[j][i] = self.layers[i].w.clone()
         return losses
 
     def _gradient(self, loss_fn: Callable[[nn.Module, Any], Tensor], batch: Any) -> tuple[float, list[Tensor]]:
@@ -1642,17 +1744,21 @@ class Simulator(_EF21Base):
     ) -> list[Tensor]:
         return [messages[j][0] for j in participants]
 
-    def _exchange_downlink(self, mine: Tensor) -> list[Tensor]:
+    def _exchange_downlink(self, mine: Tensor, lengths: Sequence[int]) -> list[Tensor]:
         return [mine]
 
     def _record(self, refresh: bool, participants: Sequence[int], local: Sequence[int], vr: bool) -> StepRecord:
         share = len(participants) / self.n_workers  # per-worker counts are averages over all n workers
+        up_bits, down_bits, up_wire, down_wire = self._up_bits[refresh], self._down_bits, self._up_wire[refresh], 0
+        down_wire = self._down_wire
+        if self._frag is not None:  # a streaming sync: its fragment's layers (one owner slot)
+            up_bits, down_bits, (up_wire,), (down_wire,) = self._fragment_counts(self._frag)
         return StepRecord(
             step=self.step_count,
-            uplink_bits=round(self._up_bits[refresh] * share),
-            uplink_wire_bytes=round(self._up_wire[refresh] * share),
-            downlink_bits=self._down_bits,
-            downlink_wire_bytes=self._down_wire,
+            uplink_bits=round(up_bits * share),
+            uplink_wire_bytes=round(up_wire * share),
+            downlink_bits=down_bits,
+            downlink_wire_bytes=down_wire,
             dense_bytes=self.dense_bytes,
             gradient_evals=1 + vr,
         )

@@ -195,6 +195,21 @@ class Group:
         return [L.index for L in self.layers]
 
 
+def fragment_of(sizes: Sequence[int], fragments: int) -> list[int]:
+    """Each tensor's fragment for streaming synchronisation: ``fragments`` contiguous runs of the tensors in order,
+    balanced by size (``sizes``: numel), each at least one tensor (needs ``len(sizes) >= fragments``)."""
+    total, f, acc = sum(sizes), 0, 0
+    out: list[int] = []
+    for i, n in enumerate(sizes):
+        left = len(sizes) - i  # tensors not yet placed, this one included
+        full = acc >= total * (f + 1) / fragments  # this fragment has its share of the size
+        if out and out[-1] == f and f < fragments - 1 and (full or left <= fragments - 1 - f):
+            f += 1
+        out.append(f)
+        acc += n
+    return out
+
+
 def assign_buckets(nbytes: Sequence[int], cap: int, first_cap: int) -> list[int]:
     """Bucket index of each layer: layers in reverse order (gradients arrive roughly last layer first), filled up to
     ``first_cap`` bytes for bucket 0 and ``cap`` for the others, as DDP does (a small first bucket starts sending

@@ -78,6 +78,8 @@ def _topk_bits(d: int, ratio: float, f: int = 32) -> int:
     ({"outer": "adam"}, "outer"), ({"outer_lr": 0.0}, "outer_lr"), ({"outer_momentum": 1.0}, "outer_momentum"),
     ({"sync_every": 4, "estimator": "mvr"}, "sync_every"),
     ({"sync_every": 4, "topology": "server", "participation": 0.5}, "sync_every"),
+    ({"sync_every": 4, "fragments": 0}, "fragments"), ({"sync_every": 4, "fragments": 5}, "fragments"),
+    ({"fragments": 2}, "fragments"),
 ])
 def test_bad_local_options_name_the_value_and_the_choices(opts, field):
     with pytest.raises(EF21ConfigError, match="valid") as e:
@@ -95,6 +97,70 @@ def test_lmo_outer_needs_an_lmo_optimizer():
     model = make_model(0)
     with pytest.raises(ValueError, match="outer='nesterov'"):
         efl.Simulator(model, adamw(model), n_workers=2, sync_every=2, outer="lmo")
+
+
+def test_more_fragments_than_tensors_is_an_error():
+    model = make_model(0)  # 6 tensors
+    with pytest.raises(ValueError, match="fragments=8 but the optimizer trains 6"):
+        efl.Simulator(model, make_optimizer(model), n_workers=2, sync_every=8, fragments=8)
+
+
+def streaming_diloco(n: int, steps: int, H: int, F: int, fragment: dict[str, int], outer_lr: float = 0.7,
+                     m: float = 0.9):
+    """Streaming DiLoCo (arXiv 2501.18512) without overlap, line by line: the parameters split into F fragments
+    (``fragment``: name -> index, the engine's contiguous split); fragment f is synchronised after the steps s with
+    (s + 1 + f*H//F) % H == 0, with its own outer Nesterov SGD; the other fragments keep training locally."""
+    glob = make_model(0)
+    named = dict(glob.named_parameters())
+    outers = [torch.optim.SGD([p for k, p in named.items() if fragment[k] == f], lr=outer_lr, momentum=m,
+                              nesterov=True) for f in range(F)]
+    workers = [copy.deepcopy(glob) for _ in range(n)]
+    opts = [make_optimizer(w) for w in workers]
+    data = make_data(n, steps)
+    for s in range(steps):
+        for j in range(n):
+            opts[j].zero_grad()
+            mse(workers[j], data[s][j]).backward()
+            opts[j].step()
+        for f in range(F):
+            if (s + 1 + f * H // F) % H:
+                continue
+            names = [k for k in named if fragment[k] == f]
+            ws = [dict(w.named_parameters()) for w in workers]
+            for k in names:
+                named[k].grad = torch.stack([named[k].detach() - w[k].detach() for w in ws]).mean(0)
+            outers[f].step()
+            with torch.no_grad():
+                for w in ws:
+                    for k in names:
+                        w[k].copy_(named[k])
+    return {k: v.detach().clone() for k, v in named.items()}, [
+        {k: v.detach().clone() for k, v in w.named_parameters()} for w in workers]
+
+
+def test_streaming_fragments_equal_line_by_line_streaming_diloco():
+    n, F = 3, 2
+    sim, _ = simulate(n, STEPS, uplink="identity", downlink="identity", sync_every=H, fragments=F)
+    fragment = {L.name: sim.layer_buckets[L.uid] for L in sim.layers}
+    assert sorted(set(fragment.values())) == list(range(F))  # every fragment has a layer, contiguous in order
+    assert list(fragment.values()) == sorted(fragment.values())
+    X_ref, W_ref = streaming_diloco(n, STEPS, H, F, fragment)
+    close(sim.server_model(), X_ref)
+    for j in range(n):
+        close(sim.worker_parameters(j), W_ref[j])
+
+
+def test_streaming_ledger_sends_one_fragment_per_sync():
+    n, F, steps = 2, 2, 8
+    sim, model = simulate(n, steps, uplink="top_k:0.1", downlink="top_k:0.25", sync_every=H, fragments=F)
+    dims = {n_: p.numel() for n_, p in model.named_parameters()}
+    frag = {L.name: sim.layer_buckets[L.uid] for L in sim.layers}
+    for rec in sim.ledger.records:
+        due = [f for f in range(F) if (rec.step + 1 + f * H // F) % H == 0]
+        assert rec.synced == bool(due)
+        want = sum(_topk_bits(d, 0.1) for k, d in dims.items() if due and frag[k] == due[0])
+        assert rec.uplink_bits == want
+    assert sim.ledger.summary()["outer_rounds"] == 4  # steps 1, 3, 5, 7: the fragments take turns
 
 
 # ----------------------------------------------------------------------------------------------- Simulator
@@ -195,6 +261,9 @@ TOPOLOGIES = ("sharded", "allgather", "server")
 IDENTITY = [{"topology": t, "uplink": "identity", "downlink": "identity", "sync_every": H} for t in TOPOLOGIES]
 COMPRESSED = [{"topology": t, "uplink": "top_k:0.2", "downlink": "identity" if t == "allgather" else "top_k:0.3",
                "sync_every": H} for t in TOPOLOGIES]
+STREAM = [{"topology": t, "uplink": up, "downlink": "identity" if t == "allgather" else down, "sync_every": H,
+           "fragments": 2} for t, up, down in (("sharded", "top_k:0.2", "top_k:0.3"), ("allgather", "identity", ""),
+                                               ("server", "top_k:0.2", "identity"))]
 ONE = [{"topology": t, "uplink": "top_k:0.2", "downlink": "identity" if t == "allgather" else "top_k:0.3", **extra}
        for t in TOPOLOGIES for extra in ({}, {"sync_every": 1})]
 
@@ -202,7 +271,7 @@ ONE = [{"topology": t, "uplink": "top_k:0.2", "downlink": "identity" if t == "al
 @pytest.fixture(scope="module")
 def two_proc(tmp_path_factory):
     return check_ok(run_distributed(engine_run, 2, tmp_path_factory.mktemp("local"),
-                                    configs=IDENTITY + COMPRESSED + ONE, steps=STEPS))
+                                    configs=IDENTITY + COMPRESSED + STREAM + ONE, steps=STEPS))
 
 
 def _key(cfg: dict) -> str:
@@ -221,7 +290,7 @@ def test_identity_processes_equal_line_by_line_diloco(two_proc, cfg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", COMPRESSED, ids=lambda c: c["topology"])
+@pytest.mark.parametrize("cfg", COMPRESSED + STREAM, ids=lambda c: f"{c['topology']}-F{c.get('fragments', 1)}")
 def test_compressed_processes_equal_simulator(two_proc, cfg):
     sim, _ = simulate(2, STEPS, **{k: v for k, v in cfg.items() if k != "topology"})
     for r, res in enumerate(two_proc):
@@ -256,11 +325,13 @@ def test_engine_resume_mid_round_is_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_hierarchical_local_steps_equal_simulator_of_nodes(tmp_path):
+@pytest.mark.parametrize("fragments", [1, 2])
+def test_hierarchical_local_steps_equal_simulator_of_nodes(tmp_path, fragments):
     """2 nodes x 2 processes: each node's inner step on its average gradient (dense inside the node), the outer
-    sync across nodes; equals a Simulator with one worker per node fed the node's batches; sync_every=1 is today's
-    hierarchical step bit for bit; resume mid-round is bit-identical."""
-    cfg = {"uplink": "top_k:0.2", "downlink": "top_k:0.3", "sync_every": H}
+    sync across nodes (streaming: fragments whose layers are spread over the shares); equals a Simulator with one
+    worker per node fed the node's batches; resume mid-round is bit-identical; sync_every=1 is today's hierarchical
+    step bit for bit."""
+    cfg = {"uplink": "top_k:0.2", "downlink": "top_k:0.3", "sync_every": H, "fragments": fragments}
     steps = 10
     res = check_ok(run_distributed(engine_hierarchical, 4, tmp_path / "h", cfg=cfg, steps=steps,
                                    local_world_size=2, split=6))
@@ -279,6 +350,8 @@ def test_hierarchical_local_steps_equal_simulator_of_nodes(tmp_path):
         for part in ("X", "W"):
             for k, v in got[part].items():
                 assert torch.equal(v, got["resumed"][part][k]), (part, k)
+    if fragments > 1:
+        return
     one = {"uplink": "top_k:0.2", "downlink": "top_k:0.3"}
     a = check_ok(run_distributed(engine_hierarchical, 4, tmp_path / "a", cfg=one, steps=4, local_world_size=2))
     b = check_ok(run_distributed(engine_hierarchical, 4, tmp_path / "b", cfg={**one, "sync_every": 1}, steps=4,
