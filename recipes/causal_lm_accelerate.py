@@ -102,7 +102,8 @@ def train(cfg: Config, accelerator: Accelerator, name: str, plugin: EF21Plugin) 
     seconds = time.perf_counter() - start
     row = summary_row(name, curve[-1][1], seconds, plugin.ledger.summary() if plugin.ledger else None, per_step, step,
                       ef21=plugin.enabled, uplink=plugin.config.uplink, downlink=plugin.config.downlink,
-                      topology=plugin.config.topology, processes=accelerator.num_processes)
+                      topology=plugin.config.topology, sync_every=plugin.config.sync_every,
+                      processes=accelerator.num_processes)
     return row, curve
 
 

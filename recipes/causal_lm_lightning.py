@@ -102,7 +102,7 @@ def train(cfg: Config, data: tuple[Any, Any, Any], name: str, uplink: str, downl
     model, train_set, val_set = data
     module = CausalLM(model, cfg)
     strategy = efl.EF21MuonStrategy(uplink=role_specs(uplink), downlink=role_specs(downlink), topology=cfg.topology,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, sync_every=cfg.sync_every)
     curve = LossVsUplink()
     trainer = Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=strategy, precision=cfg.precision,
                       max_steps=cfg.steps, val_check_interval=cfg.val_every, check_val_every_n_epoch=None,
@@ -112,7 +112,8 @@ def train(cfg: Config, data: tuple[Any, Any, Any], name: str, uplink: str, downl
     trainer.fit(module, DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True),
                 DataLoader(val_set, batch_size=cfg.batch_size))
     row = summary_row(name, curve.points[-1][1], curve.seconds, trainer.strategy.engine.ledger.summary(),
-                      uplink=uplink, downlink=downlink, topology=cfg.topology, processes=trainer.world_size)
+                      uplink=uplink, downlink=downlink, topology=cfg.topology, sync_every=cfg.sync_every,
+                      processes=trainer.world_size)
     return row, curve.points, trainer.is_global_zero
 
 

@@ -138,7 +138,8 @@ def train(cfg: Config, name: str, plugin: EF21Plugin, data: tuple[list, list, li
     row = summary_row(name, curve.points[-1][1], result.metrics["train_runtime"],
                       plugin.ledger.summary() if plugin.ledger else None, curve.per_step, trainer.state.global_step,
                       accuracy=curve.accuracy, ef21=plugin.enabled, uplink=plugin.config.uplink, downlink=plugin.config.downlink,
-                      topology=plugin.config.topology, processes=trainer.args.world_size)
+                      topology=plugin.config.topology, sync_every=plugin.config.sync_every,
+                      processes=trainer.args.world_size)
     return row, curve.points, trainer.is_world_process_zero()
 
 

@@ -62,6 +62,8 @@ class RecipeConfig:
                           "from the library's DEFAULT_DOWNLINK")
     topology: str = HfArg(default=DEFAULT_TOPOLOGY, help="sharded, allgather or server; default from the library's "
                           "DEFAULT_TOPOLOGY")
+    sync_every: int = HfArg(default=1, help="optimizer steps per synchronisation: 1 = EF21-Muon every step; H > 1 = "
+                            "H local steps, then the compressed outer sync (DiLoCo-style, outer Nesterov)")
     baseline: bool = HfArg(default=False, help="also train once with identity compressors (uncompressed) for the plot")
     # evaluation and outputs
     val_every: int = HfArg(default=50, help="optimizer steps between validations")

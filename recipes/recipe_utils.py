@@ -70,7 +70,7 @@ def ef21_plugins(cfg: RecipeConfig) -> list[tuple[str, Any]]:
 
     def plugin(uplink: str, downlink: str) -> EF21Plugin:
         return EF21Plugin(uplink=role_specs(uplink), downlink=role_specs(downlink), topology=cfg.topology,
-                          seed=cfg.seed)
+                          seed=cfg.seed, sync_every=cfg.sync_every)
 
     main = plugin(cfg.uplink, cfg.downlink)
     if not main.enabled:
