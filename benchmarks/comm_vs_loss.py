@@ -14,6 +14,15 @@ Every method in one invocation (docs/benchmarks.md):
   downlink bytes to target) in the server topology; peers DDP + AdamW, DDP + torch.optim.Muon (hidden) + AdamW (rest),
   DDP + PowerSGD hook (rank 4, error feedback) + the LMO optimizer, and DeMo (benchmarks/demo_peer.py, implemented
   from the paper; its all_gather is real). ``DROPPED`` lists the runs of the earlier list left out, and why.
+* ``local`` — local steps (``sync_every`` = H): EF21-Muon (sharded, inner optimizer = the LMO optimizer at ddp_lmo's
+  tuned LR) at H ∈ {1, 8, 32} × {identity, the package default's compressors, ``AGGRESSIVE``}, and the DiLoCo peer
+  (benchmarks/diloco_peer.py: dense fp32 outer delta, Nesterov outer step, AdamW inner; implemented from the paper)
+  at H ∈ {8, 32}; 2 gloo processes, after a grid on the reference budget: per H the outer step of EF21-Muon
+  (``EF21_OUTER_GRID``, identity compressors) and DiLoCo's outer step × inner LR (``DILOCO_OUTER_GRID`` ×
+  ``DILOCO_LR_GRID``). The reference, DDP + AdamW and DDP + LMO run again first (targets; every-step runs must
+  reproduce: ``local_reproduced`` with ``--append``). Records carry the sync steps with their bytes (``local``),
+  ``outer_rounds_to_target``, ``total_ratio_vs_dp_gluon``; the meta JSON the issue-14 goal (``goal_issue14``:
+  ``GOAL_RULE``).
 * ``sim`` — n = 4 workers in ``ef_lightning.Simulator`` (one process): uncompressed and a few compressors.
 * ``bytes_vs_n`` — per-worker bytes per step for n = 2 … 64 in the Simulator (analytic from the ledger: two steps on
   synthetic gradients per point; message sizes do not depend on the values) for every compressor, beside DDP
@@ -33,6 +42,7 @@ arguments, DDP/EF21 agreement, bytes vs n) and ``comm_vs_loss.png``.
     nice -n 10 timeout 3600 python benchmarks/comm_vs_loss.py              # the full run (~23 min on 2 idle cores:
                                                                             # tune ~2, real ~17, agreement, sim ~3)
     python benchmarks/comm_vs_loss.py --parts real --only demo --append  # rerun a method (keeps the LR choice)
+    nice -n 10 python benchmarks/comm_vs_loss.py --parts local --append     # the local-step sweep alone
     python benchmarks/comm_vs_loss.py --smoke                               # seconds; used by the tests
 """
 
@@ -157,8 +167,12 @@ def tune_key(spec: dict[str, Any]) -> str:
 
 
 def with_lr(methods: list[dict[str, Any]], chosen: dict[str, Any]) -> list[dict[str, Any]]:
-    """Copies of ``methods`` with ``lr_mult`` from the tune choice (1 where none)."""
-    return [dict(m, lr_mult=chosen.get(tune_key(m), {}).get("lr_mult", 1.0)) for m in methods]
+    """Copies of ``methods`` with ``lr_mult`` from the tune choice (1 where none); DiLoCo keeps the multiplier of
+    the local part's own grid (already in its spec)."""
+    return [
+        m if m["kind"] == "diloco" else dict(m, lr_mult=chosen.get(tune_key(m), {}).get("lr_mult", 1.0))
+        for m in methods
+    ]
 
 
 def sim_methods(smoke: bool) -> list[dict[str, Any]]:
@@ -174,6 +188,100 @@ def sim_methods(smoke: bool) -> list[dict[str, Any]]:
     if smoke:
         return [sim("identity", mult=1, ref=True), sim("top_k:0.1", "top_k:0.5")]
     return [sim("identity", mult=1, ref=True), sim("top_k:0.1", "top_k:0.5")]
+
+
+# ----------------------------------------------------------------------------------------------- local steps
+SYNC_EVERY = (1, 8, 32)  # H of the local-step sweep (``local`` part); smoke: SMOKE_SYNC_EVERY
+SMOKE_SYNC_EVERY = (1, 4)
+#: a stronger uplink than the package default with a compressed downlink (the third compressor of the sweep)
+AGGRESSIVE = ("top_k:0.02+natural", "top_k:0.05+natural")
+#: outer Nesterov steps (outer_lr, outer_momentum) tried per H for EF21-Muon and DiLoCo alike: the paper's (0.7, 0.9),
+#: a lighter momentum, and plain averaging of the workers' models (lr 1, momentum 0: local SGD / FedAvg). The paper's
+#: momentum extrapolates a consistent delta ~1/(1 - 0.9) = 10x; it was tuned for H = 500 on far longer runs
+NESTEROV_GRID: tuple[tuple[float, float], ...] = ((0.7, 0.9), (0.7, 0.5), (1.0, 0.0))
+#: EF21-Muon's outer steps per H (identity compressors; the choice is used for every compressor at that H): the
+#: Nesterov grid and the LMO rule on the aggregate at its default step (H inner radii, outer_lr None) and at H/2
+EF21_OUTER_GRID: tuple[dict[str, Any], ...] = (
+    *({"outer": "nesterov", "outer_lr": lr, "outer_momentum": mu} for lr, mu in NESTEROV_GRID),
+    {"outer": "lmo", "outer_lr": None, "outer_momentum": None},
+    {"outer": "lmo", "outer_lr": 0.5, "outer_momentum": None},  # x H (an lmo outer_lr counts inner radii)
+)
+#: DiLoCo's inner AdamW LR multipliers (× common.ADAMW_LR): the tune part's grid one step lower, as AdamW won at its
+#: low edge there (ddp_adamw ×1/3)
+DILOCO_LR_GRID: tuple[float, ...] = (1 / 9, 1 / 3, 1.0)
+#: DiLoCo's outer steps per H, each with every inner LR of DILOCO_LR_GRID
+DILOCO_OUTER_GRID: tuple[dict[str, Any], ...] = tuple(
+    {"outer_lr": lr, "outer_momentum": mu} for lr, mu in NESTEROV_GRID
+)
+
+
+def local_pairs(smoke: bool) -> list[tuple[str, str]]:
+    """(uplink, downlink) of the local-step sweep: uncompressed, the package default (``EF21Config()``'s matrix
+    compressors) and, in the full run, :data:`AGGRESSIVE`."""
+    pairs = [("identity", "identity"), (C.default_matrix_spec("uplink"), C.default_matrix_spec("downlink"))]
+    return list(dict.fromkeys(pairs if smoke else [*pairs, AGGRESSIVE]))
+
+
+def _outer_for(H: int, o: dict[str, Any]) -> dict[str, Any]:
+    """A grid entry of :data:`EF21_OUTER_GRID` at this H (the lmo entry with a fraction is that fraction × H)."""
+    lr = o["outer_lr"]
+    if o["outer"] == "lmo" and lr is not None:
+        lr = lr * H
+    return {"outer": o["outer"], "outer_lr": lr, "outer_momentum": o["outer_momentum"]}
+
+
+def local_tune_methods(smoke: bool) -> list[dict[str, Any]]:
+    """The grid of the local part's tune step: per H > 1, EF21-Muon (identity, sharded) with each outer step of
+    :data:`EF21_OUTER_GRID` (inner LR: ddp_lmo's choice, set by the caller) and DiLoCo with each outer step of
+    :data:`DILOCO_OUTER_GRID` (its inner LR multiplier is crossed with the LR grid by the caller)."""
+    Hs = [H for H in (SMOKE_SYNC_EVERY if smoke else SYNC_EVERY) if H > 1]
+    grid = EF21_OUTER_GRID[::3] if smoke else EF21_OUTER_GRID  # smoke: nesterov (0.7, 0.9) and lmo (H)
+    dgrid = DILOCO_OUTER_GRID[:1] if smoke else DILOCO_OUTER_GRID
+    ef = [dict(ef21("sharded", "identity"), sync_every=H, **_outer_for(H, o)) for H in Hs for o in grid]
+    return ef + [C.diloco_spec(H, **o) for H in Hs for o in dgrid]
+
+
+def choose_local(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (family, H) the grid row with the lowest validation loss (non-finite = +inf; ties: the first row):
+    ``ef21_h<H>`` → its outer options, ``diloco_h<H>`` → its outer options and inner LR multiplier."""
+    import math
+
+    chosen: dict[str, Any] = {}
+    for r in rows:
+        key = f"{'diloco' if r['method'].startswith('diloco') else 'ef21'}_h{r['sync_every']}"
+        v = r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf
+        if key not in chosen or v < chosen[key]["val_loss"]:
+            chosen[key] = {k: r.get(k) for k in ("outer", "outer_lr", "outer_momentum", "lr_mult", "lrs", "val_loss")}
+    return chosen
+
+
+def local_methods(smoke: bool, chosen: dict[str, Any]) -> list[dict[str, Any]]:
+    """The local part's 2-process runs: the reference, DDP + AdamW and DDP + LMO first (both targets and the DDP
+    byte baseline, rerun: every-step runs must be unchanged), then EF21-Muon (sharded) at each H × each compressor
+    pair of :func:`local_pairs` (H > 1 with the outer step ``chosen[ef21_h<H>]``; (identity, H = 1) is the
+    reference itself), then DiLoCo at each H > 1 (``chosen[diloco_h<H>]``). LR multipliers are set by the caller
+    (:func:`with_lr`) except DiLoCo's, which comes from ``chosen``."""
+    head = [REF, ADAMW_REF, ddp("lmo", mult=1)]
+    runs = []
+    for H in SMOKE_SYNC_EVERY if smoke else SYNC_EVERY:
+        for up, down in local_pairs(smoke):
+            if H == 1 and up == down == "identity":
+                continue
+            spec = ef21("sharded", up, down)
+            if H > 1:
+                o = chosen.get(f"ef21_h{H}", {"outer": "nesterov", "outer_lr": None, "outer_momentum": None})
+                spec.update(sync_every=H, outer=o["outer"], outer_lr=o["outer_lr"], outer_momentum=o["outer_momentum"])
+            runs.append(spec)
+    for H in SMOKE_SYNC_EVERY if smoke else SYNC_EVERY:
+        if H > 1:
+            o = chosen.get(f"diloco_h{H}", {})
+            runs.append(
+                dict(
+                    C.diloco_spec(H, outer_lr=o.get("outer_lr"), outer_momentum=o.get("outer_momentum")),
+                    lr_mult=o.get("lr_mult", 1.0),
+                )
+            )
+    return [*head, *runs]
 
 
 def demo_meta(task: C.Task) -> dict[str, Any]:
@@ -202,6 +310,29 @@ def demo_meta(task: C.Task) -> dict[str, Any]:
         "packed_index_rule": "indices at ceil(log2(chunk numel)) bits (12 for 64x64): reported, not sent",
         "dense_fp32_bytes_per_step": C.fp32_bytes(model),
         "ratio_vs_dense": C.fp32_bytes(model) / b,
+    }
+
+
+def diloco_meta(task: C.Task) -> dict[str, Any]:
+    """What the DiLoCo peer is and how its bytes are counted (benchmarks/diloco_peer.py)."""
+    import diloco_peer
+
+    numel = C.n_params(C.build_model(task))
+    return {
+        "source": "benchmarks/diloco_peer.py: implemented from the paper's Algorithm 1; not the authors' code",
+        "paper": diloco_peer.PAPER,
+        "inner": "AdamW (betas 0.9, 0.95, weight decay 0; LR common.ADAMW_LR x the local tune's multiplier), the "
+        "same warm-up-then-constant schedule as every method; inner state kept on the worker across rounds",
+        "outer": "Nesterov SGD on the averaged pseudo-gradient (theta_start - theta_j): b <- mu b + D; theta <- "
+        "theta - lr (D + mu b) (torch.optim.SGD nesterov=True); the paper's lr 0.7, mu 0.9, the local tune's grid",
+        "paper_outer_lr": diloco_peer.OUTER_LR,
+        "paper_outer_momentum": diloco_peer.OUTER_MOMENTUM,
+        "byte_rule": "per worker per round = 4 * numel: the flat fp32 buffer handed to torch.distributed.all_reduce "
+        "(the DDP peers' rule: an all-reduce counted as one dense fp32 send per worker, downlink 0; at n = 2 a ring "
+        "all-reduce sends exactly this much per worker and receives as much); 0 on inner steps",
+        "bytes_per_round": diloco_peer.round_bytes(numel),
+        "upload_download_bytes_per_round": diloco_peer.round_bytes(numel, download=True),
+        "evaluated_at": "the shared model theta of the last finished round",
     }
 
 
@@ -278,6 +409,8 @@ def train_real(
         r = C.Runner(spec, task)
         curve, up, down = [], 0, 0
         hit, hit_a = False, False
+        rounds: list[tuple[int, int, int]] = []  # local-step runs: (step, uplink, downlink bytes) of each sync
+        inner_steps, inner_bytes_max = 0, 0
         t0 = time.perf_counter()
         curve.append(_curve_point(0, 0, 0, r.val_loss(val), t0))
         bar = tqdm(range(budget), desc=C.label(spec)[:48], unit="step", disable=rank != 0, leave=False, mininterval=10)
@@ -285,6 +418,11 @@ def train_real(
             loss = r.step(data.batch(s, rank, world))
             up += r.last_uplink_bytes
             down += r.last_downlink_bytes
+            if r.local and r.last_synced:
+                rounds.append((s + 1, r.last_uplink_bytes, r.last_downlink_bytes))
+            elif r.local:
+                inner_steps += 1
+                inner_bytes_max = max(inner_bytes_max, r.last_uplink_bytes + r.last_downlink_bytes)
             if (s + 1) % task.val_every == 0 or s + 1 == budget:
                 v = r.val_loss(val)
                 curve.append(_curve_point(s + 1, up, down, v, t0))
@@ -310,6 +448,19 @@ def train_real(
             rec["powersgd_measured_hook_bytes"] = r.counter.bytes
             rec["powersgd_analytic_bytes"] = sum(r.psgd if i >= 2 else r.dense for i in range(r.step_count))
             rec["powersgd_state_iter"] = r.psgd_state.iter
+        if r.local:  # every sync step with its bytes; inner steps must have sent nothing
+            rec["local"] = {
+                "sync_every": spec["sync_every"],
+                "round_steps": [x[0] for x in rounds],
+                "round_uplink_bytes": [x[1] for x in rounds],
+                "round_downlink_bytes": [x[2] for x in rounds],
+                "inner_steps": inner_steps,
+                "inner_step_bytes_max": inner_bytes_max,
+            }
+            if r.engine is not None:
+                rec["local"]["outer_step_size"] = r.engine.config.outer_step_size
+        if r.diloco is not None:
+            rec["diloco_bytes_per_round"] = r.diloco.bytes_per_round
         if spec["kind"] == "demo":
             rec["demo_bytes_per_step"] = r.opt.bytes_per_step
             rec["demo_measured_bytes_total"] = up
@@ -331,37 +482,45 @@ def train_real(
     return out if rank == 0 else []
 
 
+def train_grid(rank: int, world: int, specs: list[dict[str, Any]], task: C.Task, steps: int) -> list[dict[str, Any]]:
+    """Each fully specified run (``lr_mult`` and any outer options set) for ``steps`` steps (same schedule shape);
+    its validation loss at the end (at X). Rank 0 returns one row per spec."""
+    data = C.Data(task)
+    val = data.val_batches(rank, world)
+    out = []
+    for spec in specs:
+        m = spec.get("lr_mult") or 1.0
+        r = C.Runner(spec, task)
+        t0 = time.perf_counter()
+        for s in range(steps):
+            r.step(data.batch(s, rank, world))
+        v = r.val_loss(val)
+        out.append(
+            {
+                "method": C.method_name(spec),
+                "label": C.label(spec),
+                "lr_mult": m,
+                "base_lrs": [x / m for x in r.base_lrs],
+                "lrs": r.base_lrs,
+                "steps": steps,
+                "val_loss": v,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        for k in ("sync_every", "outer", "outer_lr", "outer_momentum"):
+            if spec.get(k) is not None:
+                out[-1][k] = spec[k]
+        r.close()
+        if rank == 0:
+            print(f"tune {C.label(spec)[:60]:<60} lr x{m:<6.3g} val {v:.4f} ({out[-1]['seconds']:.0f} s)", flush=True)
+    return out if rank == 0 else []
+
+
 def train_tune(
     rank: int, world: int, methods: list[dict[str, Any]], grid: list[float], task: C.Task, steps: int
 ) -> list[dict[str, Any]]:
     """Each method at each LR multiplier for ``steps`` steps (same schedule shape); validation loss at the end."""
-    data = C.Data(task)
-    val = data.val_batches(rank, world)
-    out = []
-    for spec in methods:
-        for m in grid:
-            r = C.Runner(dict(spec, lr_mult=m), task)
-            t0 = time.perf_counter()
-            for s in range(steps):
-                r.step(data.batch(s, rank, world))
-            v = r.val_loss(val)
-            out.append(
-                {
-                    "method": C.method_name(spec),
-                    "lr_mult": m,
-                    "base_lrs": [x / m for x in r.base_lrs],
-                    "lrs": r.base_lrs,
-                    "steps": steps,
-                    "val_loss": v,
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
-            r.close()
-            if rank == 0:
-                print(
-                    f"tune {C.method_name(spec):<22} lr x{m:<6.3g} val {v:.4f} ({out[-1]['seconds']:.0f} s)", flush=True
-                )
-    return out if rank == 0 else []
+    return train_grid(rank, world, [dict(spec, lr_mult=m) for spec in methods for m in grid], task, steps)
 
 
 def choose_lrs(grid_rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -526,6 +685,13 @@ def bytes_vs_n(task: C.Task, ns: list[int], specs: list[str], psgd_ranks: list[i
 
 
 # ----------------------------------------------------------------------------------------------- summarising
+GOAL_RULE = (
+    "issue 14: bytes-to-target (uplink + downlink per worker, total_bytes_to_target_per_worker) of the best "
+    "EF21-Muon run (any sync_every, n = 2) >= 100x below the uncompressed data-parallel Gluon run (the reference: "
+    "EF21-Muon sharded, identity, sync_every 1, counted uplink + downlink like every EF21 run), and below the best "
+    "DiLoCo run's at the same target (DiLoCo counted by the DDP rule: its all-reduce = one dense fp32 send per worker "
+    "per round, downlink 0; diloco_upload_download_bytes counts the averaged delta received as well). Both targets."
+)
 TOTAL_RULE = (
     "total bytes to a target per worker = uplink bytes it sent + downlink bytes it received (the server "
     "side's downlink messages, downlink_bytes_total); total_saving_vs_uncompressed = that of the same "
@@ -547,7 +713,10 @@ def summarise(
     same_topo_ref = {
         r["spec"]["topology"]: r
         for r in records
-        if r["spec"]["kind"] == "ef21" and r["spec"]["uplink"] == "identity" and r["spec"]["downlink"] == "identity"
+        if r["spec"]["kind"] == "ef21"
+        and r["spec"]["uplink"] == "identity"
+        and r["spec"]["downlink"] == "identity"
+        and not C.local_options(r["spec"])
     }
     ddp_ref = next(
         (
@@ -585,11 +754,15 @@ def summarise(
         }
         if "downlink_choice" in spec:
             row["downlink_choice"] = spec["downlink_choice"]
+        row["sync_every"] = int(spec.get("sync_every") or 1)
+        if row["sync_every"] > 1:
+            row.update({k: spec.get(k) for k in ("outer", "outer_lr", "outer_momentum")})
         base = same_topo_ref.get(spec.get("topology")) if spec["kind"] == "ef21" else ddp_ref
         for sfx, tgt in targets.items():
             hit = C.bytes_to_target(curve, tgt) if tgt is not None else None
             hit_ref = C.bytes_to_target(ref["curve"], tgt) if tgt is not None else None
             tot, base_tot = _bytes_to(curve, tgt), _bytes_to(base["curve"], tgt) if base is not None else None
+            ref_tot = _bytes_to(ref["curve"], tgt)
             row.update(
                 {
                     f"reached_target{sfx}": hit is not None,
@@ -605,8 +778,13 @@ def summarise(
                     if hit and hit_ref and hit["uplink_bytes_per_worker"]
                     else None,
                     f"total_saving_vs_uncompressed{sfx}": base_tot / tot if tot and base_tot else None,
+                    f"total_ratio_vs_dp_gluon{sfx}": ref_tot / tot if tot and ref_tot else None,
                 }
             )
+            if "local" in r:  # outer rounds up to the validation that reached the target
+                row[f"outer_rounds_to_target{sfx}"] = (
+                    sum(st <= hit["step"] for st in r["local"]["round_steps"]) if hit else None
+                )
         row.update(
             {
                 "uplink_bytes_total_per_worker": curve[-1]["uplink_bytes_per_worker"],
@@ -622,6 +800,8 @@ def summarise(
             "powersgd_state_iter",
             "demo_bytes_per_step",
             "demo_measured_bytes_total",
+            "diloco_bytes_per_round",
+            "local",
             "demo_packed_bits_bytes_per_step",
             "state_bytes",
             "peak_rss_mb",
@@ -630,6 +810,121 @@ def summarise(
                 row[k] = r[k]
         runs.append(row)
     return runs
+
+
+def goal_issue14(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue-14 goal (:data:`GOAL_RULE`) from the n = 2 records, at both targets; {} without the reference."""
+    rs = [r for r in runs if r["n_workers"] == 2]
+    ref = next(
+        (
+            r
+            for r in rs
+            if r["method"] == "ef21_muon_sharded"
+            and r["uplink"] == r["downlink"] == "identity"
+            and r.get("sync_every", 1) == 1
+        ),
+        None,
+    )
+    ddp_lmo = next((r for r in rs if r["method"] == "ddp_lmo"), None)
+    if ref is None:
+        return {}
+    out: dict[str, Any] = {"rule": GOAL_RULE}
+    for sfx in ("", "_adamw"):
+        key = f"total_bytes_to_target{sfx}_per_worker"
+        ours = [r for r in rs if r["method"].startswith("ef21_muon_") and r.get(key)]
+        dil = [r for r in rs if r["method"].startswith("diloco_")]
+        dil_hit = [r for r in dil if r.get(key)]
+        best = min(ours, key=lambda r: r[key]) if ours else None
+        dbest = min(dil_hit, key=lambda r: r[key]) if dil_hit else None
+        g: dict[str, Any] = {
+            "reference": ref["label"],
+            "reference_bytes": ref[key],
+            "ddp_lmo_bytes_ddp_rule": ddp_lmo[key] if ddp_lmo else None,
+            "best": best["label"] if best else None,
+            "best_bytes": best[key] if best else None,
+            "best_steps": best[f"steps_to_target{sfx}"] if best else None,
+            "ratio_vs_dp_gluon": ref[key] / best[key] if best and ref[key] else None,
+            "ratio_vs_ddp_lmo_ddp_rule": ddp_lmo[key] / best[key] if best and ddp_lmo and ddp_lmo[key] else None,
+            "best_per_sync_every": {
+                str(H): min((r for r in ours if r.get("sync_every", 1) == H), key=lambda r: r[key])["label"]
+                for H in sorted({r.get("sync_every", 1) for r in ours})
+            },
+            "diloco_runs": [r["label"] for r in dil],
+            "diloco_reached": [r["label"] for r in dil_hit],
+            "diloco_best": dbest["label"] if dbest else None,
+            "diloco_best_bytes": dbest[key] if dbest else None,
+            "diloco_best_upload_download_bytes": 2 * dbest[key] if dbest else None,
+            "diloco_final_losses": {r["label"]: r["final_val_loss"] for r in dil},
+        }
+        g["met_100x"] = bool(g["ratio_vs_dp_gluon"] and g["ratio_vs_dp_gluon"] >= 100)
+        if best and dbest:
+            g["ratio_vs_diloco"] = dbest[key] / best[key]
+            g["ratio_vs_diloco_upload_download"] = 2 * dbest[key] / best[key]
+            g["beats_diloco"] = best[key] < dbest[key]
+        else:  # DiLoCo never reached the target: ours beats it when ours did
+            g["ratio_vs_diloco"] = g["ratio_vs_diloco_upload_download"] = None
+            g["beats_diloco"] = bool(best) and bool(dil) and not dil_hit
+        out["target" + sfx] = g
+    return out
+
+
+def local_table(runs: list[dict[str, Any]], goal: dict[str, Any]) -> str:
+    """Markdown table of the local-step sweep (n = 2): the reference, DDP + LMO / AdamW, EF21-Muon (sharded) with
+    the compressor pairs of :func:`local_pairs` at every H, and DiLoCo; bytes in MB (10^6 B) per worker, uplink +
+    downlink; × = how many times fewer bytes to the same target."""
+    f = lambda v, fmt: (fmt % v) if v is not None else "—"  # noqa: E731
+    pairs = set(local_pairs(False)) | set(local_pairs(True))
+    dil = {k: goal.get("target" + k, {}).get("diloco_best_bytes") for k in ("", "_adamw")}
+    lines = [
+        "| method | H | outer lr/momentum | LR × | rounds→target | steps→target | MB→target (up + down) | "
+        "× vs DP Gluon | × vs best DiLoCo | steps→AdamW target | MB→AdamW target | × vs DP Gluon (AdamW target) | "
+        "× vs best DiLoCo (AdamW target) | final loss (steps) |",
+        "|---" * 14 + "|",
+    ]
+
+    def mb(r: dict[str, Any], sfx: str) -> str:
+        tot = r[f"total_bytes_to_target{sfx}_per_worker"]
+        if tot is None:
+            return "—"
+        up = r[f"bytes_to_target{sfx}_per_worker"]
+        return f"{tot / 1e6:.2f} ({up / 1e6:.2f} + {(tot - up) / 1e6:.2f})"
+
+    def keep(r: dict[str, Any]) -> bool:
+        if r["n_workers"] != 2:
+            return False
+        if r.get("sync_every", 1) > 1 or r["method"] in ("ddp_lmo", "ddp_adamw"):
+            return True
+        return r["method"] == "ef21_muon_sharded" and (r["uplink"], r["downlink"]) in pairs
+
+    for r in filter(keep, runs):
+        H = r.get("sync_every", 1)
+        outer = "—"
+        if H > 1:
+            lr = r.get("outer_lr") or (0.7 if r.get("outer", "nesterov") == "nesterov" else H)
+            mom = r.get("outer_momentum")
+            outer = f"{r.get('outer') or 'nesterov'} {lr:g}" + (f"/{mom:g}" if mom is not None else "")
+        cells = [
+            r["label"].split(" H=")[0].split(" olr=")[0],
+            str(H),
+            outer,
+            f"{r['lr_mult']:.3g}",
+            f(r.get("outer_rounds_to_target"), "%d"),
+            f(r["steps_to_target"], "%d"),
+            mb(r, ""),
+            f(r.get("total_ratio_vs_dp_gluon"), "%.1f×"),
+        ]
+        tot = r["total_bytes_to_target_per_worker"]
+        cells.append(f(tot and dil[""] and dil[""] / tot, "%.2f×"))
+        tot_a = r["total_bytes_to_target_adamw_per_worker"]
+        cells += [
+            f(r["steps_to_target_adamw"], "%d"),
+            mb(r, "_adamw"),
+            f(r.get("total_ratio_vs_dp_gluon_adamw"), "%.1f×"),
+            f(tot_a and dil["_adamw"] and dil["_adamw"] / tot_a, "%.2f×"),
+            f"{r['final_val_loss']:.4f} ({r['steps']})",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def agreement(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -663,17 +958,33 @@ def plot(runs: list[dict[str, Any]], path: Path, model_bytes: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [
-        ("n = 2 gloo processes", [r for r in runs if r["n_workers"] == 2]),
-        ("n = 4 Simulator", [r for r in runs if r["method"] == "ef21_muon_sim"]),
-    ]
+    def local(r: dict[str, Any]) -> bool:
+        return r.get("sync_every", 1) > 1
+
+    def is_ref(r: dict[str, Any]) -> bool:
+        return r["method"] == "ef21_muon_sharded" and r["uplink"] == "identity" and not local(r)
+
+    up = lambda c: c["uplink_bytes_per_worker"]  # noqa: E731
+    total = lambda c: c["uplink_bytes_per_worker"] + c["downlink_bytes_total"]  # noqa: E731
+    n2 = [r for r in runs if r["n_workers"] == 2]
+    groups = [("n = 2 gloo processes, a sync every step", [r for r in n2 if not local(r)], up, "uplink")]
+    if any(map(local, n2)):
+        groups.append(
+            (
+                "n = 2: local steps (H > 1) and DiLoCo (DDP byte rule) vs the uncompressed reference",
+                [r for r in n2 if local(r) or is_ref(r) or r["method"] in ("ddp_lmo", "ddp_adamw")],
+                total,
+                "uplink + downlink",
+            )
+        )
+    groups.append(("n = 4 Simulator", [r for r in runs if r["method"] == "ef21_muon_sim"], up, "uplink"))
     groups = [g for g in groups if g[1]]
     fig, axes = plt.subplots(1, len(groups), figsize=(8 * len(groups), 6), squeeze=False)
-    for ax, (title, rs) in zip(axes[0], groups):
+    for ax, (title, rs, xbytes, xname) in zip(axes[0], groups):
         for r in rs:
-            xs = [max(c["uplink_bytes_per_worker"], 1) / model_bytes for c in r["val_curve"][1:]]
+            xs = [max(xbytes(c), 1) / model_bytes for c in r["val_curve"][1:]]
             ys = [c["val_loss"] for c in r["val_curve"][1:]]
-            style = "-" if r["method"].startswith("ef21") else "--"
+            style = "-" if r["method"].startswith("ef21") else (":" if r["method"].startswith("diloco") else "--")
             name = r["label"].replace("ef21_muon_", "EF21 ") + (" (default)" if r.get("default") else "")
             ax.plot(xs, ys, style, label=name, lw=2.0 if r.get("default") else 1.2)
         if rs:
@@ -687,7 +998,7 @@ def plot(runs: list[dict[str, Any]], path: Path, model_bytes: int) -> None:
                     label="target_adamw (DDP+AdamW at reference steps × 1.01)",
                 )
         ax.set_xscale("log")
-        ax.set_xlabel("cumulative uplink bytes per worker / fp32 model size")
+        ax.set_xlabel(f"cumulative {xname} bytes per worker / fp32 model size")
         ax.set_ylabel("validation loss at X (nats/byte)")
         ax.set_title(title)
         lo = min(r["target_val_loss"] for r in rs)
@@ -696,6 +1007,111 @@ def plot(runs: list[dict[str, Any]], path: Path, model_bytes: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def only(methods: list[dict[str, Any]], keys: str | None) -> list[dict[str, Any]]:
+    """``--only``: the methods whose label contains one of the comma-separated ``keys``, plus the reference, DDP +
+    AdamW and DDP + LMO (the targets and the DDP byte baseline); all of them when ``keys`` is None."""
+    if not keys:
+        return methods
+    ks = keys.split(",")
+    return [
+        m
+        for m in methods
+        if m.get("reference")
+        or m.get("adamw_reference")
+        or (m["kind"] == "ddp" and m["optimizer"] == "lmo" and not m.get("psgd_rank"))
+        or any(k in C.label(m) for k in ks)
+    ]
+
+
+def run_local(
+    args: argparse.Namespace,
+    task: C.Task,
+    chosen: dict[str, Any],
+    meta: dict[str, Any],
+    model_bytes: int,
+    stem: str,
+    out: Path,
+    done: set[tuple[str, int]],
+) -> list[dict[str, Any]]:
+    """The ``local`` part: the outer-step grid (:func:`local_tune_methods`, DiLoCo crossed with the LR grid; on the
+    reference budget, 2 processes; ``--local-tune reuse`` takes the choice from the meta JSON appended to), then the
+    2-process runs of :func:`local_methods`. Every-step records already summarised in this invocation (``done``:
+    (label, n)) are not repeated; the reruns of records in the results appended to are compared with them
+    (``local_reproduced``: every-step runs must be unchanged). Returns the summarised records."""
+    import json
+
+    old_path = out / f"{stem}_meta.json"
+    if args.local_tune == "reuse":
+        src = json.loads(old_path.read_text())["local_tune"]
+        local_chosen = src["chosen"]
+        meta["local_tune"] = dict(src, reused_from=str(old_path))
+    else:
+        grid = (
+            [float(x) for x in args.tune_grid.split(",")]
+            if args.tune_grid
+            else ([1.0, 3.0] if args.smoke else list(DILOCO_LR_GRID))
+        )
+        lmo_mult = chosen.get("ddp_lmo", {}).get("lr_mult", 1.0)
+        specs = [
+            dict(m, lr_mult=lmo_mult) if m["kind"] == "ef21" else dict(m, lr_mult=g)
+            for m in local_tune_methods(args.smoke)
+            for g in ([None] if m["kind"] == "ef21" else grid)
+        ]
+        steps = max(2, round(task.steps * args.tune_frac))
+        t0 = time.perf_counter()
+        rows = C.run_processes(train_grid, 2, C.TMP / "comm_vs_loss", specs=specs, task=task, steps=steps)[0]
+        local_chosen = choose_local(rows)
+        meta["local_tune"] = {
+            "ef21_outer_grid": list(EF21_OUTER_GRID),
+            "ef21_outer_grid_note": "outer 'lmo' with outer_lr 0.5 means 0.5 x H (outer_lr of lmo counts inner "
+            "radii); None = the package default (nesterov 0.7, lmo H); EF21 inner LR = ddp_lmo's tuned multiplier",
+            "diloco_outer_grid": list(DILOCO_OUTER_GRID),
+            "diloco_lr_grid": grid,
+            "steps": steps,
+            "n_workers": 2,
+            "rows": rows,
+            "chosen": local_chosen,
+            "rule": "per (family, H) the lowest validation loss (at X / DiLoCo's shared model) after `steps` steps; "
+            "EF21-Muon tuned with identity compressors, its choice used for every compressor at that H",
+            "seconds": time.perf_counter() - t0,
+        }
+    for k, v in local_chosen.items():
+        print(f"local tune: {k:<12} { ({x: v[x] for x in ('outer', 'outer_lr', 'outer_momentum', 'lr_mult')}) }")
+    methods = only(with_lr(local_methods(args.smoke, local_chosen), chosen), args.only)
+    t0 = time.perf_counter()
+    partial = C.TMP / "comm_vs_loss" / f"{stem}_local_partial.pt"
+    if args.from_partial:
+        recs = torch.load(partial, weights_only=False)
+        meta["local_partial"] = f"interrupted run: {len(recs)} of {len(methods)} local methods finished"
+    else:
+        recs = C.run_processes(
+            train_real,
+            2,
+            C.TMP / "comm_vs_loss",
+            methods=methods,
+            task=task,
+            budget_mult=args.budget_mult,
+            early_stop=not args.full_budget,
+            partial=str(partial),
+        )[0]
+    meta["local_seconds"] = time.perf_counter() - t0
+    rows = summarise(recs, 2, task, model_bytes, args.seed, task.tokens_per_step(2))
+    if args.append and (out / f"{stem}.json").exists():  # every-step reruns vs the records they replace
+        old = {r["label"]: r for r in json.loads((out / f"{stem}.json").read_text()) if r["n_workers"] == 2}
+        meta["local_reproduced"] = {
+            r["label"]: max(
+                abs(a["val_loss"] - b["val_loss"]) for a, b in zip(r["val_curve"], old[r["label"]]["val_curve"])
+            )
+            for r in rows
+            if r["sync_every"] == 1 and r["label"] in old
+        }
+        meta["local_reproduced_rule"] = (
+            "max |val loss difference| over the common validation points between each every-step run of the local "
+            "part and the record of the same label it replaces (0: unchanged)"
+        )
+    return [r for r in rows if (r["label"], r["n_workers"]) not in done]
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -708,8 +1124,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--full-budget", action="store_true", help="do not stop a run once it reached the target")
     p.add_argument(
         "--parts",
-        default="tune,real,agreement,sim,bytes_vs_n",
-        help="comma list of: tune, real, agreement, sim, bytes_vs_n",
+        default="tune,real,local,agreement,sim,bytes_vs_n",
+        help="comma list of: tune, real, local, agreement, sim, bytes_vs_n",
+    )
+    p.add_argument(
+        "--local-tune",
+        choices=("run", "reuse"),
+        default="run",
+        help="the local part's outer-step / DiLoCo LR grid: run it, or reuse the choice in the meta JSON appended to",
     )
     p.add_argument("--tune-grid", default=None, help="LR multipliers of the tune part (default 0.333,1,3; smoke 1,3)")
     p.add_argument(
@@ -784,6 +1206,8 @@ def main(argv: list[str] | None = None) -> None:
             "package_defaults": C.package_defaults(),
             "dropped_methods": DROPPED,
             "demo": demo_meta(task),
+            "diloco": diloco_meta(task),
+            "goal_rule": GOAL_RULE,
         },
     )
     t_all = time.perf_counter()
@@ -825,17 +1249,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"LR multipliers from {lr_from}: {({k: v['lr_mult'] for k, v in chosen.items()}) or 'none (x1)'}")
     meta["lr_mults"] = {k: v["lr_mult"] for k, v in chosen.items()}
     if "real" in parts:
-        methods = with_lr(real_methods(args.smoke), chosen)
-        if args.only:
-            keys = args.only.split(",")
-            methods = [
-                m
-                for m in methods
-                if m.get("reference")
-                or m.get("adamw_reference")
-                or (m["kind"] == "ddp" and m["optimizer"] == "lmo" and not m.get("psgd_rank"))
-                or any(k in C.label(m) for k in keys)
-            ]
+        methods = only(with_lr(real_methods(args.smoke), chosen), args.only)
         t0 = time.perf_counter()
         partial = C.TMP / "comm_vs_loss" / f"{stem}_partial.pt"
         if args.from_partial:
@@ -855,6 +1269,9 @@ def main(argv: list[str] | None = None) -> None:
         meta["real_seconds"] = time.perf_counter() - t0
         meta["agreement_ef21_identity_vs_ddp_lmo"] = agreement(recs)
         runs += summarise(recs, 2, task, model_bytes, args.seed, task.tokens_per_step(2))
+    if "local" in parts:
+        done = {(r["label"], r["n_workers"]) for r in runs}
+        runs += run_local(args, task, chosen, meta, model_bytes, stem, out, done)
     if "agreement" in parts:
         t0 = time.perf_counter()
         meta["agreement_trace_ef21_sharded_identity_vs_ddp_lmo"] = C.run_processes(
@@ -900,6 +1317,9 @@ def main(argv: list[str] | None = None) -> None:
         meta["total_seconds"] += old.get("total_seconds", 0)
         meta = {**old, **{k: v for k, v in meta.items() if k not in ("args",)}}
         runs.sort(key=lambda r: r["n_workers"])
+    goal = goal_issue14(runs)
+    if goal:
+        meta["goal_issue14"] = goal
     C.write_json(out / f"{stem}.json", runs)
     C.write_json(out / f"{stem}_meta.json", meta)
     if runs:
@@ -928,6 +1348,17 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"agreement {k}: max |ΔW| = {v['max_abs_weight_diff']:.3g} (max |W| {v['max_abs_weight']:.3g}), "
             f"|Δ val loss| = {v['final_val_loss_diff']:.3g}"
+        )
+    if any(r.get("sync_every", 1) > 1 for r in runs):
+        print("\n" + local_table(runs, goal))
+    for sfx, g in ((k[len("target") :], v) for k, v in goal.items() if k.startswith("target")):
+        f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
+        print(
+            f"goal (issue 14) at target{sfx}: best {g['best']}: {f(g['best_bytes'] and g['best_bytes'] / 1e6, '%.3f')} "
+            f"MB vs DP Gluon {g['reference_bytes'] / 1e6:.1f} MB = {f(g['ratio_vs_dp_gluon'], '%.1f')}x "
+            f"({'met' if g['met_100x'] else 'missed'}); best DiLoCo {g['diloco_best']}: "
+            f"{f(g['diloco_best_bytes'] and g['diloco_best_bytes'] / 1e6, '%.3f')} MB, ratio "
+            f"{f(g['ratio_vs_diloco'], '%.2f')}x ({'beats' if g['beats_diloco'] else 'does not beat'} DiLoCo)"
         )
     print(f"total {meta['total_seconds']:.1f} s; wrote {out / (stem + '.json')}")
 

@@ -360,6 +360,21 @@ def _version(md: Any, pkg: str) -> str | None:
         return None
 
 
+def source_revision() -> dict[str, Any]:
+    """The git commit of the checkout the benchmark ran from and whether its package sources (``ef_lightning/``)
+    differed from it (None where git is unavailable)."""
+    import subprocess
+
+    def git(*a: str) -> str | None:
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    dirty = git("status", "--porcelain", "--", "ef_lightning")
+    return {"commit": git("rev-parse", "HEAD"), "package_modified": None if dirty is None else bool(dirty)}
+
+
 def environment() -> dict[str, Any]:
     """Machine and versions, for every results file."""
     import importlib.metadata as md
@@ -371,6 +386,7 @@ def environment() -> dict[str, Any]:
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
         cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     return {
+        "source": source_revision(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu,
@@ -388,12 +404,14 @@ def write_json(path: Path, obj: Any) -> None:
 
 # ------------------------------------------------------------------------------------------------------ methods
 def method_name(spec: dict[str, Any]) -> str:
-    """``ef21_muon_<topology>`` for ours, ``ddp_<optimizer>`` / ``ddp_powersgd_r<rank>_<optimizer>`` / ``demo`` for
-    peers."""
+    """``ef21_muon_<topology>`` for ours, ``ddp_<optimizer>`` / ``ddp_powersgd_r<rank>_<optimizer>`` / ``demo`` /
+    ``diloco_h<H>`` for peers."""
     if spec["kind"] == "ef21":
         return f"ef21_muon_{spec['topology']}"
     if spec["kind"] == "demo":
         return "demo"
+    if spec["kind"] == "diloco":
+        return f"diloco_h{spec['sync_every']}"
     if spec.get("psgd_rank"):
         return f"ddp_powersgd_r{spec['psgd_rank']}_{spec['optimizer']}"
     return f"ddp_{spec['optimizer']}"
@@ -410,6 +428,53 @@ def demo_spec(mult: float | None = None) -> dict[str, Any]:
         "downlink": "identity",
         "budget_mult": mult,
     }
+
+
+def diloco_spec(
+    sync_every: int, mult: float | None = None, outer_lr: float | None = None, outer_momentum: float | None = None
+) -> dict[str, Any]:
+    """The DiLoCo peer (benchmarks/diloco_peer.py) at H = ``sync_every`` inner AdamW steps per round; ``outer_lr`` /
+    ``outer_momentum`` None: the paper's 0.7 / 0.9. ``uplink`` names its message (a dense fp32 outer delta)."""
+    return {
+        "kind": "diloco",
+        "optimizer": "adamw",
+        "psgd_rank": None,
+        "topology": "allreduce",
+        "uplink": "dense_fp32_outer_delta",
+        "downlink": "identity",
+        "sync_every": sync_every,
+        "outer": "nesterov",
+        "outer_lr": outer_lr,
+        "outer_momentum": outer_momentum,
+        "budget_mult": mult,
+    }
+
+
+def local_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """The local-training options of an EF21-Muon spec as ``EF21Config`` fields: empty for ``sync_every`` 1 (the
+    every-step EF21-Muon run, built exactly as before local steps existed), else ``sync_every``, ``outer`` and the
+    outer step size / momentum when given (None: the package's defaults)."""
+    H = int(spec.get("sync_every") or 1)
+    if H == 1:
+        return {}
+    out: dict[str, Any] = {"sync_every": H, "outer": spec.get("outer") or "nesterov"}
+    for k in ("outer_lr", "outer_momentum"):
+        if spec.get(k) is not None:
+            out[k] = spec[k]
+    return out
+
+
+def _outer_given(spec: dict[str, Any]) -> str:
+    """`` olr=<outer_lr>`` / `` omomentum=<outer_momentum>`` for the outer options given (not left to defaults)."""
+    return "".join(
+        f" {k.replace('outer_', 'o')}={spec[k]:g}" for k in ("outer_lr", "outer_momentum") if spec.get(k) is not None
+    )
+
+
+def _outer_label(spec: dict[str, Any]) -> str:
+    """`` H=<H>`` plus the outer rule and the outer options given (empty for every-step methods)."""
+    H = int(spec.get("sync_every") or 1)
+    return f" H={H} outer={spec.get('outer') or 'nesterov'}{_outer_given(spec)}" if H > 1 else ""
 
 
 def _roles(spec: Any, keys: set[str]) -> dict[str, str]:
@@ -440,8 +505,9 @@ def default_matrix_spec(which: str) -> str:
 
 def is_default(spec: dict[str, Any], topology: bool = True) -> bool:
     """True when ``spec`` is EF21-Muon with the package's default uplink and downlink (role by role, as
-    :func:`role_spec` maps the spec) and, with ``topology``, its default topology: what ``EF21Config()`` gives."""
-    if spec.get("kind") != "ef21":
+    :func:`role_spec` maps the spec), a step every step (``sync_every`` 1, ``EF21Config()``'s) and, with
+    ``topology``, its default topology: what ``EF21Config()`` gives."""
+    if spec.get("kind") != "ef21" or local_options(spec):
         return False
     d = package_defaults()
     for which in ("uplink", "downlink"):
@@ -454,9 +520,12 @@ def is_default(spec: dict[str, Any], topology: bool = True) -> bool:
 
 
 def label(spec: dict[str, Any]) -> str:
-    """A unique, readable name of one configuration (method + compressors)."""
+    """A unique, readable name of one configuration (method + compressors + local-step options when H > 1; the
+    labels of every-step runs are as before local steps existed)."""
     if spec["kind"] == "ef21":
-        return f"{method_name(spec)} up={spec['uplink']} down={spec['downlink']}"
+        return f"{method_name(spec)} up={spec['uplink']} down={spec['downlink']}{_outer_label(spec)}"
+    if spec["kind"] == "diloco":
+        return method_name(spec) + _outer_given(spec)
     return method_name(spec)
 
 
@@ -486,9 +555,12 @@ class Runner:
     """One method on one rank of a gloo group: model, optimizer, engine or DDP wrapper, and a ``step(batch)``.
 
     ``step`` returns the training loss; ``last_uplink_bytes``/``last_downlink_bytes`` are that step's per-worker
-    uplink bytes and server-side downlink bytes (EF21: the ledger's wire bytes; DDP: the dense fp32 rule; PowerSGD:
-    r·(m+n) floats per compressed matrix, from the hook's own accounting rule, after its dense warm-up steps; DeMo:
-    the bytes of the buffer it hands to all_gather, downlink 0). ``spec["lr_mult"]`` scales the optimizer's LR."""
+    uplink bytes and server-side downlink bytes (EF21: the ledger's wire bytes, 0 on the inner steps of a local-step
+    run; DDP: the dense fp32 rule; PowerSGD: r·(m+n) floats per compressed matrix, from the hook's own accounting
+    rule, after its dense warm-up steps; DeMo: the bytes of the buffer it hands to all_gather, downlink 0; DiLoCo:
+    the bytes of the buffer it hands to all_reduce at the end of a round, 0 on inner steps, downlink 0);
+    ``last_synced`` says whether the step communicated (False only on inner steps of local-step methods).
+    ``spec["lr_mult"]`` scales the optimizer's (the inner optimizer's) LR."""
 
     def __init__(self, spec: dict[str, Any], task: Task) -> None:
         import ef_lightning as efl
@@ -497,7 +569,7 @@ class Runner:
         self.model = build_model(task)
         self.opt = build_optimizer(self.model, spec["optimizer"], task, spec.get("lr_mult") or 1.0)
         self.sched = warmup_scheduler(self.opt, task)
-        self.engine = self.ddp = self.psgd_state = None
+        self.engine = self.ddp = self.psgd_state = self.diloco = None
         self.counter = None
         self.step_count = 0
         if spec["kind"] == "ef21":
@@ -508,6 +580,18 @@ class Runner:
                 downlink=role_spec(spec["downlink"]),
                 topology=spec["topology"],
                 seed=task.seed,
+                **local_options(spec),
+            )
+            self.module = self.model
+        elif spec["kind"] == "diloco":  # DiLoCo communicates inside its step (one all_reduce per round)
+            from diloco_peer import OUTER_LR, OUTER_MOMENTUM, DiLoCo
+
+            self.diloco = DiLoCo(
+                self.model.named_parameters(),
+                self.opt,
+                sync_every=spec["sync_every"],
+                outer_lr=OUTER_LR if spec.get("outer_lr") is None else spec["outer_lr"],
+                outer_momentum=OUTER_MOMENTUM if spec.get("outer_momentum") is None else spec["outer_momentum"],
             )
             self.module = self.model
         elif spec["kind"] == "demo":  # DeMo communicates inside its step (one all_gather of the fast components)
@@ -537,6 +621,8 @@ class Runner:
         self.psgd = powersgd_bytes_per_step(self.model, spec["psgd_rank"]) if spec.get("psgd_rank") else None
         self.measured_hook_bytes = 0
         self.last_uplink_bytes = self.last_downlink_bytes = 0
+        self.last_synced = True
+        self.local = bool(local_options(spec)) or self.diloco is not None
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         self.opt.zero_grad(set_to_none=True)
@@ -551,6 +637,11 @@ class Runner:
             self.engine.step()
             rec = self.engine.ledger.last
             self.last_uplink_bytes, self.last_downlink_bytes = rec.uplink_wire_bytes, rec.downlink_wire_bytes
+            self.last_synced = getattr(rec, "synced", True)
+        elif self.diloco is not None:
+            self.diloco.step()
+            self.last_uplink_bytes, self.last_downlink_bytes = self.diloco.last_bytes, 0
+            self.last_synced = self.diloco.last_synced
         elif self.spec["kind"] == "demo":
             self.opt.step()
             self.last_uplink_bytes, self.last_downlink_bytes = self.opt.last_bytes, 0
@@ -564,8 +655,12 @@ class Runner:
         return float(loss.detach())
 
     def server_params(self) -> dict[str, torch.Tensor] | None:
-        """X for evaluation (a collective for sharded/server topologies); None when the module already holds it."""
-        if self.engine is None or self.engine.topology == "allgather":
+        """X for evaluation (a collective for sharded/server topologies; DiLoCo: its shared θ, the model of the
+        last round); None when the module already holds it (between rounds of a local-step run it holds the
+        worker's own W_j, never X)."""
+        if self.diloco is not None:
+            return self.diloco.global_params()
+        if self.engine is None or (self.engine.topology == "allgather" and not self.local):
             return None
         return self.engine.server_model()
 
@@ -598,6 +693,8 @@ class Runner:
             out["ef21_worker_G"] = nbytes(w.G.values())
             out["ef21_server_X"] = nbytes(s.X.values())
             out["ef21_server_G"] = nbytes(s.G.values())
+        elif self.diloco is not None:
+            out["diloco_theta_and_outer_momentum"] = nbytes(self.diloco.state_tensors())
         elif self.spec["kind"] != "demo":
             out["ddp_buckets"] = self.dense
             if self.psgd_state is not None:

@@ -17,8 +17,12 @@ Methods: uncompressed EF21-Muon (sharded, identity), the best EF21-Muon setting 
 downlink bytes to target in comm_vs_loss.json), the package default (``EF21Config()``: ``default`` is true on its rows),
 and the peers ``ddp_powersgd_r4_lmo`` (DDP + PowerSGD rank 4 + LMO), ``ddp_muon`` (DDP + torch.optim.Muon),
 ``ddp_lmo`` (DDP + the LMO optimizer) and ``demo`` (DeMo, benchmarks/demo_peer.py: its all_gather really crosses the
-link). A run chosen for several roles is timed once (``role`` joins them with ``+``). Time to both targets of
-comm_vs_loss.json: ``target`` (uncompressed EF21-Muon + 1 %) and ``target_adamw`` (fields with suffix ``_adamw``).
+link). Local steps (comm_vs_loss.py's ``local`` part): per H > 1 the EF21-Muon run with the fewest uplink +
+downlink bytes to target (``best_local_h<H>``) and the DiLoCo peer (``diloco_h<H>``, benchmarks/diloco_peer.py: its
+all_reduce really crosses the link); their step time is the mean over whole timed rounds (one round of warm-up, at
+least two timed: :func:`timing_plan`), so it carries each step's share of the sync. A run chosen for several roles
+is timed once (``role`` joins them with ``+``). Time to both targets of comm_vs_loss.json: ``target`` (uncompressed
+EF21-Muon + 1 %) and ``target_adamw`` (fields with suffix ``_adamw``).
 
 Needs root and ``ip``/``tc`` (iproute2). Namespaces are removed on exit, on error and on SIGINT/SIGTERM.
 ``--smoke`` uses a tiny model and a few steps, one shaped rate (or loopback with a stated reason when namespaces
@@ -140,24 +144,31 @@ def worker(cfg_path: str, rank: int) -> None:
     out = []
     for spec in cfg["methods"]:
         r = C.Runner(spec, task)
+        warm, timed, H = timing_plan(spec, cfg["warmup_steps"], cfg["timed_steps"])
         times = []
-        for s in range(cfg["warmup_steps"] + cfg["timed_steps"]):
+        up = down = 0
+        for s in range(warm + timed):
             b = data.batch(s, rank, 2)
             dist.barrier()
             t0 = time.perf_counter()
             r.step(b)
             times.append(time.perf_counter() - t0)
-        times = times[cfg["warmup_steps"] :]
-        # the slower rank decides the step time
-        t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+            if s >= warm:
+                up, down = up + r.last_uplink_bytes, down + r.last_downlink_bytes
+        times = times[warm:]
+        # the slower rank decides the step time: median of single steps, or the mean over whole rounds (H > 1)
+        t = torch.tensor([statistics.median(times) if H == 1 else sum(times) / len(times)], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         out.append(
             {
                 "label": C.label(spec),
                 "seconds_per_step": float(t),
+                "sync_every": H,
+                "timed_steps": timed,
                 "all_step_seconds": times,
-                "uplink_bytes_per_step": r.last_uplink_bytes,
-                "downlink_bytes_per_step": r.last_downlink_bytes,
+                # per step: the last step's bytes; local steps (H > 1): the mean over the timed whole rounds
+                "uplink_bytes_per_step": r.last_uplink_bytes if H == 1 else up / timed,
+                "downlink_bytes_per_step": r.last_downlink_bytes if H == 1 else down / timed,
                 # EF21: uplink wall time per step and the part hidden behind backward (the engine's ledger)
                 "uplink_overlap": r.engine.ledger.overlap() if r.engine is not None else None,
             }
@@ -184,6 +195,16 @@ def worker(cfg_path: str, rank: int) -> None:
         Path(cfg["result"]).write_text(json.dumps(out))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def timing_plan(spec: dict[str, Any], warmup: int, timed: int) -> tuple[int, int, int]:
+    """(warm-up steps, timed steps, H) for one method. Every-step methods: as given (the median step is timed).
+    Local-step methods (``sync_every`` H > 1, EF21-Muon or DiLoCo): one whole round of warm-up and at least two
+    whole rounds timed (``timed`` rounded up to a multiple of H), so the mean step includes its share of a sync."""
+    H = int(spec.get("sync_every") or 1)
+    if H == 1:
+        return warmup, timed, 1
+    return H, H * max(2, -(-timed // H)), H
 
 
 def run_pair(link: Link | None, cfg: dict[str, Any], tmp: Path, timeout: float) -> list[dict[str, Any]]:
@@ -220,15 +241,22 @@ def run_pair(link: Link | None, cfg: dict[str, Any], tmp: Path, timeout: float) 
 
 # --------------------------------------------------------------------------------------------- method choice
 def spec_of(run: dict[str, Any]) -> dict[str, Any]:
-    """The Runner spec of one comm_vs_loss.json record (its LR multiplier does not change the step time)."""
+    """The Runner spec of one comm_vs_loss.json record (its LR multiplier does not change the step time; the outer
+    options of a local-step run are kept: they are part of its label)."""
+    H = int(run.get("sync_every") or 1)
     if run["method"].startswith("ef21_muon_"):
-        return {
+        spec = {
             "kind": "ef21",
             "topology": run["topology"],
             "uplink": run["uplink"],
             "downlink": run["downlink"],
             "optimizer": "lmo",
         }
+        if H > 1:
+            spec.update(sync_every=H, **{k: run.get(k) for k in ("outer", "outer_lr", "outer_momentum")})
+        return spec
+    if run["method"].startswith("diloco_"):
+        return C.diloco_spec(H, outer_lr=run.get("outer_lr"), outer_momentum=run.get("outer_momentum"))
     if run["method"] == "demo":
         return C.demo_spec()
     rank = int(run["uplink"].split(":")[1]) if run["uplink"].startswith("powersgd") else None
@@ -252,7 +280,20 @@ def choose_methods(cvl: list[dict[str, Any]] | None, smoke: bool) -> list[dict[s
             {"kind": "ddp", "optimizer": "muon", "psgd_rank": None, "uplink": "dense_fp32", "downlink": "identity"},
             {"kind": "ddp", "optimizer": "lmo", "psgd_rank": None, "uplink": "dense_fp32", "downlink": "identity"},
             C.demo_spec(),
+            {
+                "kind": "ef21",
+                "topology": "sharded",
+                "uplink": up,
+                "downlink": down,
+                "optimizer": "lmo",
+                "sync_every": 2,
+                "outer": "nesterov",
+                "outer_lr": None,
+                "outer_momentum": None,
+            },
+            C.diloco_spec(2),
         ]
+        roles = ["uncompressed", "best_sharded+default", "ddp_muon", "ddp_lmo", "demo", "best_local_h2", "diloco_h2"]
         return [
             {
                 "spec": s,
@@ -264,9 +305,10 @@ def choose_methods(cvl: list[dict[str, Any]] | None, smoke: bool) -> list[dict[s
                 "budget_steps": 10,
                 "steps_source": "placeholder (smoke: no comm_vs_loss run)",
             }
-            for s, r in zip(specs, ["uncompressed", "best_sharded+default", "ddp_muon", "ddp_lmo", "demo"])
+            for s, r in zip(specs, roles)
         ]
-    runs = [r for r in cvl if r["n_workers"] == 2]
+    runs = [r for r in cvl if r["n_workers"] == 2 and r.get("sync_every", 1) == 1]
+    local = [r for r in cvl if r["n_workers"] == 2 and r.get("sync_every", 1) > 1]
     chosen: list[dict[str, Any]] = []
 
     def add(run: dict[str, Any] | None, role: str) -> None:
@@ -341,6 +383,11 @@ def choose_methods(cvl: list[dict[str, Any]] | None, smoke: bool) -> list[dict[s
     )
     for name in ("ddp_muon", "ddp_lmo", "demo"):
         add(next((r for r in runs if r["method"] == name), None), name)
+    # local steps: per H the EF21-Muon run with the fewest uplink + downlink bytes to target, and DiLoCo at each H
+    for H in sorted({r["sync_every"] for r in local}):
+        cand = [r for r in local if r["method"].startswith("ef21_") and r["sync_every"] == H and r["reached_target"]]
+        add(min(cand, key=cost) if cand else None, f"best_local_h{H}")
+        add(next((r for r in local if r["method"] == f"diloco_h{H}"), None), f"diloco_h{H}")
     return chosen
 
 
@@ -474,6 +521,10 @@ def main(argv: list[str] | None = None) -> None:
                     "steps_source": c["steps_source"],
                     "seconds_per_step": sps,
                     "unlimited_seconds_per_step": unlimited[lab],
+                    "sync_every": by[lab]["sync_every"],
+                    "seconds_per_step_rule": "median of single timed steps"
+                    if by[lab]["sync_every"] == 1
+                    else "mean over whole timed rounds (inner steps and the sync)",
                 }
                 for sfx in ("", "_adamw"):  # time to the target and to target_adamw (comm_vs_loss.json)
                     st = c[f"steps_to_target{sfx}"]
@@ -527,13 +578,14 @@ def main(argv: list[str] | None = None) -> None:
     C.write_json(out / f"{stem}.json", rows)
     C.write_json(out / f"{stem}_meta.json", meta)
     print(
-        f"\n{'method':<56} {'Mbit/s':>8} {'comm/comp':>9} {'s/step':>7} {'s→target':>9} {'bound s':>8} "
+        f"\n{'method':<76} {'Mbit/s':>8} {'comm/comp':>9} {'s/step':>7} {'s→target':>9} {'bound s':>8} "
         f"{'vs bound':>8} {'× vs DDP+Muon':>13} {'s→tgtA':>7} {'×A':>6}"
     )
     f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
     for r in rows:
         print(
-            f"{('* ' if r['default'] else '') + r['label'][:54]:<56} {f(r['link_mbit'], '%.2f'):>8} "
+            f"{('* ' if r['default'] else '') + r['label'].replace('ef21_muon_', 'EF21 ')[:74]:<76} "
+            f"{f(r['link_mbit'], '%.2f'):>8} "
             f"{f(r['comm_to_compute'], '%.2f'):>9} "
             f"{r['seconds_per_step']:>7.3f} {f(r['seconds_to_target'], '%.1f'):>9} "
             f"{f(r['compute_bound_seconds'], '%.1f'):>8} {f(r['ratio_to_compute_bound'], '%.2f'):>8} "

@@ -69,6 +69,8 @@ def test_comm_vs_loss_smoke(tmp_path: Path) -> None:
         "target_val_loss",
         "target_adamw_val_loss",
         "lr_mult",
+        "sync_every",
+        "total_ratio_vs_dp_gluon",
     }
     need |= {
         f"{k}{sfx}"
@@ -84,12 +86,13 @@ def test_comm_vs_loss_smoke(tmp_path: Path) -> None:
     for r in runs:
         assert need <= r.keys(), need - r.keys()
         assert r["seed"] == 0
-        # `default` is EF21Config()'s uplink, downlink and topology, read when the benchmark ran
+        # `default` is EF21Config()'s uplink, downlink, topology and sync_every, read when the benchmark ran
         from ef_lightning.config import EF21Config
 
         assert r["default"] == (
             r["method"].startswith("ef21_muon_")
             and r["topology"] == EF21Config().topology
+            and r["sync_every"] == EF21Config().sync_every
             and _package_default(r["uplink"], "uplink")
             and _package_default(r["downlink"], "downlink")
         ), r["label"]
@@ -103,8 +106,10 @@ def test_comm_vs_loss_smoke(tmp_path: Path) -> None:
         "ddp_muon",
         "ddp_powersgd_r4_lmo",
         "demo",
+        "diloco_h4",
         "ef21_muon_sim",
     } <= methods
+    assert len({(r["label"], r["n_workers"]) for r in runs}) == len(runs)  # parts share no record twice
     assert sum(r["default"] for r in runs) == 1
     ref = next(r for r in runs if r["method"] == "ef21_muon_sharded" and r["uplink"] == "identity")
     assert ref["saving_vs_uncompressed"] == pytest.approx(1.0)
@@ -138,7 +143,9 @@ def test_comm_vs_loss_smoke(tmp_path: Path) -> None:
     assert {(row["method"], row["lr_mult"]) for row in tune["rows"]} == {(m, g) for m in peers for g in tune["grid"]}
     assert set(tune["chosen"]) == peers
     for r in runs:
-        if r["n_workers"] == 2:
+        if r["n_workers"] == 2 and r["method"].startswith("diloco_"):  # DiLoCo's inner LR: the local part's grid
+            assert r["lr_mult"] == meta["local_tune"]["chosen"][r["method"]]["lr_mult"], r["label"]
+        elif r["n_workers"] == 2:
             key = "ddp_lmo" if r["method"].startswith("ef21_muon_") else r["method"]
             assert r["lr_mult"] == tune["chosen"][key]["lr_mult"], r["label"]
     for k in ("total_saving_rule", "target_adamw_rule", "default_rule", "dropped_methods"):
@@ -150,8 +157,76 @@ def test_comm_vs_loss_smoke(tmp_path: Path) -> None:
     psgd = next(r for r in runs if r["method"] == "ddp_powersgd_r4_lmo")
     assert psgd["powersgd_measured_hook_bytes"] == psgd["powersgd_analytic_bytes"] > 0
     assert {row["n_workers"] for row in meta["bytes_vs_n"]} == {2, 4, 8}
+    _check_local_records(runs, meta)
     assert (tmp_path / "comm_vs_loss_smoke.png").stat().st_size > 0
     assert "seed 0" in out
+
+
+def _check_local_records(runs: list[dict], meta: dict) -> None:
+    """The local part of comm_vs_loss's smoke (sync_every 1 and 4, DiLoCo at H = 4) against closed forms."""
+    numel = meta["params"]
+    local = [r for r in runs if r["n_workers"] == 2 and r["sync_every"] > 1]
+    ef = [r for r in local if r["method"] == "ef21_muon_sharded"]
+    assert {(r["uplink"], r["downlink"]) for r in ef} == {
+        ("identity", "identity"),
+        ("top_k:0.05+natural", "top_k:0.1+natural"),
+    }
+    assert not any(r["default"] for r in local)  # EF21Config() syncs every step
+    for r in local:
+        H, loc = r["sync_every"], r["local"]
+        assert H == loc["sync_every"] == 4
+        # a sync on every H-th step and nowhere else; inner steps send nothing (0 bytes up and down)
+        assert loc["round_steps"] == list(range(H, r["steps"] + 1, H))
+        assert loc["inner_steps"] == r["steps"] - len(loc["round_steps"])
+        assert loc["inner_step_bytes_max"] == 0
+        assert r["uplink_bytes_total_per_worker"] == sum(loc["round_uplink_bytes"])
+        assert r["downlink_bytes_total"] == sum(loc["round_downlink_bytes"])
+        if r["reached_target"]:
+            assert r["outer_rounds_to_target"] == r["steps_to_target"] // H
+    ref = next(r for r in runs if r["label"] == "ef21_muon_sharded up=identity down=identity" and r["n_workers"] == 2)
+    ident = next(r for r in ef if r["uplink"] == "identity")
+    # uncompressed outer delta: each round moves what one uncompressed step does (dense fp32 each way, sharded)
+    assert set(ident["local"]["round_uplink_bytes"]) == {ref["uplink_bytes_total_per_worker"] // ref["steps"]}
+    assert set(ident["local"]["round_uplink_bytes"]) == {4 * numel}
+    assert set(ident["local"]["round_downlink_bytes"]) == {ref["downlink_bytes_total"] // ref["steps"]}
+    assert ident["ledger"]["outer_rounds"] == len(ident["local"]["round_steps"])
+    assert ident["ledger"]["steps"] == ident["steps"]
+    default_step = 0.7 if ident["outer"] == "nesterov" else 4  # EF21Config's outer_lr None
+    assert ident["local"]["outer_step_size"] == (ident["outer_lr"] or default_step)
+    # DiLoCo: one dense fp32 all-reduce of 4·numel bytes per round (the DDP rule), no downlink
+    dil = next(r for r in local if r["method"] == "diloco_h4")
+    assert dil["diloco_bytes_per_round"] == meta["diloco"]["bytes_per_round"] == 4 * numel
+    assert meta["diloco"]["upload_download_bytes_per_round"] == 8 * numel
+    assert set(dil["local"]["round_uplink_bytes"]) == {4 * numel} and dil["downlink_bytes_total"] == 0
+    assert dil["uplink_bytes_total_per_worker"] == 4 * numel * (dil["steps"] // 4)
+    assert "not the authors' code" in meta["diloco"]["source"]
+    # the outer-step grid: every (family, H, outer step) row ran; the choice is the lowest loss and is used
+    lt = meta["local_tune"]
+    for fam in ("ef21", "diloco"):
+        rows = [x for x in lt["rows"] if x["method"].startswith(fam)]
+        assert len(rows) == 2 and lt["chosen"][f"{fam}_h4"]["val_loss"] == min(x["val_loss"] for x in rows)
+    assert {x["lr_mult"] for x in lt["rows"] if x["method"] == "diloco_h4"} == set(lt["diloco_lr_grid"])
+    o = lt["chosen"]["ef21_h4"]
+    ks = ("outer", "outer_lr", "outer_momentum")
+    assert all([r[k] for k in ks] == [o[k] for k in ks] for r in ef)
+    # the goal block: bytes ratios are closed forms of the records' totals
+    for sfx in ("", "_adamw"):
+        g = meta["goal_issue14"]["target" + sfx]
+        key = f"total_bytes_to_target{sfx}_per_worker"
+        assert g["reference_bytes"] == ref[key]
+        ours = [r for r in runs if r["n_workers"] == 2 and r["method"].startswith("ef21_muon_") and r[key]]
+        assert g["best_bytes"] == min(r[key] for r in ours)
+        assert g["ratio_vs_dp_gluon"] == pytest.approx(ref[key] / g["best_bytes"])
+        assert g["met_100x"] == (g["ratio_vs_dp_gluon"] >= 100)
+        if dil[key]:
+            assert g["diloco_best_bytes"] == dil[key]
+            assert g["ratio_vs_diloco"] == pytest.approx(dil[key] / g["best_bytes"])
+            assert g["beats_diloco"] == (g["best_bytes"] < dil[key])
+    for r in runs:
+        if r["n_workers"] == 2 and r["total_bytes_to_target_per_worker"]:
+            assert r["total_ratio_vs_dp_gluon"] == pytest.approx(
+                ref["total_bytes_to_target_per_worker"] / r["total_bytes_to_target_per_worker"]
+            )
 
 
 def test_overhead_smoke(tmp_path: Path) -> None:
@@ -217,6 +292,13 @@ def test_shaped_link_smoke(tmp_path: Path) -> None:
     demo = next(r for r in rows if r["method"] == "demo")
     assert demo["uplink_bytes_per_step"] > 0 and demo["downlink_bytes_per_step"] == 0
     assert any(r["link_mbit"] is None for r in rows)  # the unlimited reference
+    # local steps (H = 2 in the smoke): timed over whole rounds; DiLoCo's mean bytes per step = 4·numel / H
+    for r in rows:
+        assert r["seconds_per_step_rule"].startswith("median" if r["sync_every"] == 1 else "mean over whole")
+    dil = [r for r in rows if r["method"] == "diloco_h2"]
+    assert dil and all(r["uplink_bytes_per_step"] * 2 == 4 * meta["params"] for r in dil)
+    assert all(r["downlink_bytes_per_step"] == 0 for r in dil)
+    assert any(r["method"] == "ef21_muon_sharded" and r["sync_every"] == 2 for r in rows)
     if os.geteuid() == 0 and "veth" not in meta["link"]:
         pytest.fail(f"running as root but the shaped link was not used: {meta['link']}")
     if "veth" in meta["link"]:
@@ -306,3 +388,79 @@ def test_demo_bytes_closed_form() -> None:
     assert opt.last_bytes == opt.last_buffer.numel() == opt.bytes_per_step == dm.payload_bytes(SHAPES)
     # packed-index alternative (reported, not sent): 12-bit indices for 64x48 chunks
     assert dm.packed_bits_bytes([(256, 96)]) == 8 * 32 * (32 + 12) / 8
+
+
+# ------------------------------------------------------------------------------------------------ DiLoCo peer (unit)
+def _diloco_module():
+    spec = importlib.util.spec_from_file_location("bench_diloco_peer", BENCH / "diloco_peer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _no_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialised in this process (DiLoCo would all_reduce on it)")
+
+
+@pytest.mark.parametrize(("H", "lr", "mu"), [(3, 0.7, 0.9), (1, 0.7, 0.9), (4, 1.0, 0.0)])
+def test_diloco_matches_algorithm_1(H: int, lr: float, mu: float) -> None:
+    """n = 1: θ_j takes H AdamW steps from θ; δ = θ − θ_j; b <- μ·b + δ; θ <- θ − lr·(δ + μ·b); θ_j <- θ —
+    written out line by line against DiLoCo over 4 rounds (inner state kept across rounds)."""
+    _no_process_group()
+    dm = _diloco_module()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    ref = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
+    xs = [torch.randn(8, 5) for _ in range(4 * H)]
+    loss = lambda ps, x: (torch.tanh(x @ ps[0].T + ps[1]) @ ps[2].T + ps[3]).pow(2).mean()  # noqa: E731
+    opt = torch.optim.AdamW(net.parameters(), lr=0.05)
+    d = dm.DiLoCo(net.named_parameters(), opt, sync_every=H, outer_lr=lr, outer_momentum=mu)
+    ref_opt = torch.optim.AdamW(ref, lr=0.05)
+    theta = [p.detach().clone() for p in ref]
+    buf = [torch.zeros_like(p) for p in ref]
+    sent = []
+    for s, x in enumerate(xs):
+        opt.zero_grad()
+        net_loss = (net(x) ** 2).mean()
+        net_loss.backward()
+        d.step()
+        sent.append(d.last_bytes)
+        ref_opt.zero_grad()
+        loss(ref, x).backward()
+        ref_opt.step()
+        if (s + 1) % H == 0:
+            with torch.no_grad():
+                for p, t, b in zip(ref, theta, buf):
+                    delta = t - p
+                    b.mul_(mu).add_(delta)
+                    t.sub_(lr * (delta + mu * b))
+                    p.copy_(t)
+        for p, q in zip(net.parameters(), ref):
+            assert torch.allclose(p, q, atol=1e-6), s
+    for got, want in zip(d.global_params().values(), theta):
+        assert torch.allclose(got, want, atol=1e-6)
+    numel = sum(p.numel() for p in ref)
+    assert sent == [4 * numel if (s + 1) % H == 0 else 0 for s in range(len(xs))]  # inner steps send nothing
+    assert d.rounds == len(xs) // H and d.bytes_per_round == dm.round_bytes(numel) == 4 * numel
+    assert dm.round_bytes(numel, download=True) == 8 * numel
+
+
+def test_diloco_averaging_outer_step_is_the_local_model() -> None:
+    """Outer lr 1, momentum 0, one worker: the outer step lands exactly on the worker's model (θ <- θ − δ = θ_j)."""
+    _no_process_group()
+    dm = _diloco_module()
+    torch.manual_seed(1)
+    net = torch.nn.Linear(3, 3)
+    d = dm.DiLoCo(net.named_parameters(), torch.optim.SGD(net.parameters(), lr=0.1), 2, outer_lr=1.0, outer_momentum=0)
+    for _ in range(2):
+        net.zero_grad()
+        net(torch.randn(4, 3)).sum().backward()
+        before = {k: v.detach().clone() for k, v in net.named_parameters()}
+        d.step()
+    assert d.last_synced
+    for k, v in d.global_params().items():
+        assert torch.allclose(v, before[k] - 0.1 * dict(net.named_parameters())[k].grad, atol=1e-7)
+        assert torch.equal(v, dict(net.named_parameters())[k].detach())
