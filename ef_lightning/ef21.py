@@ -1356,8 +1356,9 @@ class EF21Engine(_EF21Base):
     def _local_step(self) -> bool:
         """``sync_every > 1``: an inner step on the gradients in ``param.grad`` (``hierarchical``: averaged over the
         node first, as DDP would inside a node), and on every H-th step the outer sync. A non-finite gradient skips
-        this worker's inner step only (its node's, ``hierarchical``/FSDP2); the sync runs on every worker either
-        way. Returns whether this worker's inner step and, on a sync step, the sync were applied."""
+        this worker's inner step only (its node's, ``hierarchical``/FSDP2; with ``on_nonfinite="raise"`` every rank
+        raises); the sync runs on every worker either way. Returns whether this worker's inner step and, on a sync
+        step, the sync were applied."""
         t = self.transport
         node = self.hierarchical and not self.fsdp
         grads = self._node_average() if node else _grads_of(self.layers, clone=False)
@@ -1365,6 +1366,8 @@ class EF21Engine(_EF21Base):
         if self.hierarchical:  # the node's processes hold one model: they skip together
             assert isinstance(t, HierarchicalTransport)
             bad = t.node_any(bad)
+        if self.config.on_nonfinite == "raise":  # every rank raises together, as at a sync (no rank left waiting)
+            bad = t.any(bad)
         if bad:
             self._inner_nonfinite(f"rank {t.global_rank}'s node" if self.hierarchical else f"rank {t.rank}")
         f = self.due()

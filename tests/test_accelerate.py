@@ -54,14 +54,18 @@ def test_env_configures_plugin_and_explicit_arguments_win(monkeypatch):
     for k, v in {"EF21_MUON": "1", "EF21_UPLINK": "top_k:0.05+natural", "EF21_DOWNLINK": "top_k:0.5",
                  "EF21_TOPOLOGY": "server", "EF21_SERVER_RANK": "1", "EF21_SEED": "7",
                  "EF21_ON_NONFINITE": "raise", "EF21_FUSED": "0", "EF21_OVERLAP": "off",
-                 "EF21_BUCKET_CAP_MB": "4"}.items():
+                 "EF21_BUCKET_CAP_MB": "4", "EF21_SYNC_EVERY": "8", "EF21_OUTER": "lmo", "EF21_OUTER_LR": "2.5",
+                 "EF21_OUTER_MOMENTUM": "0.8", "EF21_FRAGMENTS": "2"}.items():
         monkeypatch.setenv(k, v)
     p = EF21Plugin()
     assert p.enabled is True
     assert p.config.to_dict() == {"uplink": "top_k:0.05+natural", "downlink": "top_k:0.5", "topology": "server",
                                   "server_rank": 1, "seed": 7, "on_nonfinite": "raise", "estimator": "ef21", "p": None,
                                   "participation": None, "fused": False, "overlap": False, "bucket_cap_mb": 4.0,
-                                  "local_world_size": None}
+                                  "local_world_size": None, "sync_every": 8, "outer": "lmo", "outer_lr": 2.5,
+                                  "outer_momentum": 0.8, "fragments": 2}
+    for k in ("EF21_SYNC_EVERY", "EF21_OUTER", "EF21_OUTER_LR", "EF21_OUTER_MOMENTUM", "EF21_FRAGMENTS"):
+        monkeypatch.delenv(k)
     q = EF21Plugin(enabled=False, uplink="identity", topology="sharded", seed=3)
     c = q.config
     assert (q.enabled, c.uplink, c.topology, c.seed, c.downlink) == (False, "identity", "sharded", 3, "top_k:0.5")
@@ -76,7 +80,8 @@ def test_env_configures_plugin_and_explicit_arguments_win(monkeypatch):
 
 def test_defaults_without_environment(monkeypatch):
     for k in ("EF21_MUON", "EF21_UPLINK", "EF21_DOWNLINK", "EF21_TOPOLOGY", "EF21_SERVER_RANK", "EF21_SEED",
-              "EF21_ON_NONFINITE", "EF21_ESTIMATOR", "EF21_P", "EF21_PARTICIPATION"):
+              "EF21_ON_NONFINITE", "EF21_ESTIMATOR", "EF21_P", "EF21_PARTICIPATION", "EF21_SYNC_EVERY", "EF21_OUTER",
+              "EF21_OUTER_LR", "EF21_OUTER_MOMENTUM", "EF21_FRAGMENTS"):
         monkeypatch.delenv(k, raising=False)
     p = EF21Plugin()
     assert p.enabled is False and p.ledger is None and p.metrics() == {}
@@ -86,7 +91,9 @@ def test_defaults_without_environment(monkeypatch):
     assert p.config.to_dict() == {"uplink": dict(DEFAULT_UPLINK), "downlink": dict(DEFAULT_DOWNLINK),
                                   "topology": "sharded", "server_rank": 0, "seed": 0, "on_nonfinite": "skip",
                                   "estimator": "ef21", "p": None, "participation": None, "fused": True,
-                                  "overlap": True, "bucket_cap_mb": 25.0, "local_world_size": None}
+                                  "overlap": True, "bucket_cap_mb": 25.0, "local_world_size": None,
+                                  "sync_every": 1, "outer": "nesterov", "outer_lr": None, "outer_momentum": 0.9,
+                                  "fragments": 1}
 
 
 def test_plugin_fields_are_the_config_options():
@@ -115,6 +122,11 @@ def test_plugin_fields_are_the_config_options():
     ("EF21_P", "1.5", "numbers in (0, 1]"),
     ("EF21_P", "often", "numbers in (0, 1]"),
     ("EF21_PARTICIPATION", "0", "numbers in (0, 1]"),
+    ("EF21_SYNC_EVERY", "often", "integers >= 1"),
+    ("EF21_SYNC_EVERY", "0", "integers >= 1"),
+    ("EF21_OUTER", "adam", "nesterov, lmo"),
+    ("EF21_OUTER_MOMENTUM", "1", "numbers in [0, 1)"),
+    ("EF21_FRAGMENTS", "x", "integers >= 1"),
 ])
 def test_invalid_environment_fails_at_startup(monkeypatch, var, value, choices):
     monkeypatch.setenv("EF21_MUON", "1")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import ef_lightning as efl
-from dist_helpers import (check_ok, engine_hierarchical, engine_resume, engine_run, make_data, make_model,
-                          make_optimizer, mse, run_distributed)
+from dist_helpers import (check_ok, engine_hierarchical, engine_nan, engine_resume, engine_run, make_data,
+                          make_model, make_optimizer, mse, run_distributed)
 from ef_lightning.config import EF21Config, EF21ConfigError
 
 H = 4
@@ -313,6 +313,25 @@ def test_sync_every_one_equals_current_step_in_processes(two_proc, topology):
         assert x["records"] == y["records"] or [
             {k: v for k, v in r.items() if "seconds" not in k} for r in x["records"]
         ] == [{k: v for k, v in r.items() if "seconds" not in k} for r in y["records"]]
+
+
+@pytest.mark.slow
+def test_nonfinite_inner_gradient_in_processes(tmp_path):
+    """A NaN gradient on rank 1 at an inner step: only rank 1's inner step is skipped (rank 0 steps, no error-feedback
+    state changes anywhere) and the next sync runs; with on_nonfinite='raise' every rank raises at that step."""
+    cfg = {"topology": "sharded", "uplink": "top_k:0.2", "downlink": "top_k:0.3", "sync_every": H}
+    res = check_ok(run_distributed(engine_nan, 2, tmp_path / "skip", cfg=cfg, steps=8, bad_step=1, bad_rank=1))
+    for r, got in enumerate(res):
+        (w0, s0), (w1, s1) = got["before"], got["after"]
+        assert got["applied"] is (r == 0)
+        assert all(torch.equal(w0[k], w1[k]) for k in w0) is (r == 1)  # rank 1 did not move, rank 0 did
+        for k in ("G", "M"):
+            assert all(torch.equal(v, s1["worker"][k][n]) for n, v in s0["worker"][k].items())
+        assert bool(got["warned"]) is (r == 1)
+        assert got["ledger"]["outer_rounds"] == 2 and math.isfinite(got["loss"])
+    raised = run_distributed(engine_nan, 2, tmp_path / "raise", cfg={**cfg, "on_nonfinite": "raise"}, steps=8,
+                             bad_step=1, bad_rank=1)
+    assert all("FloatingPointError" in r["__error__"] for r in raised)  # both ranks, none left waiting
 
 
 @pytest.mark.slow
