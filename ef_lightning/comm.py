@@ -127,8 +127,8 @@ class Ledger:
         Returns:
             dict with ``steps``, ``skipped_steps``, ``uplink_bits_per_worker``, ``uplink_wire_bytes_per_worker``,
             ``downlink_bits``, ``downlink_wire_bytes``, ``dense_bytes_per_worker``, ``intra_node_bytes`` (all
-            cumulative; bits or bytes as named), ``outer_rounds`` (applied synchronisations: every applied step
-            unless ``sync_every > 1``) and ``compression_ratio`` (dense bytes / uplink wire bytes; ``inf`` when
+            cumulative; bits or bytes as named), with local steps (``sync_every > 1``) ``outer_rounds`` (the
+            synchronisations applied), and ``compression_ratio`` (dense bytes / uplink wire bytes; ``inf`` when
             nothing was sent: with local steps the dense baseline counts every step, so the ratio includes the
             factor the inner steps save).
         """
@@ -146,8 +146,9 @@ class Ledger:
             "compression_ratio": (dense / up_wire) if up_wire else float("inf"),
             "gradient_evaluations_per_worker": sum(x.gradient_evals for x in r if not x.skipped),
             "intra_node_bytes": sum(x.intra_node_bytes for x in r),
-            "outer_rounds": sum(x.synced and not x.skipped for x in r),
-        }
+        } | (  # local steps: the synchronisations applied
+            {"outer_rounds": sum(x.synced and not x.skipped for x in r)} if any(not x.synced for x in r) else {}
+        )
 
     def overlap(self) -> dict[str, float]:
         """Uplink wall time and how much of it overlapped with the backward pass, over all applied steps.
@@ -197,7 +198,7 @@ class Ledger:
         }
         if total["uplink_wire_bytes_per_worker"]:  # inf (nothing sent yet) is not JSON; leave the ratio out instead
             out["compression_ratio"] = total["compression_ratio"]
-        if any(not r.synced for r in self.records):  # local steps
+        if "outer_rounds" in total:  # local steps
             out["outer_rounds"] = total["outer_rounds"]
         if total["intra_node_bytes"]:
             out["intra_node_bytes"] = last.intra_node_bytes

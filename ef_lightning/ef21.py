@@ -92,7 +92,6 @@ from ef_lightning.state import (
 __all__ = ["EF21Engine", "Simulator", "LayerSpec"]
 
 _IDENTITY = _comp.build("identity")
-_NOTHING = torch.zeros(0)  # a layer's entry that a streaming sync does not read
 Closure = Callable[[], Any]
 # optimizer -> the engine driving it (weakly: a dropped engine stops guarding)
 _DRIVERS: weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.ref[_EF21Base]] = weakref.WeakKeyDictionary()
@@ -322,6 +321,7 @@ class _EF21Base(abc.ABC):
         self.dense_bytes = sum(L.w.numel() * L.w.element_size() for L in self.layers)
         self._W_prev: dict[int, Tensor] = {}  # W where the last gradient was taken (VR estimators only)
         self._frag_counts: dict[int, tuple[int, int, list[int], list[int]]] = {}
+        self._set_aside: dict[str, Tensor] = {}  # the parameters' values while X is loaded for evaluation
         self._sent_grads = {}
         self._take_over(optimizer, route_step)
 
@@ -470,8 +470,8 @@ class _EF21Base(abc.ABC):
         synced = {L.index for L in self._synced(self.layers)}
         delta = []
         for L in self.layers:
-            if L.index not in synced:
-                delta.append(_NOTHING)
+            if L.index not in synced:  # (empty, on the layer's device: never read, finite)
+                delta.append(L.w.new_zeros(0, dtype=torch.float32))
                 continue
             start = self._start[L.index]
             delta.append(start - L.w.float())
@@ -502,8 +502,9 @@ class _EF21Base(abc.ABC):
     def _outer_update(self) -> None:
         """The outer step on the served layers' X with the aggregated outer delta G: DiLoCo's Nesterov SGD
         (B <- m*B + G; X <- X - outer_lr*(G + m*B), torch.optim.SGD(nesterov=True)'s arithmetic), or for the
-        ``outer='lmo'`` layers the optimizer's own LMO rule at radius outer_lr*lr*scale (momentum and weight decay
-        off: the inner steps apply both)."""
+        ``outer='lmo'`` layers the optimizer's own LMO rule at radius outer_lr*lr*scale (lr: the group's current,
+        scheduled value; momentum, weight decay, Scion's constrained shrink and Gluon's adaptive radius off: the
+        inner steps apply those)."""
         lr, m = self.config.outer_step_size, self.config.outer_momentum
         lmo = []
         for L in self._synced(self.served):
@@ -516,7 +517,11 @@ class _EF21Base(abc.ABC):
         if not lmo:
             return
         assert isinstance(self.optimizer, LMO)  # __init__ allows outer='lmo' with an LMO only
-        opt, saved = self.optimizer, [(g["lr"], g["weight_decay"]) for g in self.optimizer.param_groups]
+        # the pure LMO step at radius outer_lr*lr*scale: no weight decay, no Frank-Wolfe shrink (constrained), no
+        # adaptive radius (l0/l1), momentum off; the group settings are put back afterwards
+        opt, pure = self.optimizer, {"weight_decay": 0.0, "constrained": False, "l0": None, "l1": None}
+        saved = [{k: g.get(k) for k in ("lr", *pure)} for g in opt.param_groups]
+        external = opt.external_momentum
         X_of = {L.uid: self.server.X[L.index] for L in lmo}  # (server state is keyed by this process's index)
         G_of = {L.uid: self.server.G[L.index] for L in lmo}
         params = [L.param for L in self.all_layers]
@@ -525,15 +530,15 @@ class _EF21Base(abc.ABC):
         try:
             opt.external_momentum = True
             for g in opt.param_groups:
-                g["lr"], g["weight_decay"] = g["lr"] * lr, 0.0
+                g.update(pure, lr=g["lr"] * lr)
             with K.server_view(params, X, G):
                 self._in_update = True
                 LMO.step(opt)  # the class's rule, not a (scheduler-wrapped) bound step: inner steps count those
         finally:
             self._in_update = False
-            opt.external_momentum = False
-            for g, (glr, wd) in zip(opt.param_groups, saved):
-                g["lr"], g["weight_decay"] = glr, wd
+            opt.external_momentum = external
+            for g, before in zip(opt.param_groups, saved):
+                g.update(before)
 
     def _local_state(self) -> dict[str, Any]:
         """Local-step state of this process: the round's start, this worker's parameters (they differ between
@@ -542,7 +547,7 @@ class _EF21Base(abc.ABC):
             return {}
         return {
             "start": tensors_state(self._start, self.layers),
-            "params": {L.name: L.w.clone() for L in self.all_layers},
+            "params": {L.name: self._set_aside.get(L.name, L.w).clone() for L in self.all_layers},
             "outer_buf": tensors_state(self._outer_buf, self.served),
         }
 
@@ -889,10 +894,18 @@ class _EF21Base(abc.ABC):
     def _params_loaded(self, values: Mapping[str, Tensor]) -> Iterator[None]:
         current = {L.name: L.w.clone() for L in self.all_layers if L.name in values}
         self.load_parameters(values)
+        self._set_aside = current
         try:
             yield
         finally:
+            self._set_aside = {}
             self.load_parameters(current)
+
+    def held_parameters(self) -> dict[str, Tensor]:
+        """While other values are loaded for evaluation (:meth:`at_server_model`, :meth:`at_previous_point`): the
+        parameters' own values (W, or this worker's W_j) they replaced, by name (this process's part, as ``L.w``);
+        else empty. A checkpoint written during validation saves these, not X."""
+        return dict(self._set_aside)
 
     def at_previous_point(self) -> contextlib.AbstractContextManager[None]:
         """Inside the block the parameters hold the previous step's W (the VR estimators' second gradient)."""
@@ -929,6 +942,7 @@ class _EF21Base(abc.ABC):
             "optimizer": optimizer_state(self.optimizer, self._optimizer_layers),
             "ledger": self.ledger.state_dict(),
             "sync_every": self.sync_every,
+            "local_options": self._local_options(),
             "local": self._local_state(),
         }
 
@@ -938,12 +952,26 @@ class _EF21Base(abc.ABC):
         steps all it trains (each worker's inner optimizer state is its own)."""
         return self.layers if self.local_steps else self.served
 
+    def _local_options(self) -> dict[str, Any]:
+        """The local-step options a checkpoint must be resumed with (empty without local steps)."""
+        if not self.local_steps:
+            return {}
+        c = self.config
+        return {
+            "sync_every": self.sync_every,
+            "fragments": self.fragments,
+            "outer": c.outer,
+            "outer_lr": c.outer_step_size,
+            "outer_momentum": c.outer_momentum,
+        }
+
     def _load_common(self, state: Mapping[str, Any]) -> None:
-        saved_every = state.get("sync_every", 1)
-        if saved_every != self.sync_every:
+        saved = state.get("local_options") or ({"sync_every": state["sync_every"]} if "sync_every" in state else {})
+        mine = self._local_options()
+        if saved.get("sync_every", 1) != self.sync_every or (self.local_steps and saved != mine):
             raise ValueError(
-                f"EF21 state was saved with sync_every={saved_every!r}, this run has sync_every={self.sync_every}; "
-                "resume with the same sync_every"
+                f"EF21 state was saved with local-step options {saved or {'sync_every': 1}}, this run has "
+                f"{mine or {'sync_every': 1}}; resume with the options the checkpoint was written with"
             )
         self.step_count = int(state["step"])
         self.applied = int(state.get("applied", state["step"]))
@@ -1356,9 +1384,10 @@ class EF21Engine(_EF21Base):
     def _local_step(self) -> bool:
         """``sync_every > 1``: an inner step on the gradients in ``param.grad`` (``hierarchical``: averaged over the
         node first, as DDP would inside a node), and on every H-th step the outer sync. A non-finite gradient skips
-        this worker's inner step only (its node's, ``hierarchical``/FSDP2; with ``on_nonfinite="raise"`` every rank
-        raises); the sync runs on every worker either way. Returns whether this worker's inner step and, on a sync
-        step, the sync were applied."""
+        this worker's inner step only (its node's, ``hierarchical``/FSDP2), with a warning; with
+        ``on_nonfinite="raise"`` every rank raises (one 4-byte all-reduce per inner step in that mode). The sync runs
+        on every worker either way. Returns False only when the step was skipped on every worker (a sync skipped for
+        a non-finite outer delta): a worker's own skipped inner step leaves the LR schedules of all ranks aligned."""
         t = self.transport
         node = self.hierarchical and not self.fsdp
         grads = self._node_average() if node else _grads_of(self.layers, clone=False)
@@ -1377,7 +1406,7 @@ class EF21Engine(_EF21Base):
                 if node:
                     self._share_in_node()
             self._inner_record(bad, intra=self._intra_bytes if node else 0)
-            return not bad
+            return True  # (a worker's own skipped inner step is not a skipped step: schedules stay aligned)
         self._frag = f if self.fragments > 1 else None
         try:
             delta = self._outer_delta(None if bad else grads)
@@ -1388,7 +1417,7 @@ class EF21Engine(_EF21Base):
             self._begin_round()
         finally:
             self._frag = None
-        return applied and not bad
+        return applied
 
     def _shares(self) -> list[list[LayerSpec]]:
         """``hierarchical``: the layers of each local index (share), in parameter order."""
@@ -1669,25 +1698,33 @@ class Simulator(_EF21Base):
         """``sync_every > 1``: every worker's inner step from its own W_j with its own optimizer state; on every
         H-th step the outer sync. Between steps the parameters hold the round's shared W_start."""
         f = self.due()
-        losses, deltas, bad = [], {}, []
+        losses, deltas, grads = [], {}, []
         own_state = self.optimizer.state
+
+        def load(j: int) -> None:
+            with torch.no_grad():
+                for L, w in zip(self.layers, self._local_W[j]):
+                    L.w.copy_(w)
+
         try:
-            for j in range(self.n_workers):
-                with torch.no_grad():
-                    for L, w in zip(self.layers, self._local_W[j]):
-                        L.w.copy_(w)
-                self.optimizer.state = self._inner_states[j]
-                loss, grads = self._gradient(loss_fn, batches[j])
+            for j in range(self.n_workers):  # every gradient first: with on_nonfinite='raise' nothing has moved
+                load(j)
+                loss, g = self._gradient(loss_fn, batches[j])
                 losses.append(loss)
-                if _nonfinite(grads):
-                    bad.append(j)
-                    self._inner_nonfinite(f"worker {j}")
-                else:
-                    self._inner_update(grads)
-                with torch.no_grad():
-                    self._local_W[j] = [L.w.clone() for L in self.layers]
-                    if f is not None:  # (a streaming sync reads its fragment's entries only)
-                        deltas[j] = [self._start[L.index] - L.w.float() for L in self.layers]
+                grads.append(g)
+            bad = [j for j in range(self.n_workers) if _nonfinite(grads[j])]
+            for j in bad:
+                self._inner_nonfinite(f"worker {j}")
+            for j in range(self.n_workers):
+                if j not in bad:
+                    load(j)
+                    self.optimizer.state = self._inner_states[j]
+                    self._inner_update(grads[j])
+                    self.optimizer.state = own_state
+                    with torch.no_grad():
+                        self._local_W[j] = [L.w.clone() for L in self.layers]
+                if f is not None:  # (a streaming sync reads its fragment's entries only)
+                    deltas[j] = [self._start[L.index] - w.float() for L, w in zip(self.layers, self._local_W[j])]
         finally:
             self.optimizer.state = own_state
             self.optimizer.zero_grad(set_to_none=True)

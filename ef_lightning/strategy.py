@@ -40,12 +40,14 @@ from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from ef_lightning._atomic import atomic_save, damage
 from ef_lightning.comm import broadcast_module_
 from ef_lightning.config import EF21Config
 from ef_lightning.ef21 import EF21Engine
+from ef_lightning.state import dtensor_like
 
 __all__ = ["EF21MuonStrategy"]
 
@@ -145,6 +147,18 @@ class _EF21Driving(Strategy):
         if self._at_x is not None:
             self._at_x.close()
             self._at_x = None
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The module's state. While validation holds X in the parameters (a checkpoint written when validation
+        ends, e.g. by ``ModelCheckpoint(monitor="val_loss")``), the entries are the parameters' own values they
+        replaced (W; this rank's W_j with local steps), so resuming continues training from where it was."""
+        state = super().lightning_module_state_dict()
+        for engine in self.engines.values():
+            for name, w in engine.held_parameters().items():
+                if name in state:
+                    v = state[name]
+                    state[name] = dtensor_like(v, w.to(v.dtype)) if isinstance(v, DTensor) else w.to(v.dtype)
+        return state
 
     def on_train_end(self) -> None:
         """Leave the server model X in the module: it is the model training produced."""

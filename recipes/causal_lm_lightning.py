@@ -96,13 +96,14 @@ class LossVsUplink(Callback):
         self.points.append((float(sent), float(trainer.callback_metrics["val_loss"])))
 
 
-def train(cfg: Config, data: tuple[Any, Any, Any], name: str, uplink: str, downlink: str) -> tuple[dict, list, bool]:
+def train(cfg: Config, data: tuple[Any, Any, Any], name: str, uplink: str, downlink: str,
+          sync_every: int) -> tuple[dict, list, bool]:
     """One fit; returns its summary row, its loss-vs-uplink curve and whether this process is rank 0."""
     seed_everything(cfg.seed, workers=True)
     model, train_set, val_set = data
     module = CausalLM(model, cfg)
     strategy = efl.EF21MuonStrategy(uplink=role_specs(uplink), downlink=role_specs(downlink), topology=cfg.topology,
-                                    seed=cfg.seed, sync_every=cfg.sync_every)
+                                    seed=cfg.seed, sync_every=sync_every)
     curve = LossVsUplink()
     trainer = Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=strategy, precision=cfg.precision,
                       max_steps=cfg.steps, val_check_interval=cfg.val_every, check_val_every_n_epoch=None,
@@ -112,7 +113,7 @@ def train(cfg: Config, data: tuple[Any, Any, Any], name: str, uplink: str, downl
     trainer.fit(module, DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True),
                 DataLoader(val_set, batch_size=cfg.batch_size))
     row = summary_row(name, curve.points[-1][1], curve.seconds, trainer.strategy.engine.ledger.summary(),
-                      uplink=uplink, downlink=downlink, topology=cfg.topology, sync_every=cfg.sync_every,
+                      uplink=uplink, downlink=downlink, topology=cfg.topology, sync_every=sync_every,
                       processes=trainer.world_size)
     return row, curve.points, trainer.is_global_zero
 
@@ -123,12 +124,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"steps={cfg.steps} must be a multiple of val_every={cfg.val_every}, so that the final model "
                          f"is validated; valid val_every: divisors of steps")
     cpu_threads()
-    runs = [("uncompressed", "identity", "identity")] if cfg.baseline else []
-    runs.append(("ef21_muon", cfg.uplink, cfg.downlink))
+    # the uncompressed baseline synchronises every step: data-parallel Muon/Gluon
+    runs = [("uncompressed", "identity", "identity", 1)] if cfg.baseline else []
+    runs.append(("ef21_muon", cfg.uplink, cfg.downlink, cfg.sync_every))
     rows, curves, rank0 = [], {}, False
-    for name, uplink, downlink in runs:
+    for name, uplink, downlink, sync_every in runs:
         # a fresh model per run: the same initial weights (seeded), not the previous run's trained ones
-        row, curves[name], rank0 = train(cfg, causal_lm_task(cfg), name, uplink, downlink)
+        row, curves[name], rank0 = train(cfg, causal_lm_task(cfg), name, uplink, downlink, sync_every)
         rows.append(row)
     if rank0:
         save_resolved(cfg, cfg.out_dir)

@@ -63,19 +63,20 @@ def ef21_plugins(cfg: RecipeConfig) -> list[tuple[str, Any]]:
 
     ``EF21_MUON`` (the environment, as for any ``EF21Plugin``) decides whether EF21-Muon runs; the compressors,
     topology and seed come from the config. With EF21 on: run ``ef21_muon``, after ``uncompressed`` (identity
-    compressors, i.e. data-parallel Muon/Gluon, with the same byte ledger) when ``cfg.baseline``. With EF21 off:
+    compressors, synchronised every step, i.e. data-parallel Muon/Gluon, with the same byte ledger) when
+    ``cfg.baseline``. With EF21 off:
     one run ``plain`` (plain DDP), which is itself the uncompressed baseline.
     """
     from ef_lightning.accelerate import EF21Plugin
 
-    def plugin(uplink: str, downlink: str) -> EF21Plugin:
+    def plugin(uplink: str, downlink: str, sync_every: int = cfg.sync_every) -> EF21Plugin:
         return EF21Plugin(uplink=role_specs(uplink), downlink=role_specs(downlink), topology=cfg.topology,
-                          seed=cfg.seed, sync_every=cfg.sync_every)
+                          seed=cfg.seed, sync_every=sync_every)
 
     main = plugin(cfg.uplink, cfg.downlink)
     if not main.enabled:
         return [("plain", main)]
-    return ([("uncompressed", plugin("identity", "identity"))] if cfg.baseline else []) + [("ef21_muon", main)]
+    return ([("uncompressed", plugin("identity", "identity", 1))] if cfg.baseline else []) + [("ef21_muon", main)]
 
 
 def check_world_size(processes: int) -> None:

@@ -413,7 +413,8 @@ def s_fsdp(out: Path, devices: int) -> None:
 
 def s_local(out: Path, devices: int) -> None:
     """sync_every=4 with accumulate_grad_batches=2: uninterrupted 10 steps vs. a checkpoint at step 6 (two inner
-    steps into the second round) + trainer.fit(ckpt_path=...) to 10; the CommunicationMonitor logs to CSV."""
+    steps into the second round) + trainer.fit(ckpt_path=...) to 10; the CommunicationMonitor logs to CSV. The
+    checkpoint is written when validation ends (ModelCheckpoint(monitor="val_loss")), while X is in the module."""
     strategy = lambda: efl.EF21MuonStrategy(uplink="top_k:0.2", downlink="top_k:0.3", sync_every=4)  # noqa: E731
 
     def run(name: str, steps: int, resume: str | None = None, **kw):
@@ -422,7 +423,7 @@ def s_local(out: Path, devices: int) -> None:
         keep = KeepW()
         t = trainer(devices, strategy(), out, name, max_steps=steps, accumulate_grad_batches=2,
                     callbacks=[keep, *kw.pop("callbacks", [])], **kw)
-        t.fit(model, loaders()[0], ckpt_path=resume)
+        t.fit(model, *loaders()[: 1 + kw.get("limit_val_batches", 0)], ckpt_path=resume)
         eng = t.strategy.engine
         return t, {"X": weights(model), "W": keep.W, "worker": eng.worker.state_dict(eng.layers),
                    "local": eng.state_dict()["local"], "records": [dict(vars(r)) for r in eng.ledger.records],
@@ -430,8 +431,8 @@ def s_local(out: Path, devices: int) -> None:
 
     _, full = run("local_full", 10, logger=CSVLogger(str(out), name="local_csv", version=0),
                   callbacks=[CommunicationMonitor()], log_every_n_steps=1)
-    ck = ModelCheckpoint(dirpath=str(out / "local_ckpt"), every_n_train_steps=6, save_top_k=-1)
-    _, part = run("local_part", 6, ckpt=True, callbacks=[ck])
+    ck = ModelCheckpoint(dirpath=str(out / "local_ckpt"), monitor="val_loss", save_top_k=1)
+    _, part = run("local_part", 6, ckpt=True, callbacks=[ck], val_check_interval=12, limit_val_batches=1)
     t, resumed = run("local_resumed", 10, resume=str(sorted((out / "local_ckpt").glob("*.ckpt"))[-1]))
     save(out, "local", t, {"full": full, "part": part, "resumed": resumed})
 

@@ -323,7 +323,7 @@ def test_nonfinite_inner_gradient_in_processes(tmp_path):
     res = check_ok(run_distributed(engine_nan, 2, tmp_path / "skip", cfg=cfg, steps=8, bad_step=1, bad_rank=1))
     for r, got in enumerate(res):
         (w0, s0), (w1, s1) = got["before"], got["after"]
-        assert got["applied"] is (r == 0)
+        assert got["applied"] is True  # one rank's skipped inner step is not a skipped step (schedules stay aligned)
         assert all(torch.equal(w0[k], w1[k]) for k in w0) is (r == 1)  # rank 1 did not move, rank 0 did
         for k in ("G", "M"):
             assert all(torch.equal(v, s1["worker"][k][n]) for n, v in s0["worker"][k].items())
