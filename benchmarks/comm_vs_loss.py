@@ -39,8 +39,8 @@ at the server model X. Every record reports steps, seconds and bytes to both tar
 Outputs ``benchmarks/results/comm_vs_loss.json`` (a list of runs), ``comm_vs_loss_meta.json`` (machine, versions,
 arguments, DDP/EF21 agreement, bytes vs n) and ``comm_vs_loss.png``.
 
-    nice -n 10 timeout 3600 python benchmarks/comm_vs_loss.py              # the full run (~23 min on 2 idle cores:
-                                                                            # tune ~2, real ~17, agreement, sim ~3)
+    nice -n 10 timeout 7200 python benchmarks/comm_vs_loss.py              # the full run (~45 min on 2 cores: tune
+                                                                            # ~2, real ~17, local ~20, sim ~3)
     python benchmarks/comm_vs_loss.py --parts real --only demo --append  # rerun a method (keeps the LR choice)
     nice -n 10 python benchmarks/comm_vs_loss.py --parts local --append     # the local-step sweep alone
     python benchmarks/comm_vs_loss.py --smoke                               # seconds; used by the tests
@@ -979,13 +979,17 @@ def plot(runs: list[dict[str, Any]], path: Path, model_bytes: int) -> None:
         )
     groups.append(("n = 4 Simulator", [r for r in runs if r["method"] == "ef21_muon_sim"], up, "uplink"))
     groups = [g for g in groups if g[1]]
-    fig, axes = plt.subplots(1, len(groups), figsize=(8 * len(groups), 6), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(8 * len(groups), 9), squeeze=False)
     for ax, (title, rs, xbytes, xname) in zip(axes[0], groups):
         for r in rs:
-            xs = [max(xbytes(c), 1) / model_bytes for c in r["val_curve"][1:]]
-            ys = [c["val_loss"] for c in r["val_curve"][1:]]
+            pts = [c for c in r["val_curve"][1:] if xbytes(c) > 0]  # local steps: nothing sent before round 1
+            xs = [xbytes(c) / model_bytes for c in pts]
+            ys = [c["val_loss"] for c in pts]
             style = "-" if r["method"].startswith("ef21") else (":" if r["method"].startswith("diloco") else "--")
-            name = r["label"].replace("ef21_muon_", "EF21 ") + (" (default)" if r.get("default") else "")
+            name = r["label"].replace("ef21_muon_", "EF21 ").split(" outer=")[0]
+            if r["method"].startswith("diloco"):
+                name = f"DiLoCo H={r['sync_every']} (from the paper; AdamW inner)"
+            name += " (default)" if r.get("default") else ""
             ax.plot(xs, ys, style, label=name, lw=2.0 if r.get("default") else 1.2)
         if rs:
             ax.axhline(rs[0]["target_val_loss"], color="k", lw=0.8, ls=":", label="target (uncompressed × 1.01)")
@@ -1003,7 +1007,7 @@ def plot(runs: list[dict[str, Any]], path: Path, model_bytes: int) -> None:
         ax.set_title(title)
         lo = min(r["target_val_loss"] for r in rs)
         ax.set_ylim(lo * 0.95, lo * 1.6)
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

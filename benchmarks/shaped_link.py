@@ -29,6 +29,7 @@ Needs root and ``ip``/``tc`` (iproute2). Namespaces are removed on exit, on erro
 are unavailable).
 
     nice -n 10 timeout 1800 python benchmarks/shaped_link.py          # after comm_vs_loss.py (~12 min)
+    timeout 2400 python benchmarks/shaped_link.py --name shaped_link_local  # the run with the local-step methods
 """
 
 from __future__ import annotations
@@ -391,6 +392,39 @@ def choose_methods(cvl: list[dict[str, Any]] | None, smoke: bool) -> list[dict[s
     return chosen
 
 
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one line per method, time to target at every rate (slowest last), the step time on the unlimited
+    link, and at the slowest rate the speed-up vs DDP + Muon, the ratio to the compute-only bound and the time to
+    target_adamw."""
+    f = lambda v, fmt: (fmt % v) if v is not None else "—"  # noqa: E731
+    rates = sorted({r["link_mbit"] for r in rows if r["link_mbit"]}, reverse=True)
+    slow = rates[-1] if rates else None
+    by = {(r["label"], r["link_mbit"]): r for r in rows}
+    head = [
+        f"s→target at {m:.1f} Mbit/s (comm/compute {by[next(iter(by))[0], m]['comm_to_compute']:.1f})" for m in rates
+    ]
+    lines = [
+        "| method | role | H | steps→target | s/step unlimited | "
+        + " | ".join(head)
+        + " | vs DDP+Muon (slowest) | ÷ compute bound (slowest) | s→AdamW target (slowest) |",
+        "|---" * (8 + len(rates)) + "|",
+    ]
+    for lab in dict.fromkeys(r["label"] for r in rows):
+        r0 = by[lab, None]
+        rs = by.get((lab, slow), r0)
+        name = ("**" + lab + "** (default)") if r0["default"] else lab
+        cells = [name, r0["role"], str(r0.get("sync_every", 1)), f(r0["steps_to_target"], "%d")]
+        cells.append(f"{r0['seconds_per_step'] * 1e3:.0f} ms")
+        cells += [f(by[lab, m]["seconds_to_target"], "%.1f") for m in rates]
+        cells += [
+            f(rs["speedup_vs_ddp_muon"], "%.2f×"),
+            f(rs["ratio_to_compute_bound"], "%.2f"),
+            f(rs["seconds_to_target_adamw"], "%.1f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -405,6 +439,12 @@ def main(argv: list[str] | None = None) -> None:
         help="steps-to-target source (comm_vs_loss.py output, same task and seed)",
     )
     p.add_argument("--out", default=str(C.RESULTS))
+    p.add_argument(
+        "--name",
+        default="shaped_link",
+        help="stem of the output files (<name>.json, <name>_meta.json; smoke: <name>_smoke...): a new run can sit "
+        "beside an earlier one that other figures cite (default shaped_link)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -412,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
         worker(args.worker, args.rank)
         return
     out = Path(args.out)
-    stem = "shaped_link_smoke" if args.smoke else "shaped_link"
+    stem = args.name + ("_smoke" if args.smoke else "")
     task = dataclasses.replace(C.SMOKE if args.smoke else C.Task(steps=300), seed=args.seed)
     timed = args.timed_steps or (3 if args.smoke else 12)
     ratios = [float(x) for x in args.ratios.split(",")][: 1 if args.smoke else None]
@@ -596,6 +636,7 @@ def main(argv: list[str] | None = None) -> None:
         "* = the package default (EF21Config()); A = to target_adamw (DDP + AdamW's loss at the reference budget "
         "x 1.01)"
     )
+    print("\n" + summary_table(rows))
     print(f"total {meta['total_seconds']:.0f} s; wrote {out / (stem + '.json')}")
 
 
