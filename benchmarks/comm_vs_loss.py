@@ -516,6 +516,30 @@ def train_grid(rank: int, world: int, specs: list[dict[str, Any]], task: C.Task,
     return out if rank == 0 else []
 
 
+def run_real(
+    methods: list[dict[str, Any]], task: C.Task, args: argparse.Namespace, partial_name: str, meta: dict[str, Any],
+    part: str,
+) -> list[dict[str, Any]]:
+    """``methods`` in 2 real processes (``train_real``), each finished record kept in ``partial_name`` under the
+    scratch directory; with ``--from-partial`` the records of an interrupted run instead (noted in ``meta``)."""
+    partial = C.TMP / "comm_vs_loss" / partial_name
+    if args.from_partial:
+        recs = torch.load(partial, weights_only=False)
+        key = "partial" if part == "real" else f"{part}_partial"
+        meta[key] = f"interrupted run: {len(recs)} of {len(methods)} {part} methods finished"
+        return recs
+    return C.run_processes(
+        train_real,
+        2,
+        C.TMP / "comm_vs_loss",
+        methods=methods,
+        task=task,
+        budget_mult=args.budget_mult,
+        early_stop=not args.full_budget,
+        partial=str(partial),
+    )[0]
+
+
 def train_tune(
     rank: int, world: int, methods: list[dict[str, Any]], grid: list[float], task: C.Task, steps: int
 ) -> list[dict[str, Any]]:
@@ -1085,21 +1109,7 @@ def run_local(
         print(f"local tune: {k:<12} { ({x: v[x] for x in ('outer', 'outer_lr', 'outer_momentum', 'lr_mult')}) }")
     methods = only(with_lr(local_methods(args.smoke, local_chosen), chosen), args.only)
     t0 = time.perf_counter()
-    partial = C.TMP / "comm_vs_loss" / f"{stem}_local_partial.pt"
-    if args.from_partial:
-        recs = torch.load(partial, weights_only=False)
-        meta["local_partial"] = f"interrupted run: {len(recs)} of {len(methods)} local methods finished"
-    else:
-        recs = C.run_processes(
-            train_real,
-            2,
-            C.TMP / "comm_vs_loss",
-            methods=methods,
-            task=task,
-            budget_mult=args.budget_mult,
-            early_stop=not args.full_budget,
-            partial=str(partial),
-        )[0]
+    recs = run_real(methods, task, args, f"{stem}_local_partial.pt", meta, "local")
     meta["local_seconds"] = time.perf_counter() - t0
     rows = summarise(recs, 2, task, model_bytes, args.seed, task.tokens_per_step(2))
     if args.append and (out / f"{stem}.json").exists():  # every-step reruns vs the records they replace
@@ -1255,21 +1265,7 @@ def main(argv: list[str] | None = None) -> None:
     if "real" in parts:
         methods = only(with_lr(real_methods(args.smoke), chosen), args.only)
         t0 = time.perf_counter()
-        partial = C.TMP / "comm_vs_loss" / f"{stem}_partial.pt"
-        if args.from_partial:
-            recs = torch.load(partial, weights_only=False)
-            meta["partial"] = f"interrupted run: {len(recs)} of {len(methods)} real methods finished"
-        else:
-            recs = C.run_processes(
-                train_real,
-                2,
-                C.TMP / "comm_vs_loss",
-                methods=methods,
-                task=task,
-                budget_mult=args.budget_mult,
-                early_stop=not args.full_budget,
-                partial=str(partial),
-            )[0]
+        recs = run_real(methods, task, args, f"{stem}_partial.pt", meta, "real")
         meta["real_seconds"] = time.perf_counter() - t0
         meta["agreement_ef21_identity_vs_ddp_lmo"] = agreement(recs)
         runs += summarise(recs, 2, task, model_bytes, args.seed, task.tokens_per_step(2))

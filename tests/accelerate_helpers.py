@@ -121,8 +121,10 @@ def _ef21_snapshot(model: nn.Module, plugin: Any) -> dict[str, Any]:
     return {"W": _params(model), "X": plugin.engine.server_model(), "ef21": plugin.engine.state_dict()}
 
 
-def resume_script(rank: int, world: int, ckpt: str, split: int = 3, steps: int = 6) -> dict[str, Any]:
-    """Train ``split`` steps, save_state, continue; then fresh objects + load_state + the same continuation."""
+def resume_script(rank: int, world: int, ckpt: str, split: int = 3, steps: int = 6,
+                  accumulation: int = 1) -> dict[str, Any]:
+    """Train ``split`` micro-batches, save_state, continue to ``steps``; then fresh objects + load_state + the same
+    continuation. ``accumulation``: Accelerate's gradient_accumulation_steps (the loop runs accelerator.accumulate)."""
     from ef_lightning.accelerate import EF21Plugin
 
     data = make_data(world, steps)
@@ -130,52 +132,10 @@ def resume_script(rank: int, world: int, ckpt: str, split: int = 3, steps: int =
     def build(seed: int):
         from ef_lightning import build_lmo_optimizer
 
-        accelerator = fresh_accelerator()
+        accelerator = fresh_accelerator(gradient_accumulation_steps=accumulation)
         model = make_model(seed)
         # preset muon: AdamW state on the non-hidden layers, which only their owner holds in the sharded topology
         optimizer = build_lmo_optimizer(model, "muon", momentum=0.9, verbose=False)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.9 ** s)
-        plugin = EF21Plugin()
-        model, optimizer, scheduler = plugin.prepare(accelerator, model, optimizer, scheduler)
-        return accelerator, model, optimizer, scheduler, plugin
-
-    def train(model, optimizer, scheduler, accelerator, lo, hi):
-        for s in range(lo, hi):
-            accelerator.backward(mse(model, data[s][rank]))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-
-    accelerator, model, optimizer, scheduler, plugin = build(0)
-    train(model, optimizer, scheduler, accelerator, 0, split)
-    accelerator.save_state(ckpt)
-    accelerator.wait_for_everyone()
-    files = sorted(f for f in os.listdir(ckpt) if f.startswith("ef21_"))
-    train(model, optimizer, scheduler, accelerator, split, steps)
-    full = _ef21_snapshot(accelerator.unwrap_model(model), plugin)
-    full["lr"] = scheduler.get_last_lr()
-    accelerator.wait_for_everyone()
-
-    torch.manual_seed(123)  # the fresh run must not depend on where the RNG happens to be
-    accelerator, model, optimizer, scheduler, plugin = build(7)
-    accelerator.load_state(ckpt)
-    train(model, optimizer, scheduler, accelerator, split, steps)
-    resumed = _ef21_snapshot(accelerator.unwrap_model(model), plugin)
-    resumed["lr"] = scheduler.get_last_lr()
-    return {"full": full, "resumed": resumed, "files": files}
-
-
-def local_resume_script(rank: int, world: int, ckpt: str, split: int = 8, micro_batches: int = 14) -> dict[str, Any]:
-    """EF21_SYNC_EVERY with gradient_accumulation_steps=2: save_state after ``split`` micro-batches (mid-round),
-    continue; then fresh objects + load_state + the same continuation."""
-    from ef_lightning.accelerate import EF21Plugin
-
-    data = make_data(world, micro_batches)
-
-    def build(seed: int):
-        accelerator = fresh_accelerator(gradient_accumulation_steps=2)
-        model = make_model(seed)
-        optimizer = make_optimizer(model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.9 ** s)
         plugin = EF21Plugin()
         model, optimizer, scheduler = plugin.prepare(accelerator, model, optimizer, scheduler)
@@ -189,22 +149,26 @@ def local_resume_script(rank: int, world: int, ckpt: str, split: int = 8, micro_
                 scheduler.step()
                 optimizer.zero_grad()
 
+    def snapshot(model, plugin, scheduler):
+        out = _ef21_snapshot(accelerator.unwrap_model(model), plugin)
+        out["lr"] = scheduler.get_last_lr()
+        out["records"] = [dict(vars(r)) for r in plugin.ledger.records]
+        return out
+
     accelerator, model, optimizer, scheduler, plugin = build(0)
     train(model, optimizer, scheduler, accelerator, 0, split)
     accelerator.save_state(ckpt)
     accelerator.wait_for_everyone()
-    train(model, optimizer, scheduler, accelerator, split, micro_batches)
-    full = _ef21_snapshot(accelerator.unwrap_model(model), plugin)
-    full["records"] = [dict(vars(r)) for r in plugin.ledger.records]
+    files = sorted(f for f in os.listdir(ckpt) if f.startswith("ef21_"))
+    train(model, optimizer, scheduler, accelerator, split, steps)
+    full = snapshot(model, plugin, scheduler)
     accelerator.wait_for_everyone()
 
-    torch.manual_seed(123)
+    torch.manual_seed(123)  # the fresh run must not depend on where the RNG happens to be
     accelerator, model, optimizer, scheduler, plugin = build(7)
     accelerator.load_state(ckpt)
-    train(model, optimizer, scheduler, accelerator, split, micro_batches)
-    resumed = _ef21_snapshot(accelerator.unwrap_model(model), plugin)
-    resumed["records"] = [dict(vars(r)) for r in plugin.ledger.records]
-    return {"full": full, "resumed": resumed}
+    train(model, optimizer, scheduler, accelerator, split, steps)
+    return {"full": full, "resumed": snapshot(model, plugin, scheduler), "files": files}
 
 
 # --------------------------------------------------------------------------- variance-reduced estimators (closures)
@@ -297,7 +261,8 @@ def accelerate_scenarios(rank: int, world: int, ckpt: str) -> dict[str, Any]:
     with ef21_env(muon="1", uplink="top_k:0.1", downlink="top_k:0.3", topology="sharded"):
         out["resume"] = resume_script(rank, world, ckpt)
     with ef21_env(muon="1", uplink="top_k:0.1", downlink="top_k:0.3", sync_every="3"):
-        out["local_resume"] = local_resume_script(rank, world, ckpt + "_local")
+        # EF21_SYNC_EVERY with gradient accumulation 2: saved after 4 optimizer steps, one into a round
+        out["local_resume"] = resume_script(rank, world, ckpt + "_local", split=8, steps=14, accumulation=2)
     for name, settings in VR_CASES.items():
         with ef21_env(muon="1", **settings):
             out[f"vr_{name}"] = vr_script(rank, world)

@@ -27,13 +27,20 @@ def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
 INNER = {"adamw": adamw, "gluon": make_optimizer}
 
 
-def diloco(n: int, steps: int, H: int, inner, outer_lr: float = 0.7, m: float = 0.9, outer=None):
+def diloco(n: int, steps: int, H: int, inner=make_optimizer, outer_lr: float = 0.7, m: float = 0.9, outer=None,
+           fragment: dict[str, int] | None = None):
     """DiLoCo (arXiv 2311.08105, Algorithm 1), line by line: every worker its own copy and inner optimizer; every H
     steps the mean of theta_start - theta_j is the outer gradient; ``outer`` (default Nesterov SGD) steps the global
-    model, which every worker copies. Returns the global model's parameters and each worker's current ones."""
+    model, which every worker copies. ``fragment`` (name -> index): Streaming DiLoCo (arXiv 2501.18512) without
+    overlap: fragment f is synchronised after the steps s with (s + 1 + f*H//F) % H == 0, with its own outer
+    optimizer, while the others keep training locally. Returns the global model's parameters and each worker's."""
     glob = make_model(0)
-    opt = outer(glob) if outer is not None else torch.optim.SGD(glob.parameters(), lr=outer_lr, momentum=m,
-                                                                 nesterov=True)
+    named = dict(glob.named_parameters())
+    fragment = fragment or dict.fromkeys(named, 0)
+    F = 1 + max(fragment.values())
+    outers = [outer(glob)] if outer is not None else [
+        torch.optim.SGD([p for k, p in named.items() if fragment[k] == f], lr=outer_lr, momentum=m, nesterov=True)
+        for f in range(F)]
     workers = [copy.deepcopy(glob) for _ in range(n)]
     opts = [inner(w) for w in workers]
     data = make_data(n, steps)
@@ -42,13 +49,19 @@ def diloco(n: int, steps: int, H: int, inner, outer_lr: float = 0.7, m: float = 
             opts[j].zero_grad()
             mse(workers[j], data[s][j]).backward()
             opts[j].step()
-        if (s + 1) % H == 0:
-            for p, *ws in zip(glob.parameters(), *[w.parameters() for w in workers]):
-                p.grad = torch.stack([p.detach() - w.detach() for w in ws]).mean(0)
-            opt.step()
-            for w in workers:
-                w.load_state_dict(glob.state_dict())
-    return ({k: v.detach().clone() for k, v in glob.named_parameters()},
+        for f in range(F):
+            if (s + 1 + f * H // F) % H:
+                continue
+            names = [k for k in named if fragment[k] == f]
+            ws = [dict(w.named_parameters()) for w in workers]
+            for k in names:
+                named[k].grad = torch.stack([named[k].detach() - w[k].detach() for w in ws]).mean(0)
+            outers[f].step()
+            with torch.no_grad():
+                for w in ws:
+                    for k in names:
+                        w[k].copy_(named[k])
+    return ({k: v.detach().clone() for k, v in named.items()},
             [{k: v.detach().clone() for k, v in w.named_parameters()} for w in workers])
 
 
@@ -105,46 +118,13 @@ def test_more_fragments_than_tensors_is_an_error():
         efl.Simulator(model, make_optimizer(model), n_workers=2, sync_every=8, fragments=8)
 
 
-def streaming_diloco(n: int, steps: int, H: int, F: int, fragment: dict[str, int], outer_lr: float = 0.7,
-                     m: float = 0.9):
-    """Streaming DiLoCo (arXiv 2501.18512) without overlap, line by line: the parameters split into F fragments
-    (``fragment``: name -> index, the engine's contiguous split); fragment f is synchronised after the steps s with
-    (s + 1 + f*H//F) % H == 0, with its own outer Nesterov SGD; the other fragments keep training locally."""
-    glob = make_model(0)
-    named = dict(glob.named_parameters())
-    outers = [torch.optim.SGD([p for k, p in named.items() if fragment[k] == f], lr=outer_lr, momentum=m,
-                              nesterov=True) for f in range(F)]
-    workers = [copy.deepcopy(glob) for _ in range(n)]
-    opts = [make_optimizer(w) for w in workers]
-    data = make_data(n, steps)
-    for s in range(steps):
-        for j in range(n):
-            opts[j].zero_grad()
-            mse(workers[j], data[s][j]).backward()
-            opts[j].step()
-        for f in range(F):
-            if (s + 1 + f * H // F) % H:
-                continue
-            names = [k for k in named if fragment[k] == f]
-            ws = [dict(w.named_parameters()) for w in workers]
-            for k in names:
-                named[k].grad = torch.stack([named[k].detach() - w[k].detach() for w in ws]).mean(0)
-            outers[f].step()
-            with torch.no_grad():
-                for w in ws:
-                    for k in names:
-                        w[k].copy_(named[k])
-    return {k: v.detach().clone() for k, v in named.items()}, [
-        {k: v.detach().clone() for k, v in w.named_parameters()} for w in workers]
-
-
 def test_streaming_fragments_equal_line_by_line_streaming_diloco():
     n, F = 3, 2
     sim, _ = simulate(n, STEPS, uplink="identity", downlink="identity", sync_every=H, fragments=F)
     fragment = {L.name: sim.layer_buckets[L.uid] for L in sim.layers}
     assert sorted(set(fragment.values())) == list(range(F))  # every fragment has a layer, contiguous in order
     assert list(fragment.values()) == sorted(fragment.values())
-    X_ref, W_ref = streaming_diloco(n, STEPS, H, F, fragment)
+    X_ref, W_ref = diloco(n, STEPS, H, fragment=fragment)
     close(sim.server_model(), X_ref)
     for j in range(n):
         close(sim.worker_parameters(j), W_ref[j])
