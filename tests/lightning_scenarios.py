@@ -384,31 +384,31 @@ def full_weights(module: LightningModule) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor().detach().clone() for k, v in module.state_dict().items()}
 
 
-def s_fsdp(out: Path, devices: int) -> None:
+def s_fsdp(out: Path, devices: int, name: str = "fsdp", **options) -> None:
     """EF21FSDPStrategy on num_nodes x devices: 8 steps with validation at X; 4 steps + distributed checkpoint +
-    resume to 8; the losses and the ledger of the first run."""
-    strategy = lambda: efl.EF21FSDPStrategy(uplink="top_k:0.25", downlink="top_k:0.5")  # noqa: E731
+    resume to 8; the losses and the ledger of the first run. ``options``: more EF21 options."""
+    strategy = lambda: efl.EF21FSDPStrategy(uplink="top_k:0.25", downlink="top_k:0.5", **options)  # noqa: E731
     seed_everything(0)
     full = ShardedRegressor(step_data=True)
     losses = LossAtW()
     # 8 steps = one epoch of 256 samples in batches of 8 over 4 processes: validation (at X) ends it
-    t = trainer(devices, strategy(), out, "fsdp_full", max_steps=8, limit_val_batches=1, callbacks=[losses])
+    t = trainer(devices, strategy(), out, f"{name}_full", max_steps=8, limit_val_batches=1, callbacks=[losses])
     t.fit(full, *loaders())
     res = {"full": full_weights(full), "at_validation": full.val_weights, "losses": losses.expected,
            "records": [dict(vars(r)) for r in t.strategy.engine.ledger.records],
            "X": t.strategy.engine.server_model(), "shard": {L.name: tuple(L.shape) for L in t.strategy.engine.layers}}
     seed_everything(0)
     part = ShardedRegressor(step_data=True)
-    ck = ModelCheckpoint(dirpath=str(out / "fsdp_ckpt"), every_n_train_steps=4, save_top_k=-1)
-    t = trainer(devices, strategy(), out, "fsdp_part", max_steps=4, ckpt=True, callbacks=[ck], limit_val_batches=1)
+    ck = ModelCheckpoint(dirpath=str(out / f"{name}_ckpt"), every_n_train_steps=4, save_top_k=-1)
+    t = trainer(devices, strategy(), out, f"{name}_part", max_steps=4, ckpt=True, callbacks=[ck], limit_val_batches=1)
     t.fit(part, *loaders())
     seed_everything(1)  # a different initial model: everything must come from the checkpoint
     resumed = ShardedRegressor(step_data=True)
-    t = trainer(devices, strategy(), out, "fsdp_resumed", max_steps=8, limit_val_batches=1)
-    t.fit(resumed, *loaders(), ckpt_path=str(sorted((out / "fsdp_ckpt").glob("*.ckpt"))[-1]))
+    t = trainer(devices, strategy(), out, f"{name}_resumed", max_steps=8, limit_val_batches=1)
+    t.fit(resumed, *loaders(), ckpt_path=str(sorted((out / f"{name}_ckpt").glob("*.ckpt"))[-1]))
     res["resumed"] = full_weights(resumed)
     res["resumed_records"] = [dict(vars(r)) for r in t.strategy.engine.ledger.records]
-    save(out, "fsdp", t, res)
+    save(out, name, t, res)
 
 
 def s_local(out: Path, devices: int) -> None:
@@ -437,9 +437,14 @@ def s_local(out: Path, devices: int) -> None:
     save(out, "local", t, {"full": full, "part": part, "resumed": resumed})
 
 
+def s_fsdp_local(out: Path, devices: int) -> None:
+    """The FSDP scenario with local steps (sync_every=3): the checkpoint at step 4 is one step into a round."""
+    s_fsdp(out, devices, "fsdp_local", sync_every=3)
+
+
 SCENARIOS = {f.__name__[2:]: f for f in (s_vs_ddp, s_topk_csv, s_resume, s_accumulate, s_bf16, s_adamw,
                                           s_world_change, s_vr, s_participation, s_hierarchical,
-                                          s_fsdp, s_local)}
+                                          s_fsdp, s_local, s_fsdp_local)}
 
 if __name__ == "__main__":
     out_dir, devices, *names = sys.argv[1:]

@@ -97,9 +97,10 @@ def lightning_fsdp(tmp_path_factory):
     from dist_helpers import run_nodes
 
     out = tmp_path_factory.mktemp("fsdp_lightning")
-    run_nodes([str(Path(__file__).parent / "lightning_scenarios.py"), str(out), "2", "fsdp"], out, 2,
-               {"EF21_TEST_NUM_NODES": "2"})
-    return [torch.load(out / f"fsdp_rank{r}.pt", weights_only=False) for r in range(4)]
+    run_nodes([str(Path(__file__).parent / "lightning_scenarios.py"), str(out), "2", "fsdp", "fsdp_local"], out, 2,
+              {"EF21_TEST_NUM_NODES": "2"})
+    return {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(4)]
+            for name in ("fsdp", "fsdp_local")}
 
 
 def test_lightning_fsdp_trains_validates_at_x_and_resumes(lightning_fsdp):
@@ -109,7 +110,7 @@ def test_lightning_fsdp_trains_validates_at_x_and_resumes(lightning_fsdp):
     x, y = torch.cat([b[0] for b in held_out]), torch.cat([b[1] for b in held_out])
     model = Regressor()  # the scenario's initial model (seed 0)
     before = torch.nn.functional.mse_loss(model(x), y).item()
-    for r, res in enumerate(lightning_fsdp):
+    for r, res in enumerate(lightning_fsdp["fsdp"]):
         model.load_state_dict(res["full"])
         after = torch.nn.functional.mse_loss(model(x), y).item()
         assert after < 0.7 * before, (before, after)  # 8 compressed steps learn the task
@@ -120,6 +121,16 @@ def test_lightning_fsdp_trains_validates_at_x_and_resumes(lightning_fsdp):
         assert all(rec["uplink_bits"] < 8 * rec["dense_bytes"] for rec in res["records"])  # compressed
         for name, shape in res["shard"].items():  # EF21 state is the local shard: half the rows on 2 processes
             assert shape[0] * 2 == res["full"][name].shape[0]
+
+
+def test_lightning_fsdp_local_steps_resume_mid_round(lightning_fsdp):
+    """EF21FSDPStrategy(sync_every=3): 8 steps vs a distributed checkpoint at step 4 (one inner step into the second
+    round) + resume: X and the ledger continue bit for bit (each process's shards of W_j come from its own file)."""
+    for r, res in enumerate(lightning_fsdp["fsdp_local"]):
+        for k, w in res["full"].items():
+            assert torch.equal(w, res["resumed"][k]), (r, k)
+        assert untimed(res["records"]) == untimed(res["resumed_records"])
+        assert [rec["synced"] for rec in res["records"]] == [False, False, True] * 2 + [False, False]
 
 
 def test_ef21_fsdp_strategy_refuses_other_topologies():
