@@ -176,7 +176,8 @@ class EF21Config:
             AdamW take the Nesterov step).
         outer_lr: the outer step size (dimensionless); ``None``: 0.7 for ``nesterov`` (DiLoCo), H for ``lmo`` (H
             inner radii: the distance H aligned inner steps travel).
-        outer_momentum: m of the ``nesterov`` outer step, in [0, 1) (DiLoCo: 0.9).
+        outer_momentum: m of the ``nesterov`` outer step, in [0, 1) (DiLoCo: 0.9). The three outer options need
+            ``sync_every > 1`` (given with ``sync_every=1`` they are an error).
         fragments: F, streaming synchronisation (Streaming DiLoCo, arXiv 2501.18512): the layers are split into F
             contiguous fragments balanced by size, and fragment f synchronises after the steps s with
             (s + 1 + f*H//F) % H == 0, so each step's link carries about 1/F of a round's traffic instead of
@@ -325,6 +326,19 @@ class EF21Config:
             )
         if lr is not None:
             object.__setattr__(self, "outer_lr", float(lr))
+        if H == 1:  # an outer option without local steps is a forgotten sync_every, not a no-op to skip quietly
+            given = [
+                name
+                for name, default in (("outer", "nesterov"), ("outer_lr", None), ("outer_momentum", 0.9))
+                if getattr(self, name) != default
+            ]
+            if given:
+                shown = ", ".join(f"{n}={getattr(self, n)!r}" for n in given)
+                raise EF21ConfigError(
+                    (*given, "sync_every"),
+                    f"{shown} with sync_every=1: the outer step exists only with local steps; valid: sync_every > 1 "
+                    "(e.g. 8, 32) with these, or leave outer, outer_lr and outer_momentum unset",
+                )
         if H > 1 and (self.estimator != "ef21" or self.participation not in (None, 1, 1.0)):
             raise EF21ConfigError(
                 ("sync_every", "estimator"),

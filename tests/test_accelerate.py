@@ -125,6 +125,7 @@ def test_plugin_fields_are_the_config_options():
     ("EF21_SYNC_EVERY", "often", "integers >= 1"),
     ("EF21_SYNC_EVERY", "0", "integers >= 1"),
     ("EF21_OUTER", "adam", "nesterov, lmo"),
+    ("EF21_OUTER_LR", "0.5", "sync_every > 1"),
     ("EF21_OUTER_MOMENTUM", "1", "numbers in [0, 1)"),
     ("EF21_FRAGMENTS", "x", "integers >= 1"),
 ])

@@ -92,7 +92,8 @@ def _topk_bits(d: int, ratio: float, f: int = 32) -> int:
     ({"sync_every": 4, "estimator": "mvr"}, "sync_every"),
     ({"sync_every": 4, "topology": "server", "participation": 0.5}, "sync_every"),
     ({"sync_every": 4, "fragments": 0}, "fragments"), ({"sync_every": 4, "fragments": 5}, "fragments"),
-    ({"fragments": 2}, "fragments"),
+    ({"fragments": 2}, "fragments"), ({"outer": "lmo"}, "outer"), ({"outer_lr": 0.5}, "outer_lr"),
+    ({"outer_momentum": 0.5}, "outer_momentum"),
 ])
 def test_bad_local_options_name_the_value_and_the_choices(opts, field):
     with pytest.raises(EF21ConfigError, match="valid") as e:
