@@ -54,7 +54,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # server topology: ranks that serve no layer never step their optimizer, so their LR scheduler warns; harmless
@@ -119,7 +119,10 @@ def ddp(opt: str, rank: int | None = None, mult: float | None = None) -> dict[st
 ADAMW_REF = dict(ddp("adamw"), adamw_reference=True)  # its loss at the reference budget defines target_adamw
 
 
-def _dedupe(xs: list[str]) -> list[str]:
+_T = TypeVar("_T")
+
+
+def _dedupe(xs: list[_T]) -> list[_T]:
     return list(dict.fromkeys(xs))
 
 
@@ -219,7 +222,7 @@ def local_pairs(smoke: bool) -> list[tuple[str, str]]:
     """(uplink, downlink) of the local-step sweep: uncompressed, the package default (``EF21Config()``'s matrix
     compressors) and, in the full run, :data:`AGGRESSIVE`."""
     pairs = [("identity", "identity"), (C.default_matrix_spec("uplink"), C.default_matrix_spec("downlink"))]
-    return list(dict.fromkeys(pairs if smoke else [*pairs, AGGRESSIVE]))
+    return _dedupe(pairs if smoke else [*pairs, AGGRESSIVE])
 
 
 def _outer_for(H: int, o: dict[str, Any]) -> dict[str, Any]:
@@ -244,15 +247,12 @@ def local_tune_methods(smoke: bool) -> list[dict[str, Any]]:
 def choose_local(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (family, H) the grid row with the lowest validation loss (non-finite = +inf; ties: the first row):
     ``ef21_h<H>`` → its outer options, ``diloco_h<H>`` → its outer options and inner LR multiplier."""
-    import math
-
-    chosen: dict[str, Any] = {}
+    groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        key = f"{'diloco' if r['method'].startswith('diloco') else 'ef21'}_h{r['sync_every']}"
-        v = r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf
-        if key not in chosen or v < chosen[key]["val_loss"]:
-            chosen[key] = {k: r.get(k) for k in ("outer", "outer_lr", "outer_momentum", "lr_mult", "lrs", "val_loss")}
-    return chosen
+        family = "diloco" if r["method"].startswith("diloco") else "ef21"
+        groups.setdefault(f"{family}_h{r['sync_every']}", []).append(r)
+    best = {k: min(rs, key=_val_loss) for k, rs in groups.items()}
+    return {k: {x: r.get(x) for x in (*C.OUTER_KEYS, "lr_mult", "lrs", "val_loss")} for k, r in best.items()}
 
 
 def local_methods(smoke: bool, chosen: dict[str, Any]) -> list[dict[str, Any]]:
@@ -262,17 +262,18 @@ def local_methods(smoke: bool, chosen: dict[str, Any]) -> list[dict[str, Any]]:
     reference itself), then DiLoCo at each H > 1 (``chosen[diloco_h<H>]``). LR multipliers are set by the caller
     (:func:`with_lr`) except DiLoCo's, which comes from ``chosen``."""
     head = [REF, ADAMW_REF, ddp("lmo", mult=1)]
+    Hs = SMOKE_SYNC_EVERY if smoke else SYNC_EVERY
     runs = []
-    for H in SMOKE_SYNC_EVERY if smoke else SYNC_EVERY:
+    for H in Hs:
         for up, down in local_pairs(smoke):
             if H == 1 and up == down == "identity":
                 continue
             spec = ef21("sharded", up, down)
             if H > 1:
-                o = chosen.get(f"ef21_h{H}", {"outer": "nesterov", "outer_lr": None, "outer_momentum": None})
-                spec.update(sync_every=H, outer=o["outer"], outer_lr=o["outer_lr"], outer_momentum=o["outer_momentum"])
+                o = chosen.get(f"ef21_h{H}", {"outer": "nesterov"})
+                spec.update(sync_every=H, **{k: o.get(k) for k in C.OUTER_KEYS})
             runs.append(spec)
-    for H in SMOKE_SYNC_EVERY if smoke else SYNC_EVERY:
+    for H in Hs:
         if H > 1:
             o = chosen.get(f"diloco_h{H}", {})
             runs.append(
@@ -507,7 +508,7 @@ def train_grid(rank: int, world: int, specs: list[dict[str, Any]], task: C.Task,
                 "seconds": time.perf_counter() - t0,
             }
         )
-        for k in ("sync_every", "outer", "outer_lr", "outer_momentum"):
+        for k in ("sync_every", *C.OUTER_KEYS):
             if spec.get(k) is not None:
                 out[-1][k] = spec[k]
         r.close()
@@ -517,7 +518,11 @@ def train_grid(rank: int, world: int, specs: list[dict[str, Any]], task: C.Task,
 
 
 def run_real(
-    methods: list[dict[str, Any]], task: C.Task, args: argparse.Namespace, partial_name: str, meta: dict[str, Any],
+    methods: list[dict[str, Any]],
+    task: C.Task,
+    args: argparse.Namespace,
+    partial_name: str,
+    meta: dict[str, Any],
     part: str,
 ) -> list[dict[str, Any]]:
     """``methods`` in 2 real processes (``train_real``), each finished record kept in ``partial_name`` under the
@@ -547,14 +552,19 @@ def train_tune(
     return train_grid(rank, world, [dict(spec, lr_mult=m) for spec in methods for m in grid], task, steps)
 
 
-def choose_lrs(grid_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per method the multiplier with the lowest validation loss (non-finite counts as +inf; ties: the smaller LR)."""
+def _val_loss(row: dict[str, Any]) -> float:
+    """A grid row's validation loss for choosing: non-finite (a diverged run) counts as +inf."""
     import math
 
+    return row["val_loss"] if math.isfinite(row["val_loss"]) else math.inf
+
+
+def choose_lrs(grid_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per method the multiplier with the lowest validation loss (non-finite counts as +inf; ties: the smaller LR)."""
     chosen = {}
     for name in dict.fromkeys(r["method"] for r in grid_rows):
         rows = [r for r in grid_rows if r["method"] == name]
-        best = min(rows, key=lambda r: (r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf, r["lr_mult"]))
+        best = min(rows, key=lambda r: (_val_loss(r), r["lr_mult"]))
         chosen[name] = {
             "lr_mult": best["lr_mult"],
             "lrs": best["lrs"],
@@ -778,9 +788,9 @@ def summarise(
         }
         if "downlink_choice" in spec:
             row["downlink_choice"] = spec["downlink_choice"]
-        row["sync_every"] = int(spec.get("sync_every") or 1)
+        row["sync_every"] = C.sync_every(spec)
         if row["sync_every"] > 1:
-            row.update({k: spec.get(k) for k in ("outer", "outer_lr", "outer_momentum")})
+            row.update({k: spec.get(k) for k in C.OUTER_KEYS})
         base = same_topo_ref.get(spec.get("topology")) if spec["kind"] == "ef21" else ddp_ref
         for sfx, tgt in targets.items():
             hit = C.bytes_to_target(curve, tgt) if tgt is not None else None
@@ -845,7 +855,7 @@ def goal_issue14(runs: list[dict[str, Any]]) -> dict[str, Any]:
             for r in rs
             if r["method"] == "ef21_muon_sharded"
             and r["uplink"] == r["downlink"] == "identity"
-            and r.get("sync_every", 1) == 1
+            and C.sync_every(r) == 1
         ),
         None,
     )
@@ -870,8 +880,8 @@ def goal_issue14(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "ratio_vs_dp_gluon": ref[key] / best[key] if best and ref[key] else None,
             "ratio_vs_ddp_lmo_ddp_rule": ddp_lmo[key] / best[key] if best and ddp_lmo and ddp_lmo[key] else None,
             "best_per_sync_every": {
-                str(H): min((r for r in ours if r.get("sync_every", 1) == H), key=lambda r: r[key])["label"]
-                for H in sorted({r.get("sync_every", 1) for r in ours})
+                str(H): min((r for r in ours if C.sync_every(r) == H), key=lambda r: r[key])["label"]
+                for H in sorted({C.sync_every(r) for r in ours})
             },
             "diloco_runs": [r["label"] for r in dil],
             "diloco_reached": [r["label"] for r in dil_hit],
@@ -896,6 +906,8 @@ def local_table(runs: list[dict[str, Any]], goal: dict[str, Any]) -> str:
     """Markdown table of the local-step sweep (n = 2): the reference, DDP + LMO / AdamW, EF21-Muon (sharded) with
     the compressor pairs of :func:`local_pairs` at every H, and DiLoCo; bytes in MB (10^6 B) per worker, uplink +
     downlink; × = how many times fewer bytes to the same target."""
+    from diloco_peer import OUTER_LR
+
     f = lambda v, fmt: (fmt % v) if v is not None else "—"  # noqa: E731
     pairs = set(local_pairs(False)) | set(local_pairs(True))
     dil = {k: goal.get("target" + k, {}).get("diloco_best_bytes") for k in ("", "_adamw")}
@@ -916,15 +928,15 @@ def local_table(runs: list[dict[str, Any]], goal: dict[str, Any]) -> str:
     def keep(r: dict[str, Any]) -> bool:
         if r["n_workers"] != 2:
             return False
-        if r.get("sync_every", 1) > 1 or r["method"] in ("ddp_lmo", "ddp_adamw"):
+        if C.sync_every(r) > 1 or r["method"] in ("ddp_lmo", "ddp_adamw"):
             return True
         return r["method"] == "ef21_muon_sharded" and (r["uplink"], r["downlink"]) in pairs
 
     for r in filter(keep, runs):
-        H = r.get("sync_every", 1)
+        H = C.sync_every(r)
         outer = "—"
-        if H > 1:
-            lr = r.get("outer_lr") or (0.7 if r.get("outer", "nesterov") == "nesterov" else H)
+        if H > 1:  # the outer step size used: EF21's from its engine config, DiLoCo's given or the paper's
+            lr = r["local"].get("outer_step_size") or r.get("outer_lr") or OUTER_LR
             mom = r.get("outer_momentum")
             outer = f"{r.get('outer') or 'nesterov'} {lr:g}" + (f"/{mom:g}" if mom is not None else "")
         cells = [
@@ -983,7 +995,7 @@ def plot(runs: list[dict[str, Any]], path: Path, model_bytes: int) -> None:
     import matplotlib.pyplot as plt
 
     def local(r: dict[str, Any]) -> bool:
-        return r.get("sync_every", 1) > 1
+        return C.sync_every(r) > 1
 
     def is_ref(r: dict[str, Any]) -> bool:
         return r["method"] == "ef21_muon_sharded" and r["uplink"] == "identity" and not local(r)
@@ -1349,7 +1361,7 @@ def main(argv: list[str] | None = None) -> None:
             f"agreement {k}: max |ΔW| = {v['max_abs_weight_diff']:.3g} (max |W| {v['max_abs_weight']:.3g}), "
             f"|Δ val loss| = {v['final_val_loss_diff']:.3g}"
         )
-    if any(r.get("sync_every", 1) > 1 for r in runs):
+    if any(C.sync_every(r) > 1 for r in runs):
         print("\n" + local_table(runs, goal))
     for sfx, g in ((k[len("target") :], v) for k, v in goal.items() if k.startswith("target")):
         f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731

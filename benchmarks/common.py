@@ -450,11 +450,20 @@ def diloco_spec(
     }
 
 
+#: the outer-step options of a local-step spec or record (``sync_every`` > 1)
+OUTER_KEYS = ("outer", "outer_lr", "outer_momentum")
+
+
+def sync_every(spec: dict[str, Any]) -> int:
+    """H of a spec or a record: inner steps per sync (1, every step, where absent or None)."""
+    return int(spec.get("sync_every") or 1)
+
+
 def local_options(spec: dict[str, Any]) -> dict[str, Any]:
     """The local-training options of an EF21-Muon spec as ``EF21Config`` fields: empty for ``sync_every`` 1 (the
     every-step EF21-Muon run, built exactly as before local steps existed), else ``sync_every``, ``outer`` and the
     outer step size / momentum when given (None: the package's defaults)."""
-    H = int(spec.get("sync_every") or 1)
+    H = sync_every(spec)
     if H == 1:
         return {}
     out: dict[str, Any] = {"sync_every": H, "outer": spec.get("outer") or "nesterov"}
@@ -473,8 +482,8 @@ def _outer_given(spec: dict[str, Any]) -> str:
 
 def _outer_label(spec: dict[str, Any]) -> str:
     """`` H=<H>`` plus the outer rule and the outer options given (empty for every-step methods)."""
-    H = int(spec.get("sync_every") or 1)
-    return f" H={H} outer={spec.get('outer') or 'nesterov'}{_outer_given(spec)}" if H > 1 else ""
+    o = local_options(spec)
+    return f" H={o['sync_every']} outer={o['outer']}{_outer_given(spec)}" if o else ""
 
 
 def _roles(spec: Any, keys: set[str]) -> dict[str, str]:

@@ -26,7 +26,7 @@ all-reduce at n = 2 sends exactly ``4·numel`` bytes per worker and receives as 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -83,13 +83,12 @@ class DiLoCo:
         self.named = [(n, p) for n, p in named_params if p.requires_grad]
         self.inner, self.sync_every, self.process_group = inner, int(sync_every), process_group
         self.distributed = dist.is_available() and dist.is_initialized()
-        params = [p for _, p in self.named]
         with torch.no_grad():
             if self.distributed and sync_initial:
-                for p in params:
+                for _, p in self.named:
                     dist.broadcast(p.data, src=0, group=process_group)
             #: θ, the shared model (flat fp32), and the outer SGD over it; θ_j starts every round from it
-            self.theta = torch.cat([p.detach().float().reshape(-1) for p in params])
+            self.theta = self._flat()
         self.theta.grad = torch.zeros_like(self.theta)
         self.outer = torch.optim.SGD(
             [self.theta], lr=outer_lr, momentum=outer_momentum, nesterov=outer_momentum > 0
@@ -104,13 +103,15 @@ class DiLoCo:
     def _flat(self) -> torch.Tensor:
         return torch.cat([p.detach().float().reshape(-1) for _, p in self.named])
 
+    def _unflat(self, flat: torch.Tensor) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
+        """(name, parameter, its slice of ``flat`` shaped like it) for every parameter, in order."""
+        for (n, p), v in zip(self.named, flat.split([p.numel() for _, p in self.named])):
+            yield n, p, v.view_as(p)
+
     @torch.no_grad()
     def _load(self, flat: torch.Tensor) -> None:
-        off = 0
-        for _, p in self.named:
-            n = p.numel()
-            p.copy_(flat[off : off + n].view_as(p).to(p.dtype))
-            off += n
+        for _, p, v in self._unflat(flat):
+            p.copy_(v.to(p.dtype))
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -135,11 +136,7 @@ class DiLoCo:
 
     def global_params(self) -> dict[str, torch.Tensor]:
         """θ (the shared model of the last round) by parameter name: the model to evaluate."""
-        out, off = {}, 0
-        for n, p in self.named:
-            out[n] = self.theta[off : off + p.numel()].view_as(p).detach().clone()
-            off += p.numel()
-        return out
+        return {n: v.detach().clone() for n, _, v in self._unflat(self.theta)}
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Per-worker state beyond the model and the inner optimizer: θ and the outer momentum buffer."""

@@ -250,13 +250,22 @@ def check_estimators(cfg: Config, overrides: dict[str, dict], steps: int = 4, n:
     rounding residues (summation order); the sign LMO maps ±1e-10 to a full ±t step, so X could differ by 2t in
     a correct run. The estimators are layer-agnostic; logreg and mlp check them with the sign head."""
     data = load_data(n, cfg.test_frac, 0, 1.0)
+    batches = [batches_for(data, 8, 0, k) for k in range(steps)]
+
+    def grad_fn(m: nn.Module, k: int, j: int) -> dict[str, torch.Tensor]:
+        m.zero_grad(set_to_none=True)
+        ce_loss(m, batches[k][j]).backward()
+        return {nm: q.grad.detach().clone() for nm, q in m.named_parameters()}
+
+    ms = methods(cfg)
+    cases = [(m, s, cfg.radius_grid[len(cfg.radius_grid) // 2]) for m, s in ms.items()]
+    cases += [(m, ms[m], "adaptive") for m in ("marina", "mvr")]
     devs = {}
     for model_name in cfg.models:
-        cases = [(m, s, cfg.radius_grid[len(cfg.radius_grid) // 2]) for m, s in methods(cfg).items()]
-        cases += [(m, methods(cfg)[m], "adaptive") for m in ("marina", "mvr")]
+        ov = overrides[model_name]
+        ex = {"8.weight": {"norm": "spectral"}} if model_name == "cnn" else None
+        tol = 1e-4 if model_name == "cnn" else 1e-5  # Newton–Schulz on the kernels amplifies rounding residues
         for name, spec, lr in cases:
-            ov = overrides[model_name]
-            ex = {"8.weight": {"norm": "spectral"}} if model_name == "cnn" else None
             model = build_model(model_name, 0)
             sim = Simulator(
                 model,
@@ -267,15 +276,8 @@ def check_estimators(cfg: Config, overrides: dict[str, dict], steps: int = 4, n:
                 estimator=spec["estimator"],
                 seed=5,
             )
-            batches = [batches_for(data, 8, 0, k) for k in range(steps)]
-            for k in range(steps):
-                sim.step(ce_loss, batches[k])
-
-            def grad_fn(m: nn.Module, k: int, j: int, batches: list = batches) -> dict[str, torch.Tensor]:
-                m.zero_grad(set_to_none=True)
-                ce_loss(m, batches[k][j]).backward()
-                return {nm: q.grad.detach().clone() for nm, q in m.named_parameters()}
-
+            for b in batches:
+                sim.step(ce_loss, b)
             X, _ = reference_run(
                 lambda mn=model_name: build_model(mn, 0),
                 lambda m, lr=lr, ov=ov, ex=ex: make_optimizer(m, lr, 0.0, ov, ex),
@@ -293,7 +295,6 @@ def check_estimators(cfg: Config, overrides: dict[str, dict], steps: int = 4, n:
             dev = max(float((got[k] - v).abs().max()) for k, v in X.items())
             key = f"{model_name}/{name}/{'adaptive' if lr == 'adaptive' else 'lr'}"
             devs[key] = dev
-            tol = 1e-4 if model_name == "cnn" else 1e-5  # Newton–Schulz on the kernels amplifies rounding residues
             if not dev <= tol:
                 raise RuntimeError(f"{key}: Simulator deviates from ef_lightning.reference by {dev:.3g} (> {tol})")
     return devs
@@ -403,7 +404,7 @@ def target_loss(curve: Sequence[Sequence[float]], steps: int, frac: float) -> fl
     return next(c[3] for c in curve if c[0] >= frac * steps)
 
 
-def time_on_link(grad_evals: float, bits: float, d: int, link_ratio: float, participation: float = 1.0) -> float:
+def time_on_link(grad_evals: float, bits: float, d: int, link_ratio: float, participation: float) -> float:
     """Time units (one gradient evaluation = 1) to compute ``grad_evals`` and send ``bits`` on the stated link.
 
     The ledger counts gradient evaluations per participating worker and round, and uplink bits averaged over all
@@ -443,23 +444,15 @@ def _cost(job: dict[str, Any]) -> float:
 
 
 def _pool_map(jobs: list[dict[str, Any]], processes: int, desc: str, progress: bool) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
     jobs = sorted(jobs, key=_cost, reverse=True)  # longest first: balances the pool
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    out = []
     if processes > 1:
         pool = mp.get_context("fork").Pool(processes, initializer=torch.set_num_threads, initargs=(1,))
         it = pool.imap_unordered(run_one, jobs)
     else:
         pool, it = None, map(run_one, jobs)
-    if progress and tqdm is not None:
-        it = tqdm(it, total=len(jobs), desc=desc, file=sys.stderr)
-    for i, r in enumerate(it):
-        out.append(r)
-        if progress and tqdm is None and (i + 1) % 20 == 0:
-            print(f"{desc}: {i + 1}/{len(jobs)}", file=sys.stderr, flush=True)
+    out = list(tqdm(it, total=len(jobs), desc=desc, file=sys.stderr, disable=not progress))
     if pool is not None:
         pool.close()
         pool.join()
@@ -523,10 +516,9 @@ def run(cfg: Config, progress: bool = True) -> tuple[list[dict[str, Any]], dict[
         },
         "seconds": time.perf_counter() - t0,
     }
-    for m in cfg.models:  # the stated link as a bit rate on this machine
-        meta.setdefault("link_bits_per_second", {})[m] = (
-            32 * n_params(m) / cfg.link_ratio / (meta["grad_eval_ms"][m] / 1e3)
-        )
+    meta["link_bits_per_second"] = {  # the stated link as a bit rate on this machine
+        m: 32 * meta["n_params"][m] / cfg.link_ratio / (meta["grad_eval_ms"][m] / 1e3) for m in cfg.models
+    }
     return records, meta
 
 
@@ -591,7 +583,7 @@ def verdicts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
-        groups.setdefault((r["model"], r["heterogeneity"], r["participation"]), []).append(r)
+        groups.setdefault(_key(r), []).append(r)
     for (m, h, q), rs in groups.items():
         v = {"model": m, "heterogeneity": h, "participation": q}
         for arm in ("tuned", "adaptive"):
@@ -635,6 +627,16 @@ def _t(x: float | None) -> str:
 
 def _setting(h: float, q: float) -> str:
     return f"h={h:g}, q={q:g}"
+
+
+def _key(r: dict[str, Any]) -> tuple[str, float, float]:
+    """(model, heterogeneity, participation) of a record or verdict."""
+    return r["model"], r["heterogeneity"], r["participation"]
+
+
+def _tuned(records: list[dict[str, Any]], key: tuple[str, float, float], method: str) -> dict[str, Any]:
+    """The tuned-arm record of ``method`` in the setting ``key``."""
+    return next(r for r in records if _key(r) == key and r["method"] == method and r["arm"] == "tuned")
 
 
 def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -729,8 +731,8 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
     ]
     for v in vs:
-        m, h, q = v["model"], v["heterogeneity"], v["participation"]
-        rs = [r for r in records if (r["model"], r["heterogeneity"], r["participation"]) == (m, h, q)]
+        m, h, q = _key(v)
+        rs = [r for r in records if _key(r) == (m, h, q)]
         lines += [
             f"#### {m}, {_setting(h, q)} (target train loss, median over seeds: "
             f"{float(np.median(rs[0]['targets'])):.4f})",
@@ -777,14 +779,7 @@ def recommendation(records: list[dict[str, Any]], vs: list[dict[str, Any]]) -> l
         for metric, label in (("bits_to_target", "bits"), ("time_on_link_to_target", "time on link")):
             wins = []
             for v in vs:
-                key = (v["model"], v["heterogeneity"], v["participation"])
-                r = next(
-                    r
-                    for r in records
-                    if (r["model"], r["heterogeneity"], r["participation"]) == key
-                    and r["method"] == name
-                    and r["arm"] == "tuned"
-                )
+                r = _tuned(records, _key(v), name)
                 base = v[f"tuned/{metric}"]["best_baseline_value"]
                 if r[metric] is not None and (base is None or r[metric] < base):
                     wins.append(
@@ -807,15 +802,7 @@ def recommendation(records: list[dict[str, Any]], vs: list[dict[str, Any]]) -> l
         b = v["tuned/bits_to_target"]
         if not b["claim_holds"] or b["best_baseline"] is None:
             continue
-        key = (v["model"], v["heterogeneity"], v["participation"])
-        get = lambda name, key=key: next(  # noqa: E731
-            r
-            for r in records
-            if (r["model"], r["heterogeneity"], r["participation"]) == key
-            and r["method"] == name
-            and r["arm"] == "tuned"
-        )
-        vr, base = get(b["best_vr"]), get(b["best_baseline"])
+        vr, base = _tuned(records, _key(v), b["best_vr"]), _tuned(records, _key(v), b["best_baseline"])
         d = n_params(v["model"])
         dg = vr["grad_evals_to_target"] - base["grad_evals_to_target"]
         db = base["bits_to_target"] - vr["bits_to_target"]
@@ -854,7 +841,7 @@ def plot(records: list[dict[str, Any]], cfg: Config, path: Path) -> None:
         for j, (h, q) in enumerate(cfg.settings):
             ax = axes[i][j]
             for r in records:
-                if (r["model"], r["heterogeneity"], r["participation"]) != (m, h, q):
+                if _key(r) != (m, h, q):
                     continue
                 c = r["curves"][0]
                 ax.plot(
@@ -913,9 +900,9 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], dict[
         cfg.seeds = tuple(args.seeds if args.seeds is not None else [args.seed])
     if args.models is not None:
         cfg.models = tuple(args.models)
-    for key, attr in (("steps", "steps"), ("processes", "processes"), ("link_ratio", "link_ratio")):
-        if getattr(args, key) is not None:
-            setattr(cfg, attr, getattr(args, key))
+    for attr in ("steps", "processes", "link_ratio"):
+        if getattr(args, attr) is not None:
+            setattr(cfg, attr, getattr(args, attr))
     if cfg.tuning_seed in cfg.seeds:
         raise ValueError(f"the tuning seed {cfg.tuning_seed} must not be a reported seed")
     torch.set_num_threads(1)
@@ -931,13 +918,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], dict[
         meta["png"] = str(png.resolve().relative_to(ROOT))
     except ValueError:
         meta["png"] = str(png)
-    meta["verdicts"] = verdicts(records)
-    plot(records, cfg, png)
-    write_json(args.out / f"{stem}.json", records)
-    write_json(args.out / f"{stem}_meta.json", meta)
-    doc = args.doc if args.doc is not None else (None if args.smoke else ROOT / "docs" / "benchmarks.md")
-    if doc is not None:
-        write_doc(doc, markdown(records, meta))
+    write_outputs(args, stem, cfg, records, meta)
     for v in meta["verdicts"]:
         b, t = v["tuned/bits_to_target"], v["tuned/time_on_link_to_target"]
         print(
@@ -966,6 +947,15 @@ def report_only(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
     )
     for r in records:
         derive(r, meta["n_params"][r["model"]], cfg.link_ratio)
+    write_outputs(args, stem, cfg, records, meta)
+    return records, meta
+
+
+def write_outputs(
+    args: argparse.Namespace, stem: str, cfg: Config, records: list[dict[str, Any]], meta: dict[str, Any]
+) -> None:
+    """Verdicts into ``meta``, the plot, records + meta JSON, and the docs section (``--doc``; default
+    docs/benchmarks.md, none for the smoke run)."""
     meta["verdicts"] = verdicts(records)
     plot(records, cfg, args.out / f"{stem}.png")
     write_json(args.out / f"{stem}.json", records)
@@ -973,7 +963,6 @@ def report_only(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
     doc = args.doc if args.doc is not None else (None if args.smoke else ROOT / "docs" / "benchmarks.md")
     if doc is not None:
         write_doc(doc, markdown(records, meta))
-    return records, meta
 
 
 if __name__ == "__main__":

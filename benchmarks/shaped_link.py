@@ -202,7 +202,7 @@ def timing_plan(spec: dict[str, Any], warmup: int, timed: int) -> tuple[int, int
     """(warm-up steps, timed steps, H) for one method. Every-step methods: as given (the median step is timed).
     Local-step methods (``sync_every`` H > 1, EF21-Muon or DiLoCo): one whole round of warm-up and at least two
     whole rounds timed (``timed`` rounded up to a multiple of H), so the mean step includes its share of a sync."""
-    H = int(spec.get("sync_every") or 1)
+    H = C.sync_every(spec)
     if H == 1:
         return warmup, timed, 1
     return H, H * max(2, -(-timed // H)), H
@@ -244,7 +244,7 @@ def run_pair(link: Link | None, cfg: dict[str, Any], tmp: Path, timeout: float) 
 def spec_of(run: dict[str, Any]) -> dict[str, Any]:
     """The Runner spec of one comm_vs_loss.json record (its LR multiplier does not change the step time; the outer
     options of a local-step run are kept: they are part of its label)."""
-    H = int(run.get("sync_every") or 1)
+    H = C.sync_every(run)
     if run["method"].startswith("ef21_muon_"):
         spec = {
             "kind": "ef21",
@@ -254,7 +254,7 @@ def spec_of(run: dict[str, Any]) -> dict[str, Any]:
             "optimizer": "lmo",
         }
         if H > 1:
-            spec.update(sync_every=H, **{k: run.get(k) for k in ("outer", "outer_lr", "outer_momentum")})
+            spec.update(sync_every=H, **{k: run.get(k) for k in C.OUTER_KEYS})
         return spec
     if run["method"].startswith("diloco_"):
         return C.diloco_spec(H, outer_lr=run.get("outer_lr"), outer_momentum=run.get("outer_momentum"))
@@ -275,23 +275,14 @@ def choose_methods(cvl: list[dict[str, Any]] | None, smoke: bool) -> list[dict[s
     timed once (``role`` joins them with ``+``)."""
     if cvl is None:  # smoke without a comm_vs_loss run: fixed methods, placeholder step counts
         up, down = C.default_matrix_spec("uplink"), C.default_matrix_spec("downlink")
+        default = {"kind": "ef21", "topology": "sharded", "uplink": up, "downlink": down, "optimizer": "lmo"}
         specs = [
-            {"kind": "ef21", "topology": "sharded", "uplink": "identity", "downlink": "identity", "optimizer": "lmo"},
-            {"kind": "ef21", "topology": "sharded", "uplink": up, "downlink": down, "optimizer": "lmo"},
+            dict(default, uplink="identity", downlink="identity"),
+            default,
             {"kind": "ddp", "optimizer": "muon", "psgd_rank": None, "uplink": "dense_fp32", "downlink": "identity"},
             {"kind": "ddp", "optimizer": "lmo", "psgd_rank": None, "uplink": "dense_fp32", "downlink": "identity"},
             C.demo_spec(),
-            {
-                "kind": "ef21",
-                "topology": "sharded",
-                "uplink": up,
-                "downlink": down,
-                "optimizer": "lmo",
-                "sync_every": 2,
-                "outer": "nesterov",
-                "outer_lr": None,
-                "outer_momentum": None,
-            },
+            dict(default, sync_every=2, outer="nesterov", outer_lr=None, outer_momentum=None),
             C.diloco_spec(2),
         ]
         roles = ["uncompressed", "best_sharded+default", "ddp_muon", "ddp_lmo", "demo", "best_local_h2", "diloco_h2"]
@@ -308,8 +299,8 @@ def choose_methods(cvl: list[dict[str, Any]] | None, smoke: bool) -> list[dict[s
             }
             for s, r in zip(specs, roles)
         ]
-    runs = [r for r in cvl if r["n_workers"] == 2 and r.get("sync_every", 1) == 1]
-    local = [r for r in cvl if r["n_workers"] == 2 and r.get("sync_every", 1) > 1]
+    runs = [r for r in cvl if r["n_workers"] == 2 and C.sync_every(r) == 1]
+    local = [r for r in cvl if r["n_workers"] == 2 and C.sync_every(r) > 1]
     chosen: list[dict[str, Any]] = []
 
     def add(run: dict[str, Any] | None, role: str) -> None:
@@ -413,7 +404,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         r0 = by[lab, None]
         rs = by.get((lab, slow), r0)
         name = ("**" + lab + "** (default)") if r0["default"] else lab
-        cells = [name, r0["role"], str(r0.get("sync_every", 1)), f(r0["steps_to_target"], "%d")]
+        cells = [name, r0["role"], str(C.sync_every(r0)), f(r0["steps_to_target"], "%d")]
         cells.append(f"{r0['seconds_per_step'] * 1e3:.0f} ms")
         cells += [f(by[lab, m]["seconds_to_target"], "%.1f") for m in rates]
         cells += [

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -294,7 +295,14 @@ def test_shaped_link_smoke(tmp_path: Path) -> None:
     assert any(r["link_mbit"] is None for r in rows)  # the unlimited reference
     # local steps (H = 2 in the smoke): timed over whole rounds; DiLoCo's mean bytes per step = 4·numel / H
     for r in rows:
-        assert r["seconds_per_step_rule"].startswith("median" if r["sync_every"] == 1 else "mean over whole")
+        H, times = r["sync_every"], r["all_step_seconds"]  # rank 0's timed steps; the slower rank decides
+        assert r["seconds_per_step_rule"].startswith("median" if H == 1 else "mean over whole")
+        if H == 1:
+            assert len(times) == r["timed_steps"]
+            assert r["seconds_per_step"] >= statistics.median(times)
+        else:  # one round of warm-up, then whole rounds (at least two, and at least timed_steps)
+            assert len(times) % H == 0 and len(times) >= max(2 * H, r["timed_steps"])
+            assert r["seconds_per_step"] >= sum(times) / len(times)
     dil = [r for r in rows if r["method"] == "diloco_h2"]
     assert dil and all(r["uplink_bytes_per_step"] * 2 == 4 * meta["params"] for r in dil)
     assert all(r["downlink_bytes_per_step"] == 0 for r in dil)
@@ -308,8 +316,9 @@ def test_shaped_link_smoke(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ DeMo peer (unit)
-def _demo_module():
-    spec = importlib.util.spec_from_file_location("bench_demo_peer", BENCH / "demo_peer.py")
+def _peer_module(name: str):
+    """benchmarks/<name>.py loaded as its own module (``bench_<name>``), without benchmarks/ on sys.path."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -320,7 +329,7 @@ SHAPES = [(256, 96), (96, 384), (96, 96), (96,), (7,), (1,), (130, 3), (3, 5, 8)
 
 @pytest.mark.parametrize("n", [1, 3, 48, 64])
 def test_demo_dct_is_orthonormal(n: int) -> None:
-    D = _demo_module().dct_matrix(n, torch.float64)
+    D = _peer_module("demo_peer").dct_matrix(n, torch.float64)
     assert torch.allclose(D @ D.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
     x = torch.randn(n, dtype=torch.float64)  # DCT-II, orthonormal: D[k, i] = c_k sqrt(2/n) cos(pi (2i+1) k / 2n)
     k = 1 if n > 1 else 0
@@ -330,7 +339,7 @@ def test_demo_dct_is_orthonormal(n: int) -> None:
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_demo_idct_of_dct_is_identity(shape: tuple[int, ...]) -> None:
-    L = _demo_module().Layout(shape)
+    L = _peer_module("demo_peer").Layout(shape)
     x = torch.randn(shape)
     assert torch.allclose(L.decode(L.encode(x)), x, atol=1e-5)
     assert L.encode(x).shape == (L.n_chunks, L.h * L.w)
@@ -342,7 +351,7 @@ def test_demo_transmitted_plus_residual_is_the_momentum() -> None:
 
     if dist.is_available() and dist.is_initialized():
         pytest.skip("a process group is initialised in this process (DeMo would all_gather on it)")
-    dm = _demo_module()
+    dm = _peer_module("demo_peer")
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
     opt = dm.DeMo(params, lr=0.01, beta=0.9)
@@ -366,7 +375,7 @@ def test_demo_transmitted_plus_residual_is_the_momentum() -> None:
 
 
 def test_demo_bytes_closed_form() -> None:
-    dm = _demo_module()
+    dm = _peer_module("demo_peer")
 
     def largest_divisor(d: int) -> int:
         return max(x for x in range(1, min(d, 64) + 1) if d % x == 0)
@@ -391,13 +400,6 @@ def test_demo_bytes_closed_form() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ DiLoCo peer (unit)
-def _diloco_module():
-    spec = importlib.util.spec_from_file_location("bench_diloco_peer", BENCH / "diloco_peer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _no_process_group() -> None:
     import torch.distributed as dist
 
@@ -410,7 +412,7 @@ def test_diloco_matches_algorithm_1(H: int, lr: float, mu: float) -> None:
     """n = 1: θ_j takes H AdamW steps from θ; δ = θ − θ_j; b <- μ·b + δ; θ <- θ − lr·(δ + μ·b); θ_j <- θ —
     written out line by line against DiLoCo over 4 rounds (inner state kept across rounds)."""
     _no_process_group()
-    dm = _diloco_module()
+    dm = _peer_module("diloco_peer")
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     ref = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
@@ -451,7 +453,7 @@ def test_diloco_matches_algorithm_1(H: int, lr: float, mu: float) -> None:
 def test_diloco_averaging_outer_step_is_the_local_model() -> None:
     """Outer lr 1, momentum 0, one worker: the outer step lands exactly on the worker's model (θ <- θ − δ = θ_j)."""
     _no_process_group()
-    dm = _diloco_module()
+    dm = _peer_module("diloco_peer")
     torch.manual_seed(1)
     net = torch.nn.Linear(3, 3)
     d = dm.DiLoCo(net.named_parameters(), torch.optim.SGD(net.parameters(), lr=0.1), 2, outer_lr=1.0, outer_momentum=0)
