@@ -76,6 +76,8 @@ def _flag(text: str, where: str) -> bool:
     return t in _TRUE
 
 
+#: integer options and their least valid value (the messages of a non-integer; ranges are EF21Config's job)
+_INT_MIN = {"server_rank": 0, "seed": 0, "local_world_size": 1, "sync_every": 1, "fragments": 1}
 _VALID_NUMBERS = {
     "bucket_cap_mb": "numbers > 0 (MiB)",
     "outer_lr": "numbers > 0",
@@ -85,12 +87,13 @@ _VALID_NUMBERS = {
 
 def _from_env(name: str, text: str, where: str) -> Any:
     """An ``EF21_*`` string as the typed value :class:`EF21Config` checks (ranges and choices are its job)."""
-    if name in ("server_rank", "seed", "local_world_size", "sync_every", "fragments"):
+    if name in _INT_MIN:
         try:
             return int(text)
         except ValueError:
-            low = 1 if name in ("local_world_size", "sync_every", "fragments") else 0
-            raise ValueError(f"{where}={text!r} is not an integer; valid values: integers >= {low}") from None
+            raise ValueError(
+                f"{where}={text!r} is not an integer; valid values: integers >= {_INT_MIN[name]}"
+            ) from None
     if name in ("fused", "overlap"):
         return _flag(text, where)
     if name in ("p", "participation", "bucket_cap_mb", "outer_lr", "outer_momentum"):

@@ -327,11 +327,8 @@ class EF21Config:
         if lr is not None:
             object.__setattr__(self, "outer_lr", float(lr))
         if H == 1:  # an outer option without local steps is a forgotten sync_every, not a no-op to skip quietly
-            given = [
-                name
-                for name, default in (("outer", "nesterov"), ("outer_lr", None), ("outer_momentum", 0.9))
-                if getattr(self, name) != default
-            ]
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            given = [n for n in ("outer", "outer_lr", "outer_momentum") if getattr(self, n) != defaults[n]]
             if given:
                 shown = ", ".join(f"{n}={getattr(self, n)!r}" for n in given)
                 raise EF21ConfigError(

@@ -298,13 +298,15 @@ class _EF21Base(abc.ABC):
                 )
             of = fragment_of([L.param.numel() for L in self.all_layers], self.fragments)
             buckets = [of[L.uid] for L in self.layers]
-        elif self._bucketed:
-            mib = 1 << 20
-            sizes = [4 * L.param.numel() for L in self.layers]
-            buckets = assign_buckets(sizes, int(config.bucket_cap_mb * mib), min(mib, int(config.bucket_cap_mb * mib)))
-        self.layer_buckets = {L.uid: b for L, b in zip(self.layers, buckets)}  # by uid
-        if self.fragments > 1:  # every layer's fragment, whatever its share (the same table on every process)
+            # every layer's fragment, whatever its share (the same table on every process)
             self.layer_buckets = {L.uid: of[L.uid] for L in self.all_layers}
+        else:
+            if self._bucketed:
+                mib = 1 << 20
+                sizes = [4 * L.param.numel() for L in self.layers]
+                cap = int(config.bucket_cap_mb * mib)
+                buckets = assign_buckets(sizes, cap, min(mib, cap))
+            self.layer_buckets = {L.uid: b for L, b in zip(self.layers, buckets)}  # by uid
         self.groups: list[Group] = build_groups(self.layers, buckets)
         self.n_buckets = 1 + max((g.bucket for g in self.groups), default=0)
         # bits one worker sends (by MARINA refresh round) and the server side sends per step: fixed by the shapes
@@ -432,6 +434,16 @@ class _EF21Base(abc.ABC):
         for L in self._synced(self.layers):
             self._start[L.index] = L.w.float().clone()
 
+    @contextlib.contextmanager
+    def _fragment(self, f: int | None) -> Iterator[None]:
+        """Inside the block the sync, the outer step, the books and W_start act on fragment ``f``'s layers (None:
+        every layer)."""
+        before, self._frag = self._frag, f
+        try:
+            yield
+        finally:
+            self._frag = before
+
     def _synced(self, layers: Sequence[LayerSpec]) -> list[LayerSpec]:
         """``layers`` of the fragment being synchronised (all of them outside a streaming sync)."""
         f = self._frag
@@ -554,12 +566,7 @@ class _EF21Base(abc.ABC):
     def _load_local(self, state: Mapping[str, Any]) -> None:
         if not self.local_steps:
             return
-        saved = state.get("local")
-        if not saved:
-            raise ValueError(
-                f"EF21 state has no local-step state but this run has sync_every={self.sync_every}: resume with the "
-                "sync_every the checkpoint was written with"
-            )
+        saved = state["local"]  # (present: _load_common checked the local-step options first)
         load_tensors(self._start, saved["start"], self.layers, "local.start")
         load_tensors(self._outer_buf, saved["outer_buf"], self.served, "local.outer_buf")
         with torch.no_grad():
@@ -746,11 +753,8 @@ class _EF21Base(abc.ABC):
         """Steps 2-7 for the workers this process runs (``grads[j][i]``: worker j, layer i) and the layers it
         serves; ``fragment``: only that fragment's layers (streaming; the other entries of ``grads`` are not read).
         Returns False when the step was skipped for a non-finite gradient (then no state changed)."""
-        self._frag = fragment
-        try:
+        with self._fragment(fragment):
             return self._sync_layers(grads, prev, n_workers)
-        finally:
-            self._frag = None
 
     def _sync_layers(
         self, grads: Mapping[int, Sequence[Tensor]], prev: Mapping[int, Sequence[Tensor]] | None, n_workers: int
@@ -941,7 +945,6 @@ class _EF21Base(abc.ABC):
             "server": self.server.state_dict(self.served),
             "optimizer": optimizer_state(self.optimizer, self._optimizer_layers),
             "ledger": self.ledger.state_dict(),
-            "sync_every": self.sync_every,
             "local_options": self._local_options(),
             "local": self._local_state(),
         }
@@ -966,9 +969,8 @@ class _EF21Base(abc.ABC):
         }
 
     def _load_common(self, state: Mapping[str, Any]) -> None:
-        saved = state.get("local_options") or ({"sync_every": state["sync_every"]} if "sync_every" in state else {})
-        mine = self._local_options()
-        if saved.get("sync_every", 1) != self.sync_every or (self.local_steps and saved != mine):
+        saved, mine = state.get("local_options", {}), self._local_options()
+        if saved != mine:
             raise ValueError(
                 f"EF21 state was saved with local-step options {saved or {'sync_every': 1}}, this run has "
                 f"{mine or {'sync_every': 1}}; resume with the options the checkpoint was written with"
@@ -1125,13 +1127,7 @@ class EF21Engine(_EF21Base):
             "world_size": (self.transport.global_size, getattr(self.transport, "local_world_size", 1)),
             "server_rank": getattr(self.transport, "server_rank", None),
             "overlap": (self.overlapping, [self.layer_buckets.get(L.uid, 0) for L in layers]),
-            "local": (
-                self.sync_every,
-                self.fragments,
-                self.config.outer,
-                self.config.outer_step_size,
-                self.config.outer_momentum,
-            ),
+            "local": self._local_options(),
         }
 
     def _check_agreement(self) -> None:
@@ -1305,15 +1301,6 @@ class EF21Engine(_EF21Base):
         first, at the previous point (wrapped by ``quiet``), so the current point's run is the last one. Without a
         closure the gradients must already be in ``param.grad``. With ``backward_done=True`` see :meth:`step`.
         """
-        if self.local_steps:
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            applied = self._local_step()
-            if self.on_step is not None:
-                self.on_step(applied)
-            return loss
         me = self.transport.rank in self._participants(self.transport.world_size)
         if self.config.variance_reduced and closure is None:  # fail on the first step already
             raise self._closure_missing()
@@ -1328,7 +1315,9 @@ class EF21Engine(_EF21Base):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            if self.overlapping:
+            if self.local_steps:
+                applied = self._local_step()
+            elif self.overlapping:
                 applied = self._overlapped_step()
             else:
                 applied = self._sync_mine(_grads_of(self.layers, clone=False), prev)
@@ -1407,16 +1396,13 @@ class EF21Engine(_EF21Base):
                     self._share_in_node()
             self._inner_record(bad, intra=self._intra_bytes if node else 0)
             return True  # (a worker's own skipped inner step is not a skipped step: schedules stay aligned)
-        self._frag = f if self.fragments > 1 else None
-        try:
+        frag = f if self.fragments > 1 else None
+        with self._fragment(frag):
             delta = self._outer_delta(None if bad else grads)
-            applied = self._sync({t.rank: delta}, None, t.world_size, fragment=self._frag)
-            self._frag = f if self.fragments > 1 else None
+            applied = self._sync({t.rank: delta}, None, t.world_size, fragment=frag)
             if node:  # every share's new W (or, after a skipped sync, its W_start) to the whole node
                 self._share_in_node()
             self._begin_round()
-        finally:
-            self._frag = None
         return applied
 
     def _shares(self) -> list[list[LayerSpec]]:
@@ -1642,8 +1628,12 @@ class Simulator(_EF21Base):
         self._init_local()
         if self.local_steps:  # each worker's own parameters W_j and inner optimizer state (a copy of the initial)
             self._local_W = {j: [L.w.clone() for L in self.layers] for j in range(n_workers)}
-            initial = self._optimizer_state_copy(self.optimizer.state)
-            self._inner_states = {j: self._optimizer_state_copy(initial) for j in range(n_workers)}
+            initial = optimizer_state(self.optimizer, self.layers)
+            self._inner_states: dict[int, collections.defaultdict[Any, Any]] = {}
+            for j in range(n_workers):
+                self._inner_states[j] = collections.defaultdict(dict)
+                with self._inner_optimizer(j):
+                    load_optimizer_state(self.optimizer, initial, self.layers)
 
     @property
     def workers(self) -> list[WorkerState]:
@@ -1687,19 +1677,20 @@ class Simulator(_EF21Base):
         ws = self._local_W[j] if self.local_steps else [L.w for L in self.layers]
         return {L.name: w.clone() for L, w in zip(self.layers, ws)}
 
-    @staticmethod
-    def _optimizer_state_copy(state: Mapping[Any, Mapping[str, Any]]) -> collections.defaultdict[Any, dict[str, Any]]:
-        out: collections.defaultdict[Any, dict[str, Any]] = collections.defaultdict(dict)
-        for p, st in state.items():
-            out[p] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in st.items()}
-        return out
+    @contextlib.contextmanager
+    def _inner_optimizer(self, j: int) -> Iterator[None]:
+        """Inside the block the optimizer's state is worker ``j``'s inner state (local steps)."""
+        own, self.optimizer.state = self.optimizer.state, self._inner_states[j]
+        try:
+            yield
+        finally:
+            self.optimizer.state = own
 
     def _local_step(self, loss_fn: Callable[[nn.Module, Any], Tensor], batches: Sequence[Any]) -> list[float]:
         """``sync_every > 1``: every worker's inner step from its own W_j with its own optimizer state; on every
         H-th step the outer sync. Between steps the parameters hold the round's shared W_start."""
         f = self.due()
         losses, deltas, grads = [], {}, []
-        own_state = self.optimizer.state
 
         def load(j: int) -> None:
             with torch.no_grad():
@@ -1718,15 +1709,13 @@ class Simulator(_EF21Base):
             for j in range(self.n_workers):
                 if j not in bad:
                     load(j)
-                    self.optimizer.state = self._inner_states[j]
-                    self._inner_update(grads[j])
-                    self.optimizer.state = own_state
+                    with self._inner_optimizer(j):
+                        self._inner_update(grads[j])
                     with torch.no_grad():
                         self._local_W[j] = [L.w.clone() for L in self.layers]
                 if f is not None:  # (a streaming sync reads its fragment's entries only)
                     deltas[j] = [self._start[L.index] - w.float() for L, w in zip(self.layers, self._local_W[j])]
         finally:
-            self.optimizer.state = own_state
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for L in self.layers:
@@ -1735,13 +1724,10 @@ class Simulator(_EF21Base):
             self._inner_record(len(bad) == self.n_workers)
             return losses
         frag = f if self.fragments > 1 else None
-        self._sync(deltas, None, self.n_workers, fragment=frag)
-        self._frag = frag
-        try:
+        with self._fragment(frag):
+            self._sync(deltas, None, self.n_workers, fragment=frag)
             self._begin_round()
             synced = [L.index for L in self._synced(self.layers)]
-        finally:
-            self._frag = None
         for j in range(self.n_workers):  # the synchronised layers start again from the new shared W
             for i in synced:
                 self._local_W[j][i] = self.layers[i].w.clone()
@@ -1789,8 +1775,12 @@ class Simulator(_EF21Base):
 
     def _record(self, refresh: bool, participants: Sequence[int], local: Sequence[int], vr: bool) -> StepRecord:
         share = len(participants) / self.n_workers  # per-worker counts are averages over all n workers
-        up_bits, down_bits, up_wire, down_wire = self._up_bits[refresh], self._down_bits, self._up_wire[refresh], 0
-        down_wire = self._down_wire
+        up_bits, down_bits, up_wire, down_wire = (
+            self._up_bits[refresh],
+            self._down_bits,
+            self._up_wire[refresh],
+            self._down_wire,
+        )
         if self._frag is not None:  # a streaming sync: its fragment's layers (one owner slot)
             up_bits, down_bits, (up_wire,), (down_wire,) = self._fragment_counts(self._frag)
         return StepRecord(
@@ -1814,17 +1804,11 @@ class Simulator(_EF21Base):
             **self._common_state(),
         }
         if self.local_steps:  # every worker's W_j and inner optimizer state, by parameter name
-            state["inner"] = [
-                {
-                    "W": {L.name: w.clone() for L, w in zip(self.layers, self._local_W[j])},
-                    "optimizer": {
-                        L.name: {k: v.clone() if isinstance(v, Tensor) else v for k, v in st[L.param].items()}
-                        for L in self.layers
-                        if L.param in (st := self._inner_states[j])
-                    },
-                }
-                for j in range(self.n_workers)
-            ]
+            state["inner"] = []
+            for j in range(self.n_workers):
+                with self._inner_optimizer(j):
+                    inner = optimizer_state(self.optimizer, self.layers)
+                state["inner"].append({"W": self.worker_parameters(j), "optimizer": inner})
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1837,10 +1821,6 @@ class Simulator(_EF21Base):
         if self.local_steps:
             for j, saved in enumerate(state["inner"]):
                 self._local_W[j] = [saved["W"][L.name].clone() for L in self.layers]
-                st = self._inner_states[j]
-                st.clear()
-                for L in self.layers:
-                    if L.name in saved["optimizer"]:
-                        st[L.param] = {
-                            k: v.clone() if isinstance(v, Tensor) else v for k, v in saved["optimizer"][L.name].items()
-                        }
+                self._inner_states[j].clear()
+                with self._inner_optimizer(j):
+                    load_optimizer_state(self.optimizer, saved["optimizer"], self.layers)

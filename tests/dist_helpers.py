@@ -97,6 +97,33 @@ def mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Ten
     return torch.nn.functional.mse_loss(model(x), y)
 
 
+def grad_fn(data: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> Callable[[nn.Module, int, int], dict]:
+    """Worker j's gradient at step k on its shard of ``data``, by parameter name (for ef_lightning.reference)."""
+    def fn(model: nn.Module, k: int, j: int) -> dict:
+        model.zero_grad(set_to_none=True)
+        mse(model, data[k][j]).backward()
+        return {name: q.grad.detach().clone() for name, q in model.named_parameters()}
+    return fn
+
+
+def simulate_nodes(cfg: dict, steps: int, nodes: int = 2, per_node: int = 2) -> tuple[Any, nn.Module]:
+    """The reference of the hierarchical topology: a Simulator with one worker per node, fed the node's batches at
+    once (MSE over the concatenation = the mean of its processes' gradients). Returns the Simulator and its model
+    after ``steps``."""
+    import ef_lightning as efl
+
+    model = make_model(0)
+    sim = efl.Simulator(model, make_optimizer(model), n_workers=nodes, **cfg)
+    data = make_data(nodes * per_node, steps)
+    for s in range(steps):
+        batches = []
+        for j in range(nodes):
+            xs, ys = zip(*data[s][j * per_node:(j + 1) * per_node])
+            batches.append((torch.cat(xs), torch.cat(ys)))
+        sim.step(mse, batches)
+    return sim, model
+
+
 def make_optimizer(model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
     from ef_lightning import build_lmo_optimizer
 

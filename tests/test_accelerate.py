@@ -342,7 +342,7 @@ def test_local_steps_with_accumulation_resume_mid_round_bit_identically(acc_resu
         for kind, tensors in full["ef21"]["local"].items():
             for k, v in tensors.items():
                 assert torch.equal(v, resumed["ef21"]["local"][kind][k]), (r, kind, k)
-        assert full["ef21"]["step"] == 7 and full["ef21"]["sync_every"] == 3 and full["lr"] == resumed["lr"]
+        assert full["ef21"]["step"] == 7 and full["ef21"]["local_options"]["sync_every"] == 3 and full["lr"] == resumed["lr"]
         assert [x["synced"] for x in full["records"]] == [False, False, True] * 2 + [False]
         assert _counts(full["ef21"]["ledger"]) == _counts(resumed["ef21"]["ledger"])
         Ws.append(full["W"])

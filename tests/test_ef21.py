@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import ef_lightning as efl
-from dist_helpers import make_data, make_model, make_optimizer, mse
+from dist_helpers import grad_fn, make_data, make_model, make_optimizer, mse
 
 
 def _avg_grad_reference(model: nn.Module, opt: torch.optim.Optimizer, data, steps: int) -> None:
@@ -269,15 +268,6 @@ def test_a_new_engine_takes_the_optimizer_over():
     opt.step()
 
 
-def _grad_fn(data):
-    """Worker j's gradient at step k on its shard, by parameter name (for ef_lightning.reference)."""
-    def grad_fn(model, k, j):
-        model.zero_grad(set_to_none=True)
-        mse(model, data[k][j]).backward()
-        return {name: q.grad.detach().clone() for name, q in model.named_parameters()}
-    return grad_fn
-
-
 @pytest.mark.parametrize("uplink,downlink,nesterov", [("top_k:0.2", "top_k:0.3", True), ("rank:2", "natural", False),
                                                       ("rand_k:0.3:unbiased", "top_k:0.5", True)])
 def test_compressed_ef21_matches_line_by_line_reference(uplink, downlink, nesterov):
@@ -289,7 +279,7 @@ def test_compressed_ef21_matches_line_by_line_reference(uplink, downlink, nester
     data = make_data(n, steps)
     X_ref, W_ref = reference_run(lambda: make_model(0),
                                  lambda m: efl.build_lmo_optimizer(m, preset="gluon", momentum=0.0, verbose=False),
-                                 _grad_fn(data), steps=steps, n_workers=n, uplink=uplink, downlink=downlink,
+                                 grad_fn(data), steps=steps, n_workers=n, uplink=uplink, downlink=downlink,
                                  momentum=mu, nesterov=nesterov, seed=seed)
     model = make_model(0)
     sim = efl.Simulator(model, efl.build_lmo_optimizer(model, preset="gluon", momentum=mu, nesterov=nesterov,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import ef_lightning as efl
-from dist_helpers import (check_ok, engine_hierarchical, make_data, make_model, make_optimizer, mse, run_distributed,
-                          run_many, run_nodes, untimed)
+from dist_helpers import (check_ok, engine_hierarchical, run_distributed, run_many, run_nodes, simulate_nodes,
+                          untimed)
 
 pytestmark = pytest.mark.slow  # multi-process
 
@@ -26,17 +26,7 @@ def _topk_bits(d: int, ratio: float, f: int = 32) -> int:
 
 
 def _simulate_nodes(cfg: dict, steps: int) -> tuple[dict, dict]:
-    """The reference: a Simulator with one worker per node, fed the node's batches at once (MSE over the
-    concatenation = the mean of its processes' gradients). Returns X and W after ``steps``."""
-    model = make_model(0)
-    sim = efl.Simulator(model, make_optimizer(model), n_workers=NODES, **cfg)
-    data = make_data(NODES * PER_NODE, steps)
-    for s in range(steps):
-        batches = []
-        for j in range(NODES):
-            xs, ys = zip(*data[s][j * PER_NODE:(j + 1) * PER_NODE])
-            batches.append((torch.cat(xs), torch.cat(ys)))
-        sim.step(mse, batches)
+    sim, model = simulate_nodes(cfg, steps, NODES, PER_NODE)
     return sim.server_model(), dict(model.named_parameters())
 
 
